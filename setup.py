@@ -1,0 +1,37 @@
+"""llamapro-megatron: LLaMA Pro block expansion and post-pretraining on megatron-core."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("llamapro_megatron/__init__.py").read_text()).group(1)
+
+setup(
+    name="llamapro-megatron",
+    version=version,
+    description="LLaMA Pro (block expansion + post-pretraining) on megatron-core: HF <-> Megatron conversion, "
+    "sharded expansion, training",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llamapro_megatron", "llamapro_megatron.*"]),
+    install_requires=[
+        # 0.16.1 is the newest release installable on Python 3.11; newer ones (3.12+) are supported too.
+        "megatron-core>=0.16.1",
+        "torch>=2.4",
+        "numpy",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "transformers>=4.45",
+        "psutil",  # undeclared need of megatron-core's async checkpoint writer (it hangs without it)
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "pypdf", "ruff"],
+    },
+    entry_points={"console_scripts": ["llamapro = llamapro_megatron.cli:main"]},
+)
