@@ -1,0 +1,331 @@
+"""The LLaMA-family architecture: read a Hugging Face config, validate it, and build megatron-core's config.
+
+`LlamaArch` is the one description of a model that every part of the project shares: conversion reads it from
+`config.json`, checkpoints store it in their metadata, the trainer and verify build megatron-core models from it,
+and export writes it back as a Hugging Face config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llamapro_megatron.errors import UserError
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+# HF config fields whose presence (with a truthy value) means a feature this project does not convert.
+_UNSUPPORTED_TRUTHY = {
+    "attention_bias": "attention biases",
+    "mlp_bias": "MLP biases",
+    "num_local_experts": "mixture of experts",
+    "num_experts": "mixture of experts",
+    "moe_intermediate_size": "mixture of experts",
+}
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def canonical_dtype(name: str) -> str:
+    """'bf16' / 'bfloat16' / 'torch.bfloat16' -> 'bfloat16'."""
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPES:
+        raise UserError(f"dtype {name!r} is not supported; choose one of bf16, fp16, fp32")
+    return DTYPES[key]
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, canonical_dtype(name))
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama-3.1 frequency-dependent RoPE scaling, carried exactly (megatron-core hard-codes 1 / 4 / 8192)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    architecture: str  # "LlamaForCausalLM" | "MistralForCausalLM"
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    rope_scaling: Llama3RopeScaling | None = None
+    sliding_window: int | None = None  # recorded (Mistral); the trainer refuses sequences it cannot window
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # the source's dtype
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str | Path) -> LlamaArch:
+        path = Path(hf_dir) / "config.json"
+        if not path.is_file():
+            raise UserError(f"{hf_dir} has no config.json; pass a Hugging Face model directory (config.json + "
+                            "*.safetensors)")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e})") from e
+        return cls.from_hf_config(config, source=str(path))
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> LlamaArch:
+        def need(field: str):
+            if config.get(field) is None:
+                raise UserError(f"{source}: required field {field!r} is missing")
+            return config[field]
+
+        archs = config.get("architectures") or []
+        model_type = config.get("model_type")
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            if archs or model_type not in SUPPORTED_ARCHITECTURES.values():
+                raise UserError(f"{source}: architectures={archs} model_type={model_type!r} is not a LLaMA-family "
+                                f"model; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+            arch = "MistralForCausalLM" if model_type == "mistral" else "LlamaForCausalLM"
+        for field, what in _UNSUPPORTED_TRUTHY.items():
+            if config.get(field):
+                raise UserError(f"{source}: {field}={config[field]!r} ({what}) is not supported by LLaMA-family "
+                                "conversion")
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise UserError(f"{source}: hidden_act={act!r}; LLaMA-family models use 'silu' (SwiGLU)")
+
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        groups = config.get("num_key_value_heads") or heads
+        if heads % groups:
+            raise UserError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
+        head_dim = config.get("head_dim") or hidden // heads
+        theta, scaling = _read_rope(config, source)
+        eps = config.get("rms_norm_eps", 1e-6)
+        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+        sliding = config.get("sliding_window") if arch == "MistralForCausalLM" else None
+        return cls(
+            architecture=arch,
+            num_layers=need("num_hidden_layers"),
+            hidden_size=hidden,
+            ffn_hidden_size=need("intermediate_size"),
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            head_dim=head_dim,
+            vocab_size=need("vocab_size"),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(eps),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_scaling=scaling,
+            sliding_window=sliding,
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_id=config.get("eos_token_id"),
+            pad_token_id=config.get("pad_token_id"),
+            initializer_range=config.get("initializer_range", 0.02),
+            dtype=canonical_dtype(dtype),
+        )
+
+    # ------------------------------------------------------- (de)serialising
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaArch:
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = Llama3RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    def replace(self, **changes) -> LlamaArch:
+        return dataclasses.replace(self, **changes)
+
+    def to_hf_config(self, dtype: str | None = None) -> dict[str, Any]:
+        """A config.json that transformers (4.45+ and 5.x) reads back to this architecture."""
+        model_type = SUPPORTED_ARCHITECTURES[self.architecture]
+        rope_scaling = None
+        if self.rope_scaling is not None:
+            rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        config = {
+            "architectures": [self.architecture],
+            "model_type": model_type,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_query_groups,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "initializer_range": self.initializer_range,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "torch_dtype": canonical_dtype(dtype or self.dtype),
+            "use_cache": True,
+        }
+        if model_type == "llama":
+            config["mlp_bias"] = False
+        else:
+            config["sliding_window"] = self.sliding_window
+        return config
+
+    # ----------------------------------------------------------- validation
+    def validate_layout(self, tp: int, pp: int, vpp: int | None = None, num_layers: int | None = None) -> None:
+        """Refuse a TP/PP/VPP layout megatron-core cannot run this model at, saying what would work."""
+        layers = num_layers if num_layers is not None else self.num_layers
+        if tp < 1 or pp < 1:
+            raise UserError(f"--tp {tp} --pp {pp}: both must be at least 1")
+        if self.num_attention_heads % tp:
+            raise UserError(f"--tp {tp} does not divide {self.num_attention_heads} attention heads; choose one of "
+                            f"{_divisors(math.gcd(self.num_attention_heads, self.num_query_groups))}")
+        if tp > self.num_query_groups or self.num_query_groups % tp:
+            raise UserError(f"--tp {tp} must divide the {self.num_query_groups} KV groups (query groups are split "
+                            f"across TP ranks, never a group itself); choose one of "
+                            f"{_divisors(math.gcd(self.num_attention_heads, self.num_query_groups))}")
+        if self.ffn_hidden_size % tp:
+            raise UserError(f"--tp {tp} does not divide the FFN size {self.ffn_hidden_size}")
+        if pp > layers:
+            raise UserError(f"--pp {pp} is larger than the {layers} layers; use at most --pp {layers}")
+        if layers % pp:
+            raise UserError(f"--pp {pp} does not divide {layers} layers; choose one of {_divisors(layers)}")
+        if vpp is not None and vpp > 1:
+            if pp < 2:
+                raise UserError(f"--vpp {vpp} needs --pp of at least 2 (virtual stages interleave pipeline stages)")
+            if (layers // pp) % vpp:
+                raise UserError(f"--vpp {vpp} does not divide the {layers // pp} layers per pipeline stage")
+
+    def padded_vocab_size(self, tp: int = 1, divisible_by: int = 128) -> int:
+        """Megatron-LM's padding: a multiple of divisible_by x TP (extra rows are excluded from loss and export)."""
+        multiple = divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    # --------------------------------------------------------- megatron-core
+    def transformer_config(self, *, tp: int = 1, pp: int = 1, vpp: int | None = None, dtype: str = "float32",
+                           fused_kernels: bool = False, num_layers: int | None = None, **overrides):
+        """megatron-core TransformerConfig for this architecture at a parallel layout.
+
+        fused_kernels=False is what the CPU (local spec) path needs: no apex/TE fusions.
+        """
+        import torch
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        dt = canonical_dtype(dtype)
+        kwargs = dict(
+            num_layers=num_layers if num_layers is not None else self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.rms_norm_eps,
+            gated_linear_unit=True,
+            activation_func=torch.nn.functional.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.initializer_range,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+            params_dtype=getattr(torch, dt),
+            pipeline_dtype=getattr(torch, dt),
+            bf16=dt == "bfloat16",
+            fp16=dt == "float16",
+            apply_rope_fusion=fused_kernels,
+            masked_softmax_fusion=fused_kernels,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=fused_kernels,
+            gradient_accumulation_fusion=fused_kernels,
+            persist_layer_norm=fused_kernels,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            sequence_parallel=False,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+    def gpt_model_kwargs(self, padded_vocab_size: int) -> dict[str, Any]:
+        """Arguments of megatron-core's GPTModel besides config, layer spec and pre/post process."""
+        return dict(
+            vocab_size=padded_vocab_size,
+            max_sequence_length=self.max_position_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=self.rope_theta,
+            share_embeddings_and_output_weights=self.tie_word_embeddings,
+        )
+
+    def rotary_inv_freq(self):
+        """RoPE inverse frequencies exactly as transformers computes them (incl. Llama-3.1 scaling).
+
+        megatron-core 0.16's `_apply_scaling` hard-codes low/high frequency factors 1/4 and original length
+        8192, and GPTModel takes only a factor, so the project sets the model's `inv_freq` itself.
+        """
+        import torch
+
+        dim = self.head_dim
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        s = self.rope_scaling
+        if s is None:
+            return inv_freq
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+
+
+def _read_rope(config: dict[str, Any], source: str) -> tuple[float, Llama3RopeScaling | None]:
+    """theta and scaling from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5)."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    if params and "rope_type" in params:
+        scaling = {**scaling, **params}
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise UserError(f"{source}: rope type {rope_type!r} is not supported; supported: 'default' and 'llama3'")
+    try:
+        return theta, Llama3RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise UserError(f"{source}: llama3 rope scaling is missing {e.args[0]!r}") from e
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

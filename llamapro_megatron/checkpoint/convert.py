@@ -1,0 +1,324 @@
+"""HF <-> Megatron conversion: streaming, parallel across workers, exact.
+
+A torch_dist checkpoint stores global tensors in chunks, so any number of workers can each write (or read) a
+share of them: the work is cut into *units* (the embedding; final norm + output layer; one unit per decoder
+layer), units are balanced over workers by bytes, and each worker reads only its units' tensors. Workers form a
+gloo world at TP=1 PP=1; each builds the model on the meta device for megatron-core's own sharded_state_dict
+(keys, global shapes, the SwiGLU factory, extra-state objects), fills the entries it owns and the world saves
+(or loads) together through megatron-core's dist_checkpointing. `--tp/--pp` validate and are recorded only.
+
+Output is assembled in `OUT.partial` and renamed to OUT at the very end.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llamapro_megatron.arch import LlamaArch, canonical_dtype
+from llamapro_megatron.checkpoint import hf as hfio
+from llamapro_megatron.checkpoint import mapping
+from llamapro_megatron.checkpoint.mcore import (
+    LATEST_FILE,
+    META_FILE,
+    RELEASE,
+    TOKENIZER_DIR,
+    CheckpointMeta,
+    build_gpt_model,
+    check_output,
+    commit_output,
+    partial_dir,
+    read_meta,
+    resolve_checkpoint,
+)
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.progress import SharedProgress
+
+EMBED_UNIT, HEAD_UNIT = "embedding", "head"
+
+
+# ---------------------------------------------------------------------- plan
+@dataclass
+class LayerPlan:
+    """Output layer i is source layer `sources[i]`; layers in `zeroed` get zero residual output projections."""
+
+    sources: list[int]
+    zeroed: list[int] = field(default_factory=list)
+
+    @classmethod
+    def identity(cls, num_layers: int) -> LayerPlan:
+        return cls(list(range(num_layers)))
+
+
+def unit_of(mcore_name: str) -> str:
+    layer, rel = mapping.split_layer_name(mcore_name)
+    if layer is not None:
+        return f"layer{layer}"
+    return EMBED_UNIT if rel.startswith("embedding.") else HEAD_UNIT
+
+
+def assign_units(units: list[str], sizes: dict[str, int], workers: int) -> dict[str, int]:
+    """Greedy largest-first balancing of units over workers by bytes (deterministic)."""
+    load = [0] * workers
+    owner = {}
+    for u in sorted(units, key=lambda u: (-sizes[u], units.index(u))):
+        w = min(range(workers), key=lambda i: (load[i], i))
+        owner[u] = w
+        load[w] += sizes[u]
+    return owner
+
+
+def _per_layer_bytes(arch: LlamaArch, itemsize: int) -> int:
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
+    return (2 * h + (q + 2 * kv) * h + h * q + 3 * f * h) * itemsize
+
+
+def _unit_sizes(arch: LlamaArch, padded_vocab: int, itemsize: int, num_layers: int) -> dict[str, int]:
+    h = arch.hidden_size
+    sizes = {EMBED_UNIT: padded_vocab * h * itemsize,
+             HEAD_UNIT: (h + (0 if arch.tie_word_embeddings else padded_vocab * h)) * itemsize}
+    per_layer = _per_layer_bytes(arch, itemsize)
+    sizes.update({f"layer{i}": per_layer for i in range(num_layers)})
+    return sizes
+
+
+# --------------------------------------------------------------- hf -> mcore
+@dataclass
+class ImportJob:
+    hf_dir: str
+    out: str
+    arch: dict
+    padded_vocab: int
+    dtype: str
+    meta_json: str
+    plan: LayerPlan
+    overwrite: bool
+    progress: bool = True
+
+
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                dtype: str | None = None, workers: int = 1, overwrite: bool = False, plan: LayerPlan | None = None,
+                expansion: dict | None = None, make_vocab_size_divisible_by: int = 128,
+                progress: bool = True) -> Path:
+    """Convert a HF LLaMA-family directory into a Megatron-LM style torch_dist checkpoint at `out`."""
+    from llamapro_megatron.runtime.launch import inside_launcher, run_workers
+
+    hf_dir, out = Path(hf_dir), check_output(out, overwrite)
+    arch = LlamaArch.from_hf_dir(hf_dir)
+    plan = plan or LayerPlan.identity(arch.num_layers)
+    num_layers = len(plan.sources)
+    arch.validate_layout(tp, pp, vpp, num_layers=num_layers)
+    reader = hfio.HFReader(hf_dir)
+    hfio.validate_hf_tensors(reader, mapping.expected_hf_shapes(arch))
+    dtype = canonical_dtype(dtype or arch.dtype)
+    padded = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
+    out_arch = arch.replace(num_layers=num_layers)
+    meta = CheckpointMeta(arch=out_arch, padded_vocab_size=padded, dtype=dtype,
+                          layout={"tp": tp, "pp": pp, "vpp": vpp},
+                          source={"kind": "huggingface", "path": str(hf_dir.resolve())}, expansion=expansion)
+    job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,
+                    progress)
+    if inside_launcher():
+        _import_worker(job)
+    else:
+        run_workers(_import_worker, workers, args=(job,))
+    return out
+
+
+def _import_worker(job: ImportJob) -> None:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed(tp=1, pp=1)
+    out = Path(job.out)
+    tmp = partial_dir(out)
+    if info.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / RELEASE).mkdir(parents=True)
+    dist.barrier()
+
+    arch = LlamaArch.from_dict(job.arch)
+    dtype = getattr(torch, job.dtype)
+    num_layers = len(job.plan.sources)
+    model = build_gpt_model(arch, job.padded_vocab, dtype=job.dtype, meta_device=True, num_layers=num_layers)
+    sharded = model.sharded_state_dict()
+    sizes = _unit_sizes(arch, job.padded_vocab, dtype.itemsize, num_layers)
+    owner = assign_units(list(sizes), sizes, info.world_size)
+    mine = {u for u, w in owner.items() if w == info.rank}
+    reader = hfio.HFReader(job.hf_dir)
+    zeroed = set(job.plan.zeroed)
+    bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=sum(sizes.values()),
+                         desc="hf-to-mcore", enabled=job.progress)
+    owned = {}
+    for name, entry in sharded.items():
+        unit = unit_of(name)
+        if unit not in mine:
+            continue
+        if name.endswith("._extra_state"):
+            entry.replica_id = 0
+            owned[name] = entry
+            continue
+        layer, tmap = mapping.lookup(name)
+        src_name = name if layer is None else f"decoder.layers.{job.plan.sources[layer]}.{tmap.mcore}"
+        if layer is not None and layer in zeroed and tmap.zero_in_identity_copy:
+            tensor = torch.zeros(_entry_shape(entry), dtype=dtype)
+        else:
+            hf_tensors = [reader.get(n) for n in mapping.hf_names(src_name)]
+            tensor = mapping.to_mcore(tmap, hf_tensors, arch, job.padded_vocab).to(dtype).contiguous()
+        _fill(entry, tensor, name)
+        owned[name] = entry
+        bar.update(tensor.numel() * tensor.element_size())
+    common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
+    t0 = time.time()
+    dist_checkpointing.save({"model": owned, **common}, str(tmp / RELEASE))
+    del owned, sharded
+    dist.barrier()
+    bar.close()
+    if info.rank == 0:
+        (tmp / RELEASE / META_FILE).write_text(job.meta_json)
+        (tmp / LATEST_FILE).write_text(RELEASE)
+        hfio.copy_tokenizer_files(Path(job.hf_dir), tmp / RELEASE / TOKENIZER_DIR)
+        shutil.rmtree(tmp / ".progress", ignore_errors=True)
+        commit_output(tmp, out)
+        if job.progress:
+            print(f"hf-to-mcore: wrote {out} ({len(sizes)} units on {info.world_size} workers; "
+                  f"save {time.time() - t0:.1f}s)", flush=True)
+    dist.barrier()
+    destroy_distributed()
+
+
+def _fill(entry, tensor: torch.Tensor, name: str) -> None:
+    """Give a meta sharded-state-dict entry (ShardedTensor or SwiGLU factory) real data, as the main replica."""
+    expected = _entry_shape(entry)
+    if tuple(tensor.shape) != expected:
+        raise UserError(f"{name}: converted tensor has shape {list(tensor.shape)}, the model expects "
+                        f"{list(expected)}")
+    entry.data = tensor
+    entry.replica_id = 0
+
+
+def _entry_shape(entry) -> tuple[int, ...]:
+    """Local shape of a ShardedTensor, or of the tensor behind a factory (SwiGLU fc1)."""
+    shape = getattr(entry, "local_shape", None)
+    return tuple(shape if shape is not None else entry.data.shape)
+
+
+# --------------------------------------------------------------- mcore -> hf
+@dataclass
+class ExportJob:
+    ckpt_dir: str
+    out: str
+    meta_json: str
+    dtype: str
+    overwrite: bool
+    progress: bool = True
+
+
+def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, workers: int = 1,
+                ckpt_step: int | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Export a Megatron checkpoint written by this project to a HF directory transformers loads offline."""
+    from llamapro_megatron.runtime.launch import inside_launcher, run_workers
+
+    out = check_output(out, overwrite)
+    ckpt_dir = resolve_checkpoint(load, ckpt_step)
+    meta = read_meta(ckpt_dir)
+    dtype = canonical_dtype(dtype or meta.dtype)
+    job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress)
+    if inside_launcher():
+        _export_worker(job)
+    else:
+        run_workers(_export_worker, workers, args=(job,))
+    return out
+
+
+def _export_worker(job: ExportJob) -> None:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed(tp=1, pp=1)
+    meta = CheckpointMeta.from_json(job.meta_json)
+    arch = meta.arch
+    out = Path(job.out)
+    tmp = partial_dir(out)
+    if info.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+
+    model = build_gpt_model(arch, meta.padded_vocab_size, dtype=meta.dtype, meta_device=True)
+    sharded = model.sharded_state_dict()
+    ckpt_dtype = getattr(torch, meta.dtype)
+    sizes = _unit_sizes(arch, meta.padded_vocab_size, ckpt_dtype.itemsize, arch.num_layers)
+    units = list(sizes)
+    owner = assign_units(units, sizes, info.world_size)
+    mine = [u for u in units if owner[u] == info.rank]
+    rounds = max(sum(1 for u in units if owner[u] == w) for w in range(info.world_size))
+    out_dtype = getattr(torch, job.dtype)
+    total_files = len(units)
+    bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=sum(sizes.values()),
+                         desc="mcore-to-hf", enabled=job.progress)
+    # One unit per round keeps a worker's memory at one layer; load is collective, so every rank takes
+    # part in every round (an empty request when it has no unit left).
+    for r in range(rounds):
+        unit = mine[r] if r < len(mine) else None
+        request = {}
+        for name, entry in sharded.items():
+            if unit is None or unit_of(name) != unit or isinstance(entry, ShardedObject):
+                continue
+            entry.data = torch.empty(_entry_shape(entry), dtype=ckpt_dtype)
+            entry.replica_id = 0  # this worker is the one reader of the unit
+            request[name] = entry
+        # A round reads part of each stacked tensor by design, so megatron's full-coverage check does not apply.
+        loaded = dist_checkpointing.load({"model": request}, job.ckpt_dir, validate_access_integrity=False)
+        loaded = loaded.get("model", {})  # absent when this rank asked for nothing this round
+        if unit is None:
+            continue
+        tensors = {}
+        for name, value in loaded.items():
+            layer, tmap = mapping.lookup(name)
+            for hf_name, t in zip(mapping.hf_names(name), mapping.to_hf(tmap, value, arch)):
+                tensors[hf_name] = t.to(out_dtype)
+        hfio.write_shard(tmp / hfio.shard_name(units.index(unit), total_files), tensors)
+        bar.update(sizes[unit])
+        for name in request:  # free this round's buffers before the next
+            sharded[name].data = None
+    dist.barrier()
+    bar.close()
+    if info.rank == 0:
+        weight_map, total = {}, 0
+        itemsize = out_dtype.itemsize
+        shapes = mapping.expected_hf_shapes(arch)
+        for name, shape in shapes.items():
+            unit = _hf_unit(name)
+            weight_map[name] = hfio.shard_name(units.index(unit), total_files)
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * itemsize
+        hfio.write_index(tmp, weight_map, total)
+        config = arch.to_hf_config(job.dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(hfio.generation_config(config), indent=2) + "\n")
+        hfio.copy_tokenizer_files(Path(job.ckpt_dir) / TOKENIZER_DIR, tmp)
+        shutil.rmtree(tmp / ".progress", ignore_errors=True)
+        commit_output(tmp, out)
+        if job.progress:
+            print(f"mcore-to-hf: wrote {out} ({total_files} shards, {total / 1e9:.2f} GB)", flush=True)
+    dist.barrier()
+    destroy_distributed()
+
+
+def _hf_unit(hf_name: str) -> str:
+    if hf_name.startswith(mapping.HF_LAYER_PREFIX):
+        return f"layer{int(hf_name.split('.')[2])}"
+    return EMBED_UNIT if hf_name == "model.embed_tokens.weight" else HEAD_UNIT

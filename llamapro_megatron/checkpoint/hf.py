@@ -1,0 +1,147 @@
+"""Hugging Face checkpoint directories: streaming safetensors reads, sharded writes, the files that travel along."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llamapro_megatron.errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+# Tokenizer and chat files copied between HF and Megatron directories when present (none is required).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class HFReader:
+    """Reads single tensors (or their headers) from a HF directory's safetensors files, never the whole model."""
+
+    def __init__(self, hf_dir: str | Path):
+        self.dir = Path(hf_dir)
+        if not self.dir.is_dir():
+            raise UserError(f"--hf-dir {hf_dir} is not a directory")
+        self._handles: dict[str, object] = {}
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise UserError(f"{index} is not a valid safetensors index ({e})") from e
+        else:
+            files = sorted(self.dir.glob("*.safetensors"))
+            if not files:
+                bins = sorted(p.name for p in self.dir.glob("*.bin"))
+                hint = f" (found {bins}: re-save the model with safe_serialization=True)" if bins else ""
+                raise UserError(f"{hf_dir} has no *.safetensors weights{hint}")
+            weight_map = {}
+            for f in files:
+                for name in self._open(f.name).keys():
+                    weight_map[name] = f.name
+        self.weight_map: dict[str, str] = weight_map
+        for fname in sorted(set(weight_map.values())):
+            self._open(fname)  # fail early on a missing or truncated file
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            path = self.dir / fname
+            if not path.is_file():
+                raise UserError(f"{path} is listed in {INDEX_NAME} but missing; re-download the checkpoint")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                _check_complete(path)
+            except UserError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise UserError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
+            self._handles[fname] = handle
+        return self._handles[fname]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        st = self._open(self.weight_map[name]).get_slice(name).get_dtype()
+        if st not in _ST_DTYPES:
+            raise UserError(f"{name} in {self.dir} has dtype {st}; only floating-point weights are supported")
+        return _ST_DTYPES[st]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise UserError(f"{self.dir} has no tensor {name!r}")
+        return self._open(self.weight_map[name]).get_tensor(name)
+
+    def nbytes(self, name: str) -> int:
+        n = 1
+        for s in self.shape(name):
+            n *= s
+        return n * self.dtype(name).itemsize
+
+
+def _check_complete(path: Path) -> None:
+    """A safetensors file whose data ends before its header says it should is truncated."""
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size < 8 + header_len + end:
+        raise UserError(f"{path} is truncated ({size} bytes, header promises {8 + header_len + end}); re-download it")
+
+
+def validate_hf_tensors(reader: HFReader, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every expected tensor is present with its shape (checked from headers, before any conversion work)."""
+    missing = [n for n in expected if n not in reader]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{reader.dir} lacks tensors the config implies: {missing[:3]}{more}")
+    for name, shape in expected.items():
+        got = reader.shape(name)
+        if got != shape:
+            raise UserError(f"{reader.dir}: tensor {name} has shape {list(got)}, but config.json implies "
+                            f"{list(shape)}; the weights do not match the config")
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_tokenizer_files(src: Path, dst: Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
+    """Copy the tokenizer files present in src; returns the names copied."""
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def generation_config(arch_config: dict) -> dict:
+    gen = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if arch_config.get(key) is not None:
+            gen[key] = arch_config[key]
+    return gen

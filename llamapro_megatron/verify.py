@@ -1,0 +1,169 @@
+"""`llamapro verify`: the Megatron model at a TP/PP layout against transformers on the same tokens.
+
+Prints max/mean absolute logit difference and top-1 agreement over the real vocabulary (padded rows excluded)
+and fails above the tolerance. The Megatron forward runs on TP x PP ranks (spawned here, or torchrun's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llamapro_megatron.errors import UserError
+
+DEFAULT_TEXT = (
+    "The LLaMA Pro method expands a pretrained model with copies of its own blocks, then trains only the new "
+    "blocks on code and mathematics so that the model keeps its general knowledge.\n"
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+    "The integral of x squared from 0 to 3 equals 9."
+)
+
+
+@dataclass
+class LogitComparison:
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    num_tokens: int
+
+    def line(self) -> str:
+        return (f"max |dlogit| {self.max_abs_diff:.3e}  mean |dlogit| {self.mean_abs_diff:.3e}  "
+                f"top-1 agreement {100 * self.top1_agreement:.2f}% over {self.num_tokens} tokens")
+
+
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, vocab_size: int) -> LogitComparison:
+    a = reference[..., :vocab_size].double()
+    b = candidate[..., :vocab_size].double()
+    if a.shape != b.shape:
+        raise ValueError(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    diff = (a - b).abs()
+    agree = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    return LogitComparison(diff.max().item(), diff.mean().item(), agree, a.shape[0] * a.shape[1])
+
+
+def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+def megatron_logits(load: str | Path, tokens: torch.Tensor, *, tp: int = 1, pp: int = 1, dtype: str = "float32",
+                    spec: str = "auto", ckpt_step: int | None = None) -> torch.Tensor:
+    """Logits [batch, seq, padded vocab] of a Megatron checkpoint run at TP x PP ranks."""
+    from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
+    from llamapro_megatron.runtime.launch import inside_launcher, run_workers
+
+    ckpt_dir = resolve_checkpoint(load, ckpt_step)
+    meta = read_meta(ckpt_dir)
+    meta.arch.validate_layout(tp, pp)
+    if meta.padded_vocab_size % tp:
+        raise UserError(f"--tp {tp} does not divide the checkpoint's padded vocabulary {meta.padded_vocab_size}")
+    args = (str(ckpt_dir), tokens, tp, pp, dtype, spec)
+    if inside_launcher():
+        return _logits_worker(*args)
+    return run_workers(_logits_worker, tp * pp, args=args)[0]
+
+
+def _logits_worker(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, dtype: str, spec: str):
+    from llamapro_megatron.checkpoint.mcore import build_gpt_model, load_model_weights, read_meta
+    from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed(tp=tp, pp=pp)
+    meta = read_meta(ckpt_dir)
+    model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, spec=spec)
+    load_model_weights(model, ckpt_dir)
+    device = info.device
+    model.to(device)
+    logits = forward_logits(model, tokens.to(device), hidden_size=meta.arch.hidden_size)
+    gathered = [None] * info.world_size  # every rank returns the logits (under torchrun too)
+    torch.distributed.all_gather_object(gathered, logits)
+    destroy_distributed()
+    return next(t for t in gathered if t is not None)
+
+
+def forward_logits(model, tokens: torch.Tensor, hidden_size: int) -> torch.Tensor | None:
+    """Full-vocabulary logits of one batch through megatron-core's pipeline schedule.
+
+    Returned (on CPU, float32) by the first TP rank of the last pipeline stage; None elsewhere.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    batch, seq = tokens.shape
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
+    captured = {}
+
+    def forward_step(data_iterator, module):
+        toks = next(data_iterator)
+        output = module(toks, positions, attention_mask=None)
+
+        def loss_func(output_tensor):
+            captured["logits"] = gather_from_tensor_model_parallel_region(output_tensor).float().cpu()
+            return output_tensor.new_zeros(()), {}
+
+        return output, loss_func
+
+    model.eval()
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
+                                    num_microbatches=1, seq_length=seq, micro_batch_size=batch,
+                                    forward_only=True)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        return captured["logits"]
+    return None
+
+
+def tokens_for(text: str | None, token_ids: str | None, tokenizer_dirs: list[Path], vocab_size: int) -> torch.Tensor:
+    """[1, seq] token ids: given ids, or the text through the first tokenizer found, or seeded random ids."""
+    if token_ids:
+        ids = [int(x) for x in token_ids.replace(",", " ").split()]
+        if any(i < 0 or i >= vocab_size for i in ids):
+            raise UserError(f"--token-ids must lie in [0, {vocab_size})")
+        return torch.tensor([ids])
+    for d in tokenizer_dirs:
+        if d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(d))
+            return torch.tensor([tok(text or DEFAULT_TEXT)["input_ids"]])
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (1, 48), generator=g)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("verify", help="compare a Megatron checkpoint's logits with transformers'",
+                       description="Run the Hugging Face model (transformers) and the Megatron model at a TP/PP "
+                       "layout on the same tokens; print max/mean |logit difference| and top-1 agreement; exit 1 "
+                       "above --tolerance.")
+    p.add_argument("--hf-dir", required=True, help="Hugging Face model directory (the reference)")
+    p.add_argument("--load", required=True, help="Megatron checkpoint directory")
+    p.add_argument("--ckpt-step", type=int, default=None)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--text", default=None, help="text to run (default: a built-in English/code/math paragraph)")
+    p.add_argument("--token-ids", default=None, help="comma-separated token ids instead of text")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest acceptable max |logit difference| (fp32; default %(default)s)")
+    p.add_argument("--spec", default="auto", choices=["auto", "local", "te"], help="megatron layer spec")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from llamapro_megatron.arch import LlamaArch
+    from llamapro_megatron.checkpoint.mcore import TOKENIZER_DIR, resolve_checkpoint
+
+    arch = LlamaArch.from_hf_dir(args.hf_dir)
+    ckpt_dir = resolve_checkpoint(args.load, args.ckpt_step)
+    tokens = tokens_for(args.text, args.token_ids, [Path(args.hf_dir), ckpt_dir / TOKENIZER_DIR], arch.vocab_size)
+    reference = hf_logits(args.hf_dir, tokens)
+    candidate = megatron_logits(ckpt_dir, tokens, tp=args.tp, pp=args.pp, spec=args.spec)
+    result = compare_logits(reference, candidate, arch.vocab_size)
+    ok = result.max_abs_diff <= args.tolerance
+    print(f"verify TP={args.tp} PP={args.pp}: {result.line()}  -> {'OK' if ok else 'FAIL'} "
+          f"(tolerance {args.tolerance:g})")
+    return 0 if ok else 1

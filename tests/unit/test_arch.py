@@ -1,0 +1,84 @@
+"""LlamaArch: HF config reading (transformers 4 and 5 styles), refusals, layouts, RoPE frequencies."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamapro_megatron.arch import LlamaArch
+from llamapro_megatron.errors import UserError
+from tests.tiny_models import VARIANTS, make_tiny_hf
+
+BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}
+
+
+def test_reads_transformers4_style_rope_scaling():
+    cfg = dict(BASE, rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 8192})
+    arch = LlamaArch.from_hf_config(cfg)
+    assert arch.rope_theta == 500000.0 and arch.rope_scaling.factor == 8.0
+    assert arch.rope_scaling.original_max_position_embeddings == 8192 and arch.dtype == "bfloat16"
+    assert arch.num_query_groups == 8 and arch.head_dim == 128
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_hf_config_round_trip_through_transformers(tmp_path, variant):
+    from transformers import AutoConfig
+
+    hf = make_tiny_hf(tmp_path / variant, variant)
+    arch = LlamaArch.from_hf_dir(hf)
+    config = AutoConfig.for_model(**arch.to_hf_config())
+    config.save_pretrained(tmp_path / "again")
+    assert LlamaArch.from_hf_dir(tmp_path / "again") == arch
+
+
+def test_rotary_frequencies_equal_transformers_llama3(tmp_path):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = make_tiny_hf(tmp_path / "l31", "llama31")
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(hf), "cpu")
+    got = LlamaArch.from_hf_dir(hf).rotary_inv_freq()
+    assert torch.equal(got, expected)
+    # and differs from megatron-core's hard-coded 1/4/8192 scaling, which is why the project sets it
+    plain = LlamaArch.from_hf_dir(hf).replace(rope_scaling=None).rotary_inv_freq()
+    assert not torch.equal(got, plain)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"num_local_experts": 8}, "num_local_experts"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "Qwen2ForCausalLM"),
+    ({"hidden_act": "gelu"}, "gelu"),
+])
+def test_refuses_unsupported(change, field):
+    with pytest.raises(UserError, match=field):
+        LlamaArch.from_hf_config(dict(BASE, **change))
+
+
+def test_missing_field_is_named():
+    cfg = dict(BASE)
+    del cfg["intermediate_size"]
+    with pytest.raises(UserError, match="intermediate_size"):
+        LlamaArch.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("tp, pp, match", [
+    (3, 1, "does not divide 32 attention heads"),
+    (16, 1, "must divide the 8 KV groups"),
+    (1, 64, "larger than the 32 layers"),
+    (1, 5, "does not divide 32 layers"),
+])
+def test_layout_validation(tp, pp, match):
+    with pytest.raises(UserError, match=match):
+        LlamaArch.from_hf_config(BASE).validate_layout(tp, pp)
+
+
+def test_layout_ok_and_vocab_padding():
+    arch = LlamaArch.from_hf_config(BASE)
+    arch.validate_layout(8, 4)
+    assert arch.padded_vocab_size(1) == 32000 and arch.padded_vocab_size(4) == 32256
