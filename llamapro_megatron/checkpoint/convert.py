@@ -106,8 +106,6 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
                 expansion: dict | None = None, make_vocab_size_divisible_by: int = 128,
                 progress: bool = True) -> Path:
     """Convert a HF LLaMA-family directory into a Megatron-LM style torch_dist checkpoint at `out`."""
-    from llamapro_megatron.runtime.launch import inside_launcher, run_workers
-
     hf_dir, out = Path(hf_dir), check_output(out, overwrite)
     arch = LlamaArch.from_hf_dir(hf_dir)
     plan = plan or LayerPlan.identity(arch.num_layers)
@@ -123,11 +121,29 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
                           source={"kind": "huggingface", "path": str(hf_dir.resolve())}, expansion=expansion)
     job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,
                     progress)
-    if inside_launcher():
-        _import_worker(job)
-    else:
-        run_workers(_import_worker, workers, args=(job,))
+    run_job(_import_worker, job, workers, out)
     return out
+
+
+def run_job(worker, job, workers: int, out: Path) -> None:
+    """Run a worker function on this launch's ranks (torchrun) or on `workers` spawned processes.
+
+    If any worker fails, the partial output is removed and the failure is reported as one message (each
+    worker's traceback is on stderr): nothing half-written is left that looks like a result.
+    """
+    from llamapro_megatron.runtime.launch import WorkerError, inside_launcher, run_workers
+
+    if workers < 1:
+        raise UserError(f"--workers {workers}: need at least 1")
+    if inside_launcher():
+        worker(job)
+        return
+    try:
+        run_workers(worker, workers, args=(job,))
+    except WorkerError as e:
+        shutil.rmtree(partial_dir(out), ignore_errors=True)
+        lines = (e.remote_traceback or str(e)).strip().splitlines()
+        raise UserError(f"writing {out} failed, nothing was written there: {lines[-1] if lines else e}") from e
 
 
 def _import_worker(job: ImportJob) -> None:
@@ -224,17 +240,12 @@ class ExportJob:
 def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, workers: int = 1,
                 ckpt_step: int | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Export a Megatron checkpoint written by this project to a HF directory transformers loads offline."""
-    from llamapro_megatron.runtime.launch import inside_launcher, run_workers
-
     out = check_output(out, overwrite)
     ckpt_dir = resolve_checkpoint(load, ckpt_step)
     meta = read_meta(ckpt_dir)
     dtype = canonical_dtype(dtype or meta.dtype)
     job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress)
-    if inside_launcher():
-        _export_worker(job)
-    else:
-        run_workers(_export_worker, workers, args=(job,))
+    run_job(_export_worker, job, workers, out)
     return out
 
 
