@@ -6,6 +6,7 @@ cache `$LLAMAPRO_CACHE` (default ~/.cache/llamapro/artifacts), else fetch into t
 idempotent and atomic: files are extracted under a temporary name and renamed into place, so an
 interrupted fetch never leaves a truncated artifact. Without network access the test is skipped.
 """
+
 from __future__ import annotations
 
 import os
@@ -111,3 +112,22 @@ def python_stdlib() -> Path:
     import sysconfig
 
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2-135M-Instruct's tokenizer as a Hugging Face directory (tokenizer.json, tokenizer_config.json,
+    chat template), built once by transformers from the real gguf and cached (renamed into place when done)."""
+    target = cache_dir() / "smollm2-tokenizer"
+    if not (target / "tokenizer.json").is_file():
+        gguf_path = artifact("SmolLM2-135M-Instruct.Q4_1.gguf")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-tokenizer-"))
+        tok.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -243,11 +243,12 @@ class Tokenizer(_Base):
             self.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
-            bos_token=self._special_text(self._bos),
-            eos_token=self._special_text(self._eos),
+            bos_token=self.special_text(self._bos),
+            eos_token=self.special_text(self._eos),
         )
 
-    def _special_text(self, token_id: int) -> str:
+    def special_text(self, token_id: int) -> str:
+        """The text of a special token id ("" for -1), as chat templates spell it."""
         if token_id < 0:
             return ""
         if self.kind == SENTENCEPIECE:
