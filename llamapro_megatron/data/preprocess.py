@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +132,13 @@ def tokenize_batch(batch: Batch) -> BatchResult:
     result.empty = keep.count(False)
     prefix = [tokenizer.bos] if options.prepend_bos else []
     suffix = [tokenizer.eod] if options.append_eod else []
+    extra = len(prefix) + len(suffix)
     for key in keys:
-        pieces = [prefix + ids + suffix for ids, k in zip(encoded[key], keep) if k]
-        result.lengths[key] = [len(p) for p in pieces]
-        flat = [t for p in pieces for t in p]
-        result.tokens[key] = np.asarray(flat, dtype=_worker_state["dtype"])
+        kept = [ids for ids, k in zip(encoded[key], keep) if k]
+        result.lengths[key] = [len(ids) + extra for ids in kept]
+        # One pass from Python ints to the output dtype (no per-document lists or arrays).
+        flat = chain.from_iterable(chain(prefix, ids, suffix) for ids in kept) if extra else chain.from_iterable(kept)
+        result.tokens[key] = np.fromiter(flat, dtype=_worker_state["dtype"], count=sum(result.lengths[key]))
     return result
 
 
