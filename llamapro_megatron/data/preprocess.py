@@ -77,12 +77,19 @@ def output_prefix(out: str | Path, key: str) -> str:
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer_path: str, options: Options) -> None:
+def _init_worker(tokenizer_path: str, options: Options, tokenizer=None) -> None:
+    """Per-process state; a forked worker inherits the parent's (already loaded) tokenizer."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker; parallelism is ours
-    from llamapro_megatron.data.tokenizer import load_tokenizer
+    if tokenizer is None:
+        if _worker_state.get("path") == tokenizer_path:
+            tokenizer = _worker_state["tokenizer"]
+        else:
+            from llamapro_megatron.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
-    _worker_state.update(tokenizer=tokenizer, options=options, dtype=token_dtype(tokenizer.vocab_size))
+            tokenizer = load_tokenizer(tokenizer_path)
+    _worker_state.update(
+        tokenizer=tokenizer, path=tokenizer_path, options=options, dtype=token_dtype(tokenizer.vocab_size)
+    )
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -176,9 +183,11 @@ class _Output:
 
 
 def _ordered_results(batches, workers: int, tokenizer_path: str, options: Options):
-    """Results in input order; at most a few batches per worker in flight (bounded memory)."""
+    """Results in input order; at most a few batches per worker in flight (bounded memory).
+
+    The caller has run _init_worker in this process: in-process work and forked workers reuse its tokenizer.
+    """
     if workers <= 1:
-        _init_worker(tokenizer_path, options)
         for batch in batches:
             yield tokenize_batch(batch)
         return
@@ -223,6 +232,7 @@ def preprocess(
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     options = Options(json_keys, append_eod=append_eod, prepend_bos=prepend_bos, strict=strict)
     dtype = token_dtype(tokenizer.vocab_size)
+    _init_worker(str(tokenizer_path), options, tokenizer)
     outputs = {key: _Output(output_prefix(out, key), dtype) for key in json_keys}
     stats = Stats(outputs={k: o.prefix for k, o in outputs.items()})
 
