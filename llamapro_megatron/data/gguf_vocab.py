@@ -4,6 +4,7 @@ llama.cpp's "llama" (SPM) vocabularies keep every piece, score and piece type of
 SentencePiece model, so the original model can be rebuilt exactly: a BPE model with byte fallback,
 the identity normaliser, a dummy-prefix space and no whitespace collapsing (LLaMA-1/2, Mistral).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 Parsing happens later (in the preprocessing workers), so a batch carries raw JSON lines; parquet rows
 arrive already decoded as dicts. Either way each item has a 1-based line (or row) number for messages.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -6,6 +6,7 @@ SentencePiece models (LLaMA-1/2, Mistral) are run by `sentencepiece` itself, as 
 (transformers' LlamaTokenizer does not match it exactly); `tokenizer.json` (Llama-3, SmolLM2) by
 `tokenizers`. `tokenize` never adds BOS/EOS: callers decide (`--prepend-bos`, `--append-eod`).
 """
+
 from __future__ import annotations
 
 import json
@@ -196,9 +197,11 @@ class Tokenizer(_Base):
         texts = list(texts)
         if self.kind == SENTENCEPIECE:
             return self._backend.encode(texts, num_threads=num_threads)
-        encodings = self._backend.encode_batch(texts, add_special_tokens=False) if num_threads > 1 else [
-            self._backend.encode(t, add_special_tokens=False) for t in texts
-        ]
+        encodings = (
+            self._backend.encode_batch(texts, add_special_tokens=False)
+            if num_threads > 1
+            else [self._backend.encode(t, add_special_tokens=False) for t in texts]
+        )
         return [e.ids for e in encodings]
 
     def detokenize(self, ids: Sequence[int]) -> str:

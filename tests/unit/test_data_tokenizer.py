@@ -6,6 +6,7 @@ case and the `.out` file as one line of ids per case, from the Hugging Face toke
 ids carry no BOS, and for the SentencePiece vocabulary the leading "dummy prefix" space IS part of them
 (" " -> "▁▁"). Our `tokenize` has the same conventions: no BOS, SentencePiece's own dummy prefix.
 """
+
 from __future__ import annotations
 
 import json
