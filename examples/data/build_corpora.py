@@ -1,0 +1,168 @@
+"""Build small real jsonl corpora from artifacts that exist offline (tests and the quickstart).
+
+    python examples/data/build_corpora.py --artifacts ARTIFACTS_DIR --out data/corpora
+
+ARTIFACTS_DIR holds what tools/fetch_real_artifacts.sh fetches (champ_v0.json, botchan.txt and, optionally,
+derivations.pdf). Writes, each as train.jsonl + heldout.jsonl ({"text": ..., "source": ...} per line):
+
+    code/     the Python standard library sources of the running interpreter
+    math/     CHAMP problems with step-by-step solutions, and the `derivations` book text (if the pdf is there)
+    general/  botchan (English prose), in paragraphs of 20 lines
+    chat/     CHAMP problem -> solution conversations ({"messages": [...]}) for SFT
+
+The held-out split takes every document whose stable hash falls in the held-out fraction, so it does not
+depend on file order or on the other documents. Then, e.g.:
+
+    llamapro preprocess --input data/corpora/code/train.jsonl --tokenizer TOK --out data/code --append-eod
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return digest / 2**64 < fraction
+
+
+def python_sources(max_bytes: int) -> Iterator[dict]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib).as_posix()
+        if rel.startswith(("site-packages/", "test/", "idlelib/idle_test/", "lib2to3/tests/")):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip() and len(text) <= max_bytes:
+            yield {"text": text, "source": f"python-stdlib/{rel}"}
+
+
+def _parse_field(value):
+    """CHAMP stores nested fields as Python-literal strings."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
+def champ_problems(path: Path) -> Iterator[tuple[str, str, str]]:
+    """(identifier, problem, step-by-step solution with the final answer)."""
+    problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
+    for ident, p in sorted(problems.items()):
+        solution = _parse_field(p.get("solution"))
+        steps = solution.get("steps", []) if isinstance(solution, dict) else []
+        text = "\n".join(s.get("_text", "") for s in steps if isinstance(s, dict)).strip()
+        answer = p.get("_answer") or p.get("_raw_answer")
+        if answer and text:
+            text += f"\nThe answer is {answer}."
+        if text and p.get("_text"):
+            yield ident, p["_text"], text
+
+
+def derivations_pages(pdf: Path, pages_per_doc: int = 4) -> Iterator[dict]:
+    from pypdf import PdfReader
+
+    reader = PdfReader(str(pdf))
+    texts = [(page.extract_text() or "").strip() for page in reader.pages]
+    for i in range(0, len(texts), pages_per_doc):
+        text = "\n\n".join(t for t in texts[i : i + pages_per_doc] if t)
+        if len(text) > 200:  # skip near-empty pages (figures, blank pages)
+            yield {"text": text, "source": f"derivations/pages-{i + 1}-{i + pages_per_doc}"}
+
+
+def botchan_paragraphs(path: Path, lines_per_doc: int = 20) -> Iterator[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i in range(0, len(lines), lines_per_doc):
+        text = "\n".join(lines[i : i + lines_per_doc]).strip()
+        if text:
+            yield {"text": text, "source": f"botchan/lines-{i + 1}"}
+
+
+class SplitWriter:
+    """train.jsonl / heldout.jsonl of one corpus, written under temporary names and renamed when closed."""
+
+    def __init__(self, directory: Path, fraction: float) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.fraction = fraction
+        self.final = {s: directory / f"{s}.jsonl" for s in ("train", "heldout")}
+        self.files = {s: open(f"{p}.partial", "w", encoding="utf-8") for s, p in self.final.items()}
+        self.counts = {"train": 0, "heldout": 0}
+
+    def write(self, record: dict) -> None:
+        split = "heldout" if is_heldout(record["source"], self.fraction) else "train"
+        self.files[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.counts[split] += 1
+
+    def close(self) -> dict:
+        for split, f in self.files.items():
+            f.close()
+            os.replace(f"{self.final[split]}.partial", self.final[split])
+        return self.counts
+
+
+def build(artifacts: Path, out: Path, heldout: float = 0.05, max_code_bytes: int = 200_000) -> dict:
+    summary = {}
+    code = SplitWriter(out / "code", heldout)
+    for record in python_sources(max_code_bytes):
+        code.write(record)
+    summary["code"] = code.close()
+
+    math = SplitWriter(out / "math", heldout)
+    chat = SplitWriter(out / "chat", heldout)
+    for ident, problem, solution in champ_problems(artifacts / "champ_v0.json"):
+        math.write({"text": f"Problem: {problem}\n\nSolution: {solution}", "source": f"champ/{ident}"})
+        chat.write(
+            {
+                "messages": [
+                    {"role": "user", "content": problem},
+                    {"role": "assistant", "content": solution},
+                ],
+                "source": f"champ/{ident}",
+            }
+        )
+    if (artifacts / "derivations.pdf").is_file():
+        for record in derivations_pages(artifacts / "derivations.pdf"):
+            math.write(record)
+    else:
+        print(f"note: {artifacts / 'derivations.pdf'} not found; math has CHAMP only", file=sys.stderr)
+    summary["math"] = math.close()
+    summary["chat"] = chat.close()
+
+    general = SplitWriter(out / "general", heldout)
+    for record in botchan_paragraphs(artifacts / "botchan.txt"):
+        general.write(record)
+    summary["general"] = general.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, required=True, help="directory with champ_v0.json, botchan.txt")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--heldout", type=float, default=0.05, help="held-out fraction (default 0.05)")
+    parser.add_argument("--max-code-bytes", type=int, default=200_000, help="skip larger source files")
+    args = parser.parse_args(argv)
+    for name in ("champ_v0.json", "botchan.txt"):
+        if not (args.artifacts / name).is_file():
+            parser.error(f"--artifacts {args.artifacts}: {name} missing; run tools/fetch_real_artifacts.sh DIR first")
+    summary = build(args.artifacts, args.out, args.heldout, args.max_code_bytes)
+    for corpus, counts in summary.items():
+        print(f"{corpus:8s} train {counts['train']:6d}  heldout {counts['heldout']:5d}  -> {args.out / corpus}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Read documents from `.jsonl`, `.jsonl.gz` and parquet files, in batches that keep their line numbers.
+
+Parsing happens later (in the preprocessing workers), so a batch carries raw JSON lines; parquet rows
+arrive already decoded as dicts. Either way each item has a 1-based line (or row) number for messages.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamapro_megatron.errors import UserError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass
+class Batch:
+    """Consecutive documents of one file: `items` are raw JSON lines (str) or parquet rows (dict)."""
+
+    path: str
+    first_line: int
+    items: list
+
+
+def input_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    raise UserError(
+        f"--input {path}: unknown format; expected a .jsonl, .jsonl.gz or .parquet file (one JSON object per line)"
+    )
+
+
+def check_inputs(paths: list[str | Path], json_keys: list[str]) -> list[Path]:
+    """Validate input paths up front (before any output is written)."""
+    checked = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise UserError(f"--input {p}: no such file; pass existing .jsonl, .jsonl.gz or .parquet files")
+        if input_format(p) == "parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.ParquetFile(p).schema_arrow.names
+            missing = [k for k in json_keys if k not in names]
+            if missing:
+                raise UserError(
+                    f"--input {p}: parquet columns {names} lack {missing}; pass --json-keys naming existing columns"
+                )
+        checked.append(p)
+    return checked
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.lower().endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def iter_batches(paths: list[Path], json_keys: list[str], batch_size: int = 256) -> Iterator[Batch]:
+    """Yield batches of at most `batch_size` documents, file by file, in order."""
+    for path in paths:
+        if input_format(path) == "parquet":
+            import pyarrow.parquet as pq
+
+            row = 1
+            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=json_keys):
+                rows = record_batch.to_pylist()
+                yield Batch(str(path), row, rows)
+                row += len(rows)
+            continue
+        with _open_text(path) as f:
+            items: list = []
+            first = 1
+            for line_no, line in enumerate(f, start=1):
+                if not items:
+                    first = line_no
+                items.append(line)
+                if len(items) == batch_size:
+                    yield Batch(str(path), first, items)
+                    items = []
+            if items:
+                yield Batch(str(path), first, items)
