@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import socket
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared artifact helper
-from data_artifacts import artifact, python_stdlib  # noqa: E402
-
-from llamapro_megatron.data.blend import BlendConfig, Corpus, build_datasets, describe, sampling_fractions  # noqa: E402
-from llamapro_megatron.errors import UserError  # noqa: E402
+from llamapro_megatron.data.blend import BlendConfig, Corpus, build_datasets, describe, sampling_fractions
+from llamapro_megatron.errors import UserError
+from tests.data_artifacts import artifact, python_stdlib
 
 # BlendedDataset assigns samples greedily to the corpus furthest below its target share, so over N samples
 # each realised fraction is within a few samples of its weight: 0.5% at N=4000 leaves a wide margin.

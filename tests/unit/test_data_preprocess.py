@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared artifact helper
-from data_artifacts import artifact, python_stdlib  # noqa: E402
-
-from llamapro_megatron.data import preprocess as pp  # noqa: E402
-from llamapro_megatron.errors import UserError  # noqa: E402
+from llamapro_megatron.data import preprocess as pp
+from llamapro_megatron.errors import UserError
+from tests.data_artifacts import artifact, python_stdlib
 
 
 def real_documents() -> list[str]:

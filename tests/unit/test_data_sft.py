@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared artifact helper
-from data_artifacts import artifact, smollm2_tokenizer_dir  # noqa: E402
-
-from llamapro_megatron.data.sft import SFTDataset, encode_conversation  # noqa: E402
-from llamapro_megatron.data.tokenizer import load_tokenizer  # noqa: E402
-from llamapro_megatron.errors import UserError  # noqa: E402
+from llamapro_megatron.data.sft import SFTDataset, encode_conversation
+from llamapro_megatron.data.tokenizer import load_tokenizer
+from llamapro_megatron.errors import UserError
+from tests.data_artifacts import artifact, smollm2_tokenizer_dir
 
 CHAT = [
     {"role": "system", "content": "You solve competition math problems step by step."},

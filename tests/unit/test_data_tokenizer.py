@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared artifact helper
-from data_artifacts import artifact  # noqa: E402
-
 from llamapro_megatron.data.tokenizer import HUGGINGFACE, SENTENCEPIECE, load_tokenizer
 from llamapro_megatron.errors import UserError
+from tests.data_artifacts import artifact
 
 MARKER = "\n__ggml_vocab_test__\n"
 
