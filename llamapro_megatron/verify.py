@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from llamapro_megatron.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TEXT = (
     "The LLaMA Pro method expands a pretrained model with copies of its own blocks, then trains only the new "
@@ -33,6 +35,7 @@ class LogitComparison:
 
 
 def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, vocab_size: int) -> LogitComparison:
+
     a = reference[..., :vocab_size].double()
     b = candidate[..., :vocab_size].double()
     if a.shape != b.shape:
@@ -43,6 +46,7 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, vocab_size:
 
 
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
@@ -69,6 +73,8 @@ def megatron_logits(load: str | Path, tokens: torch.Tensor, *, tp: int = 1, pp: 
 
 
 def _logits_worker(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, dtype: str, spec: str):
+    import torch
+
     from llamapro_megatron.checkpoint.mcore import build_gpt_model, load_model_weights, read_meta
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
 
@@ -90,6 +96,7 @@ def forward_logits(model, tokens: torch.Tensor, hidden_size: int) -> torch.Tenso
 
     Returned (on CPU, float32) by the first TP rank of the last pipeline stage; None elsewhere.
     """
+    import torch
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -120,6 +127,8 @@ def forward_logits(model, tokens: torch.Tensor, hidden_size: int) -> torch.Tenso
 
 def tokens_for(text: str | None, token_ids: str | None, tokenizer_dirs: list[Path], vocab_size: int) -> torch.Tensor:
     """[1, seq] token ids: given ids, or the text through the first tokenizer found, or seeded random ids."""
+    import torch
+
     if token_ids:
         ids = [int(x) for x in token_ids.replace(",", " ").split()]
         if any(i < 0 or i >= vocab_size for i in ids):

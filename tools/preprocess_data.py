@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Megatron-style entry point: same as `llamapro preprocess`."""
+import sys
+
+from llamapro_megatron.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["preprocess", *sys.argv[1:]]))
