@@ -1,7 +1,8 @@
 """Run megatron-core on a machine without CUDA (CPU torch build, gloo backend).
 
 megatron-core assumes CUDA in many places. :func:`enable_cpu_support` redirects each assumption to the CPU,
-once per process; line numbers below are megatron-core 0.16.1 (also seen working with 0.19.2):
+once per process. Line numbers are megatron-core 0.16.1 (the feasibility probe these redirects follow also
+ran 0.19.2; this module is tested on 0.16.1):
 
 1. RNG tracker. ``CudaRNGStatesTracker.add`` reads/seeds the CUDA RNG (``tensor_parallel/random.py:235-238``) and
    ``fork`` swaps states through ``_get_cuda_rng_state``/``_set_cuda_rng_state`` (``random.py:41,72``, used at

@@ -292,3 +292,41 @@ def test_no_triton_shim_lets_megatron_import(tmp_path):
          "import sys; print(s(), 'megatron.core' in sys.modules)"],
         capture_output=True, text=True, env=env)
     assert real.stdout.split() == [str(needed), "False"], real.stderr
+
+
+# ---- checkpoint keys -----------------------------------------------------------------------------------------
+
+
+def test_unstack_layer_keys_gives_each_layer_its_own_key():
+    import torch
+
+    from llamapro_megatron.runtime import prepare, unstack_layer_keys
+
+    prepare()
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    prefix = "optimizer.state.exp_avg.decoder."
+    # layer 3 of 4 (the prepended axis), TP rank 1 of 2 along the tensor's first axis
+    stacked = ShardedTensor.from_rank_offsets(prefix + "layers.mlp.linear_fc2.weight", torch.zeros(6, 8),
+                                              (0, 3, 4), (1, 1, 2), prepend_axis_num=1)
+    assert stacked.global_shape == (4, 12, 8)
+    plain = ShardedTensor.from_rank_offsets(prefix + "final_layernorm.weight", torch.zeros(8))
+    numbered = ShardedTensor.from_rank_offsets(prefix + "layers.3.mlp.linear_fc2.weight", torch.zeros(6, 8),
+                                               (0, 1, 2))
+    obj = ShardedObject(prefix + "layers.extra", object(), (4,), (3,))
+    fc1 = ShardedTensor.from_rank_offsets(prefix + "layers.mlp.linear_fc1.weight", torch.zeros(16, 8),
+                                          (0, 3, 4), (1, 0, 1), prepend_axis_num=1)
+    swiglu = apply_swiglu_sharded_factory(fc1, ((0, 3, 4),))
+    sd = {"a": stacked, "b": [plain, numbered], "c": obj, "d": swiglu}
+
+    assert unstack_layer_keys(sd) is sd
+    a = sd["a"]
+    assert (a.key, a.global_shape, a.global_offset, a.axis_fragmentations, a.prepend_axis_num) == (
+        prefix + "layers.3.mlp.linear_fc2.weight", (12, 8), (6, 0), (2, 1), 0)
+    assert sd["b"] == [plain, numbered] and sd["c"] is obj
+    built = sd["d"].build()  # factories unstack what they build (SwiGLU: the w and v halves)
+    assert [(t.key, t.global_shape, t.global_offset, t.prepend_axis_num) for t in built] == [
+        (prefix + "layers.3.mlp.linear_fc1.weight", (16, 8), (0, 0), 0),
+        (prefix + "layers.3.mlp.linear_fc1.weight", (16, 8), (8, 0), 0),
+    ]
