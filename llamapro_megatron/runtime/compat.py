@@ -1,0 +1,64 @@
+"""Import-time compatibility shims that must run before ``import megatron.core``.
+
+Nothing here imports torch or megatron-core, so :func:`install_no_triton_shim` can run first thing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+# megatron-core >= 0.19: megatron/core/transformer/moe/ops/paged_stash.py:4 does `import triton` and is
+# imported unconditionally by `import megatron.core`. Its kernels are only used by MoE paged stashing.
+PAGED_STASH_MODULE = "megatron.core.transformer.moe.ops.paged_stash"
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _megatron_core_dir() -> Path | None:
+    # find_spec of a dotted name imports the parent ("megatron", a namespace package), never megatron.core.
+    try:
+        spec = importlib.util.find_spec("megatron.core")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _triton_missing_kernel(*args: object, **kwargs: object) -> None:
+    raise RuntimeError(
+        "MoE paged stashing needs the Triton kernels of megatron.core.transformer.moe.ops.paged_stash, "
+        "but triton is not installed (a placeholder module was registered so megatron.core could import)."
+    )
+
+
+def install_no_triton_shim() -> bool:
+    """Let ``import megatron.core`` succeed where triton is missing (megatron-core 0.19+).
+
+    Registers a placeholder for :data:`PAGED_STASH_MODULE` in ``sys.modules``, exposing the module's public
+    names (``GLOBAL_BLOCK_SIZE``, ``paged_stash_copy_kernel``, ``paged_stash_pop_kernel``); the kernels raise if
+    called. Only acts when triton is not importable, megatron.core is not imported yet and the installed
+    megatron-core actually ships that module (0.16.1 does not). Idempotent. Returns True when the placeholder
+    is (now) registered.
+    """
+    existing = sys.modules.get(PAGED_STASH_MODULE)
+    if existing is not None:
+        return bool(getattr(existing, "__llamapro_placeholder__", False))
+    if "megatron.core" in sys.modules or _triton_available():
+        return False
+    core_dir = _megatron_core_dir()
+    if core_dir is None or not (core_dir / "transformer" / "moe" / "ops" / "paged_stash.py").is_file():
+        return False
+    placeholder = types.ModuleType(PAGED_STASH_MODULE, "Placeholder: triton is not installed (llamapro_megatron).")
+    placeholder.__llamapro_placeholder__ = True
+    placeholder.GLOBAL_BLOCK_SIZE = 1024  # the value in megatron-core 0.19.x
+    placeholder.paged_stash_copy_kernel = _triton_missing_kernel
+    placeholder.paged_stash_pop_kernel = _triton_missing_kernel
+    placeholder.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
+    sys.modules[PAGED_STASH_MODULE] = placeholder
+    return True

@@ -1,0 +1,110 @@
+"""Which megatron-core transformer-layer implementation ("spec") to build GPT models with.
+
+- ``te``: Transformer Engine modules (fused LayerNorm+Linear, TE attention); needs CUDA and transformer_engine.
+- ``local``: megatron-core's own modules (torch RMSNorm/LayerNorm, DotProductAttention); runs anywhere.
+
+Checkpoints are interchangeable between the two: the local spec maps its norm keys onto TE's fused names
+(``sharded_state_dict_keys_map`` in ``gpt_layer_specs.py``). A future ``sdpa`` kind (local modules with torch
+scaled-dot-product attention) would be added to :data:`_BUILDERS` and :data:`SPEC_KINDS`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UserError
+
+SPEC_KINDS = ("auto", "te", "local")
+_PLANNED_KINDS = {"sdpa": "local modules with torch scaled_dot_product_attention"}
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+
+
+@functools.lru_cache(maxsize=1)
+def transformer_engine_available() -> bool:
+    """True when ``transformer_engine.pytorch`` imports (it cannot without CUDA libraries)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, OSError (missing cuDNN/CUDA libraries), RuntimeError...
+        return False
+    return True
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_spec_kind(requested: str = "auto") -> str:
+    """Turn a requested spec kind into the one to build: ``"te"`` or ``"local"``.
+
+    ``"auto"`` gives ``"te"`` when CUDA is available and Transformer Engine imports, else ``"local"``. Asking for
+    ``"te"`` where that is not the case raises :class:`~llamapro_megatron.errors.UserError`.
+    """
+    kind = str(requested).strip().lower()
+    if kind in _PLANNED_KINDS:
+        raise UserError(f"layer spec {requested!r} ({_PLANNED_KINDS[kind]}) is not implemented yet; "
+                        "use 'local' or 'te' (or 'auto')")
+    if kind not in SPEC_KINDS:
+        raise UserError(f"unknown layer spec {requested!r}; expected one of {', '.join(SPEC_KINDS)}")
+    if kind == "local":
+        return "local"
+    te_usable = _cuda_available() and transformer_engine_available()
+    if kind == "auto":
+        return "te" if te_usable else "local"
+    if not _cuda_available():
+        raise UserError("layer spec 'te' needs CUDA, which is not available here (torch.cuda.is_available() is "
+                        "False); use 'local' or 'auto'")
+    if not te_usable:
+        raise UserError("layer spec 'te' needs Transformer Engine, which does not import here; install "
+                        "transformer-engine[pytorch] (e.g. use an NGC PyTorch container) or use 'local'/'auto'")
+    return "te"
+
+
+def _te_spec(normalization: str) -> Any:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    # TE norms read TransformerConfig.normalization; the spec function has no normalization argument.
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+def _local_spec(normalization: str) -> Any:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if not _accepts_kwarg(get_gpt_layer_local_spec, "normalization"):
+        raise RuntimeError("this megatron-core's get_gpt_layer_local_spec() has no 'normalization' argument; "
+                           "llamapro_megatron.runtime.specs needs an update for it")
+    return get_gpt_layer_local_spec(normalization=normalization)
+
+
+def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
+    # Newer megatron-core wraps spec functions as (*args, **kwargs) forwarding to *_submodules(...).
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+_BUILDERS: dict[str, Callable[[str], Any]] = {"te": _te_spec, "local": _local_spec}
+
+
+def gpt_layer_spec(kind: str, normalization: str = "RMSNorm") -> Any:
+    """megatron-core ``ModuleSpec`` of one GPT decoder layer for ``kind`` (resolved first if ``"auto"``).
+
+    ``normalization`` selects the local spec's norm; the TE spec follows ``TransformerConfig.normalization``,
+    so set that to the same value in either case.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+    from . import prepare
+
+    prepare()
+    resolved = resolve_spec_kind(kind)
+    return _BUILDERS[resolved](normalization)
