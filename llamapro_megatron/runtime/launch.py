@@ -134,7 +134,7 @@ def _collect(procs: list[mp.process.BaseProcess], conns: list[Connection], timeo
         for rank in sorted(pending):
             if rank in open_conns and conns[rank].poll():
                 try:
-                    status, payload = conns[rank].recv()
+                    status, payload = pickle.loads(conns[rank].recv_bytes())
                 except EOFError:  # died without a word
                     open_conns.discard(rank)
                 else:
@@ -222,13 +222,15 @@ def _worker_main(fn: Callable[..., Any], args: tuple, rank: int, conn: Connectio
         text = traceback.format_exc()
         sys.stderr.write(f"[rank {rank}] {text}")
         with contextlib.suppress(Exception):
-            conn.send(("err", text))
+            conn.send_bytes(pickle.dumps(("err", text)))
         conn.close()
         sys.exit(1)
     try:
-        conn.send(("ok", result))
+        # Plain pickle: tensors travel by value (torch's shared-memory reductions die with the worker).
+        conn.send_bytes(pickle.dumps(("ok", result)))
     except Exception:
-        conn.send(("err", f"rank {rank} returned a value that cannot be sent back:\n{traceback.format_exc()}"))
+        text = f"rank {rank} returned a value that cannot be sent back:\n{traceback.format_exc()}"
+        conn.send_bytes(pickle.dumps(("err", text)))
         conn.close()
         sys.exit(1)
     conn.close()

@@ -1,0 +1,167 @@
+"""Conversion speed and memory against the floor of copying the same bytes, in one run.
+
+    python benchmarks/convert.py [--layers 24 --hidden 2048 --ffn 5632 --heads 32 --kv-heads 4 --vocab 32000]
+                                 [--workers 2] [--repeats 3] [--workdir DIR]
+
+Makes a random HF LLaMA of the given shape (default ~1.2B parameters, bf16), then times, `--repeats` times each:
+copying its safetensors files (the floor), `llamapro convert hf-to-mcore` and `llamapro convert mcore-to-hf`,
+each as a fresh process like a user runs it. Peak RSS is sampled (psutil, every 50 ms) for every process of the
+command's tree. Prints medians, ratios to the floor, and the per-worker RSS target (1.5 GB + largest tensor).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import save_file
+
+
+def make_random_llama(out: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
+                      dtype: torch.dtype, layers_per_shard: int = 6) -> int:
+    """Write a random LLaMA HF directory shard by shard (never the whole model in memory); returns bytes."""
+    out.mkdir(parents=True)
+    d = hidden // heads
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+
+    groups = [list(range(i, min(i + layers_per_shard, layers))) for i in range(0, layers, layers_per_shard)]
+    total_files = len(groups) + 1
+    weight_map, total = {}, 0
+    for f, group in enumerate([None, *groups]):
+        if group is None:
+            tensors = {"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
+                       "model.norm.weight": torch.ones(hidden, dtype=dtype)}
+        else:
+            tensors = {}
+            for i in group:
+                p = f"model.layers.{i}."
+                tensors.update({
+                    p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
+                    p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
+                    p + "self_attn.q_proj.weight": rand(heads * d, hidden),
+                    p + "self_attn.k_proj.weight": rand(kv_heads * d, hidden),
+                    p + "self_attn.v_proj.weight": rand(kv_heads * d, hidden),
+                    p + "self_attn.o_proj.weight": rand(hidden, heads * d),
+                    p + "mlp.gate_proj.weight": rand(ffn, hidden),
+                    p + "mlp.up_proj.weight": rand(ffn, hidden),
+                    p + "mlp.down_proj.weight": rand(hidden, ffn),
+                })
+        name = f"model-{f + 1:05d}-of-{total_files:05d}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
+              "torch_dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return total
+
+
+def run_measured(cmd: list[str]) -> tuple[float, dict[int, int]]:
+    """Wall time and peak RSS (bytes) of every process in the command's tree."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peaks: dict[int, int] = {}
+    while proc.poll() is None:
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.read()[-3000:]}")
+    return wall, peaks
+
+
+def copy_floor(src: Path, dst: Path) -> float:
+    t0 = time.perf_counter()
+    dst.mkdir()
+    for f in src.glob("*.safetensors"):
+        shutil.copyfile(f, dst / f.name)
+    os.sync()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llamapro-bench-"))
+    hf = work / "hf"
+    if hf.exists():
+        shutil.rmtree(hf)
+    dtype = getattr(torch, args.dtype)
+    nbytes = make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab, dtype)
+    largest = args.vocab * args.hidden * dtype.itemsize
+    llamapro = [sys.executable, "-m", "llamapro_megatron.cli"]
+    floor, imp, exp, imp_rss, exp_rss = [], [], [], [], []
+    for r in range(args.repeats):
+        for d in ("copy", "mcore", "export"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        os.sync()
+        floor.append(copy_floor(hf, work / "copy"))
+        wall, peaks = run_measured([*llamapro, "convert", "hf-to-mcore", "--hf-dir", str(hf), "--out",
+                                    str(work / "mcore"), "--workers", str(args.workers), "--no-progress"])
+        imp.append(wall)
+        imp_rss.append(max(peaks.values()))
+        wall, peaks = run_measured([*llamapro, "convert", "mcore-to-hf", "--load", str(work / "mcore"), "--out",
+                                    str(work / "export"), "--workers", str(args.workers), "--no-progress"])
+        exp.append(wall)
+        exp_rss.append(max(peaks.values()))
+        print(f"run {r + 1}: copy {floor[-1]:.1f}s  hf-to-mcore {imp[-1]:.1f}s  mcore-to-hf {exp[-1]:.1f}s",
+              flush=True)
+
+    med = statistics.median
+    gb = 1 << 30
+    target_rss = 1.5 * gb + largest
+    print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, {psutil.virtual_memory().total / gb:.0f} GiB, "
+          f"torch {torch.__version__}, python {platform.python_version()}")
+    print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, {args.heads} heads / "
+          f"{args.kv_heads} KV, vocab {args.vocab}, {args.dtype}: {nbytes / gb:.2f} GiB; workers {args.workers}; "
+          f"medians of {args.repeats}")
+    print(f"{'step':<14}{'wall s':>8}{'x copy':>8}{'peak RSS/proc GiB':>19}{'target':>22}")
+    print(f"{'copy (floor)':<14}{med(floor):>8.1f}{1.0:>8.2f}{'':>19}")
+    for name, walls, rss in (("hf-to-mcore", imp, imp_rss), ("mcore-to-hf", exp, exp_rss)):
+        ok = med(walls) <= 2 * med(floor) and max(rss) <= target_rss
+        print(f"{name:<14}{med(walls):>8.1f}{med(walls) / med(floor):>8.2f}{max(rss) / gb:>19.2f}"
+              f"{'<=2.00x, <=' + format(target_rss / gb, '.2f') + ' GiB':>22}  {'OK' if ok else 'MISSED'}")
+    print("command: python benchmarks/convert.py " + " ".join(sys.argv[1:]))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
