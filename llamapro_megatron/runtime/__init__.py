@@ -64,10 +64,12 @@ def prepare() -> bool:
     CUDA is not available and fixes DistributedOptimizer's torch-Adam fallback (needed on GPUs without TE/Apex
     too). Returns True when CPU support is active.
     """
-    from .compat import install_no_triton_shim
-    from .cpu import enable_cpu_support, fix_torch_adam_fallback
+    from .compat import import_megatron_core, install_no_triton_shim
 
     install_no_triton_shim()
+    import_megatron_core()
+    from .cpu import enable_cpu_support, fix_torch_adam_fallback
+
     on_cpu = enable_cpu_support()
     fix_torch_adam_fallback()
     return on_cpu

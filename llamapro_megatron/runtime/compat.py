@@ -62,3 +62,40 @@ def install_no_triton_shim() -> bool:
     placeholder.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
     sys.modules[PAGED_STASH_MODULE] = placeholder
     return True
+
+
+def import_megatron_core() -> None:
+    """Import megatron.core with `torch.compile` deferred to each decorated function's first call.
+
+    megatron-core decorates its fusion helpers with `torch.compile` at import time (`megatron/core/jit.py`:
+    `jit_fuser = torch.compile`), which imports TorchDynamo: ~3.5 s per process on a 2-core CPU. Conversion and
+    expansion workers never call those helpers, so the import is deferred, not skipped: the first call of a
+    decorated function compiles it exactly as before. Idempotent; does nothing once megatron.core is imported.
+    """
+    if "megatron.core" in sys.modules:
+        return
+    import functools
+
+    import torch
+
+    real_compile = torch.compile
+
+    def deferred_compile(model=None, **kwargs):
+        if model is None:  # used as @torch.compile(...)
+            return lambda fn: deferred_compile(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def first_call_compiles(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real_compile(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return first_call_compiles
+
+    torch.compile = deferred_compile
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = real_compile

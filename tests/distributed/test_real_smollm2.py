@@ -67,4 +67,5 @@ def test_smollm2_round_trip_bit_exact(smollm2_run):
         exported.update(load_file(f))
     assert set(original) == set(exported)
     assert all(torch.equal(original[k], exported[k]) and original[k].dtype == exported[k].dtype for k in original)
-    assert sorted(p.name for p in Path(export).glob("tokenizer*")) == sorted(p.name for p in Path(hf).glob("tokenizer*"))
+    tokenizer_files = sorted(p.name for p in Path(hf).glob("tokenizer*"))
+    assert sorted(p.name for p in Path(export).glob("tokenizer*")) == tokenizer_files
