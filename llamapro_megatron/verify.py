@@ -58,37 +58,47 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
 def megatron_logits(load: str | Path, tokens: torch.Tensor, *, tp: int = 1, pp: int = 1, dtype: str = "float32",
                     spec: str = "auto", ckpt_step: int | None = None) -> torch.Tensor:
     """Logits [batch, seq, padded vocab] of a Megatron checkpoint run at TP x PP ranks."""
+    return megatron_logits_many([load], tokens, tp=tp, pp=pp, dtype=dtype, spec=spec, ckpt_step=ckpt_step)[0]
+
+
+def megatron_logits_many(loads: list[str | Path], tokens: torch.Tensor, *, tp: int = 1, pp: int = 1,
+                         dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None) -> list:
+    """Logits of several checkpoints, one after the other in the same TP x PP launch."""
     from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
     from llamapro_megatron.runtime.launch import inside_launcher, run_workers
 
-    ckpt_dir = resolve_checkpoint(load, ckpt_step)
-    meta = read_meta(ckpt_dir)
-    meta.arch.validate_layout(tp, pp)
-    if meta.padded_vocab_size % tp:
-        raise UserError(f"--tp {tp} does not divide the checkpoint's padded vocabulary {meta.padded_vocab_size}")
-    args = (str(ckpt_dir), tokens, tp, pp, dtype, spec)
+    ckpt_dirs = [resolve_checkpoint(load, ckpt_step) for load in loads]
+    for ckpt_dir in ckpt_dirs:
+        meta = read_meta(ckpt_dir)
+        meta.arch.validate_layout(tp, pp)
+        if meta.padded_vocab_size % tp:
+            raise UserError(f"--tp {tp} does not divide the padded vocabulary {meta.padded_vocab_size} of {ckpt_dir}")
+    args = ([str(d) for d in ckpt_dirs], tokens, tp, pp, dtype, spec)
     if inside_launcher():
         return _logits_worker(*args)
     return run_workers(_logits_worker, tp * pp, args=args)[0]
 
 
-def _logits_worker(ckpt_dir: str, tokens: torch.Tensor, tp: int, pp: int, dtype: str, spec: str):
+def _logits_worker(ckpt_dirs: list[str], tokens: torch.Tensor, tp: int, pp: int, dtype: str, spec: str) -> list:
     import torch
 
     from llamapro_megatron.checkpoint.mcore import build_gpt_model, load_model_weights, read_meta
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
 
     info = init_distributed(tp=tp, pp=pp)
-    meta = read_meta(ckpt_dir)
-    model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, spec=spec)
-    load_model_weights(model, ckpt_dir)
-    device = info.device
-    model.to(device)
-    logits = forward_logits(model, tokens.to(device), hidden_size=meta.arch.hidden_size)
-    gathered = [None] * info.world_size  # every rank returns the logits (under torchrun too)
-    torch.distributed.all_gather_object(gathered, logits)
+    results = []
+    for ckpt_dir in ckpt_dirs:
+        meta = read_meta(ckpt_dir)
+        model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, spec=spec)
+        load_model_weights(model, ckpt_dir)
+        model.to(info.device)
+        logits = forward_logits(model, tokens.to(info.device), hidden_size=meta.arch.hidden_size)
+        gathered = [None] * info.world_size  # every rank returns the logits (under torchrun too)
+        torch.distributed.all_gather_object(gathered, logits)
+        results.append(next(t for t in gathered if t is not None))
+        del model
     destroy_distributed()
-    return next(t for t in gathered if t is not None)
+    return results
 
 
 def forward_logits(model, tokens: torch.Tensor, hidden_size: int) -> torch.Tensor | None:
@@ -146,33 +156,52 @@ def tokens_for(text: str | None, token_ids: str | None, tokenizer_dirs: list[Pat
 
 def register(sub) -> None:
     p = sub.add_parser("verify", help="compare a Megatron checkpoint's logits with transformers'",
-                       description="Run the Hugging Face model (transformers) and the Megatron model at a TP/PP "
-                       "layout on the same tokens; print max/mean |logit difference| and top-1 agreement; exit 1 "
-                       "above --tolerance.")
-    p.add_argument("--hf-dir", required=True, help="Hugging Face model directory (the reference)")
-    p.add_argument("--load", required=True, help="Megatron checkpoint directory")
+                       description="Run two models on the same tokens and compare their logits: the Hugging Face "
+                       "model (transformers) against a Megatron checkpoint at a TP/PP layout (--hf-dir + --load), or "
+                       "a Megatron checkpoint against its expansion at one common layout (--load + --load-expanded; "
+                       "an identity expansion must match exactly). Prints max/mean |logit difference| and top-1 "
+                       "agreement; exits 1 above --tolerance.")
+    p.add_argument("--hf-dir", default=None, help="Hugging Face model directory (the reference)")
+    p.add_argument("--load", required=True, help="Megatron checkpoint directory (the reference with "
+                   "--load-expanded, else the model checked against --hf-dir)")
+    p.add_argument("--load-expanded", default=None, help="expanded Megatron checkpoint, checked against --load")
     p.add_argument("--ckpt-step", type=int, default=None)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--text", default=None, help="text to run (default: a built-in English/code/math paragraph)")
     p.add_argument("--token-ids", default=None, help="comma-separated token ids instead of text")
-    p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest acceptable max |logit difference| (fp32; default %(default)s)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest acceptable max |logit difference| in fp32 (default: 0 for --load-expanded, an "
+                   "identity expansion is exact; 1e-3 against --hf-dir)")
     p.add_argument("--spec", default="auto", choices=["auto", "local", "te"], help="megatron layer spec")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from llamapro_megatron.arch import LlamaArch
-    from llamapro_megatron.checkpoint.mcore import TOKENIZER_DIR, resolve_checkpoint
+    from llamapro_megatron.checkpoint.mcore import TOKENIZER_DIR, read_meta, resolve_checkpoint
 
-    arch = LlamaArch.from_hf_dir(args.hf_dir)
+    if (args.hf_dir is None) == (args.load_expanded is None):
+        raise UserError("give --hf-dir (HF reference vs --load) or --load-expanded (--load vs its expansion)")
     ckpt_dir = resolve_checkpoint(args.load, args.ckpt_step)
-    tokens = tokens_for(args.text, args.token_ids, [Path(args.hf_dir), ckpt_dir / TOKENIZER_DIR], arch.vocab_size)
-    reference = hf_logits(args.hf_dir, tokens)
-    candidate = megatron_logits(ckpt_dir, tokens, tp=args.tp, pp=args.pp, spec=args.spec)
+    tokenizer_dirs = [ckpt_dir / TOKENIZER_DIR] + ([Path(args.hf_dir)] if args.hf_dir else [])
+    if args.hf_dir:
+        arch = LlamaArch.from_hf_dir(args.hf_dir)
+        tokens = tokens_for(args.text, args.token_ids, tokenizer_dirs[::-1], arch.vocab_size)
+        reference = hf_logits(args.hf_dir, tokens)
+        (candidate,) = megatron_logits_many([ckpt_dir], tokens, tp=args.tp, pp=args.pp, spec=args.spec)
+        tolerance, what = 1e-3 if args.tolerance is None else args.tolerance, f"{args.hf_dir} vs {args.load}"
+    else:
+        arch = read_meta(ckpt_dir).arch
+        expanded_dir = resolve_checkpoint(args.load_expanded)
+        if read_meta(expanded_dir).arch.replace(num_layers=arch.num_layers) != arch:
+            raise UserError(f"{args.load_expanded} is not an expansion of {args.load} (architectures differ)")
+        tokens = tokens_for(args.text, args.token_ids, tokenizer_dirs, arch.vocab_size)
+        reference, candidate = megatron_logits_many([ckpt_dir, expanded_dir], tokens, tp=args.tp, pp=args.pp,
+                                                    spec=args.spec)
+        tolerance, what = 0.0 if args.tolerance is None else args.tolerance, f"{args.load} vs {args.load_expanded}"
     result = compare_logits(reference, candidate, arch.vocab_size)
-    ok = result.max_abs_diff <= args.tolerance
-    print(f"verify TP={args.tp} PP={args.pp}: {result.line()}  -> {'OK' if ok else 'FAIL'} "
-          f"(tolerance {args.tolerance:g})")
+    ok = result.max_abs_diff <= tolerance
+    print(f"verify {what} at TP={args.tp} PP={args.pp}: {result.line()}  -> {'OK' if ok else 'FAIL'} "
+          f"(tolerance {tolerance:g})")
     return 0 if ok else 1

@@ -1,4 +1,4 @@
-"""`llamapro convert hf-to-mcore | mcore-to-hf`."""
+"""Checkpoint commands: `llamapro convert hf-to-mcore | mcore-to-hf`, `llamapro expand`, `llamapro expand-hf`."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,28 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def add_plan_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("expansion plan" + ("" if required else " (optional: expand while converting)"))
+    g.add_argument("--groups", type=int, default=None,
+                   help="the paper's plan: split the P blocks into N groups and add a copy after each group "
+                   "(LLaMA-2-7B: --groups 8 gives 32 -> 40 blocks)")
+    g.add_argument("--positions", default=None,
+                   help="comma-separated 0-based indices of the new blocks in the expanded model; each copies the "
+                   "nearest original block below it")
+    g.add_argument("--placement", choices=["top", "bottom"], default=None,
+                   help="all new blocks on top or at the bottom (the paper's ablations); with --num-new")
+    g.add_argument("--num-new", type=int, default=None, help="number of new blocks for --placement")
+
+
+def plan_fn(args, required: bool):
+    """A function num_source_layers -> ExpansionPlan from the plan flags (None when optional and absent)."""
+    from llamapro_megatron.expansion import plan_from_args
+
+    if not required and args.groups is None and args.positions is None and args.placement is None:
+        return None
+    return lambda num_layers: plan_from_args(num_layers, args.groups, args.positions, args.placement, args.num_new)
+
+
 def register(sub) -> None:
     convert = sub.add_parser("convert", help="convert between Hugging Face and Megatron checkpoints",
                              description="Convert between Hugging Face LLaMA-family checkpoints and megatron-core "
@@ -41,6 +63,7 @@ def register(sub) -> None:
                    help="dtype of the stored weights (default: the source's)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP, as Megatron-LM does (default 128)")
+    add_plan_args(p, required=False)
     add_worker_args(p)
     p.set_defaults(func=run_hf_to_mcore)
 
@@ -55,12 +78,45 @@ def register(sub) -> None:
     add_worker_args(p)
     p.set_defaults(func=run_mcore_to_hf)
 
+    p = sub.add_parser("expand", help="insert identity copies of blocks into a Megatron checkpoint (LLaMA Pro)",
+                       description="Expand a Megatron checkpoint with identity copies of blocks (attention output "
+                       "and MLP down projections zeroed), reading each source layer once, never the whole model. "
+                       "The result's outputs equal the original's; its metadata records which layers are new.")
+    p.add_argument("--load", required=True, help="source Megatron checkpoint or save directory")
+    p.add_argument("--ckpt-step", type=int, default=None, help="iteration of --load to expand (default: latest)")
+    p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
+    add_plan_args(p, required=True)
+    add_layout_args(p)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="dtype of the stored weights (default: the source's)")
+    add_worker_args(p)
+    p.set_defaults(func=run_expand)
+
+    p = sub.add_parser("expand-hf", help="the same expansion, Hugging Face directory to Hugging Face directory",
+                       description="Expand a Hugging Face LLaMA-family directory with identity blocks (config, "
+                       "safetensors index, generation config and tokenizer carried over), streaming by layer.")
+    p.add_argument("--hf-dir", required=True, help="source Hugging Face model directory")
+    p.add_argument("--out", required=True, help="output Hugging Face directory")
+    add_plan_args(p, required=True)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="dtype of the written weights (default: the source's)")
+    add_worker_args(p)
+    p.set_defaults(func=run_expand_hf)
+
 
 def run_hf_to_mcore(args) -> int:
+    from llamapro_megatron.arch import LlamaArch
     from llamapro_megatron.checkpoint.convert import hf_to_mcore
+    from llamapro_megatron.expansion import describe
 
+    make_plan = plan_fn(args, required=False)
+    plan = None
+    if make_plan is not None:
+        plan = make_plan(LlamaArch.from_hf_dir(args.hf_dir).num_layers)
+        if args.progress:
+            print(describe(plan, args.pp, args.vpp), flush=True)
     hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
-                workers=args.workers, overwrite=args.overwrite,
+                workers=args.workers, overwrite=args.overwrite, plan=plan,
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, progress=args.progress)
     return 0
 
@@ -70,4 +126,21 @@ def run_mcore_to_hf(args) -> int:
 
     mcore_to_hf(args.load, args.out, dtype=args.dtype, workers=args.workers, ckpt_step=args.ckpt_step,
                 overwrite=args.overwrite, progress=args.progress)
+    return 0
+
+
+def run_expand(args) -> int:
+    from llamapro_megatron.checkpoint.expand import expand_mcore
+
+    expand_mcore(args.load, args.out, plan_fn(args, required=True), tp=args.tp, pp=args.pp, vpp=args.vpp,
+                 dtype=args.dtype, workers=args.workers, ckpt_step=args.ckpt_step, overwrite=args.overwrite,
+                 progress=args.progress)
+    return 0
+
+
+def run_expand_hf(args) -> int:
+    from llamapro_megatron.checkpoint.expand import expand_hf
+
+    expand_hf(args.hf_dir, args.out, plan_fn(args, required=True), dtype=args.dtype, workers=args.workers,
+              overwrite=args.overwrite, progress=args.progress)
     return 0

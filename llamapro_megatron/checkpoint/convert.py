@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,24 +36,13 @@ from llamapro_megatron.checkpoint.mcore import (
     resolve_checkpoint,
 )
 from llamapro_megatron.errors import UserError
+from llamapro_megatron.expansion import ExpansionPlan, compose
 from llamapro_megatron.progress import SharedProgress
 
 EMBED_UNIT, HEAD_UNIT = "embedding", "head"
 
 
-# ---------------------------------------------------------------------- plan
-@dataclass
-class LayerPlan:
-    """Output layer i is source layer `sources[i]`; layers in `zeroed` get zero residual output projections."""
-
-    sources: list[int]
-    zeroed: list[int] = field(default_factory=list)
-
-    @classmethod
-    def identity(cls, num_layers: int) -> LayerPlan:
-        return cls(list(range(num_layers)))
-
-
+# --------------------------------------------------------------------- units
 def unit_of(mcore_name: str) -> str:
     layer, rel = mapping.split_layer_name(mcore_name)
     if layer is not None:
@@ -78,7 +67,7 @@ def _per_layer_bytes(arch: LlamaArch, itemsize: int) -> int:
     return (2 * h + (q + 2 * kv) * h + h * q + 3 * f * h) * itemsize
 
 
-def _unit_sizes(arch: LlamaArch, padded_vocab: int, itemsize: int, num_layers: int) -> dict[str, int]:
+def unit_sizes(arch: LlamaArch, padded_vocab: int, itemsize: int, num_layers: int) -> dict[str, int]:
     h = arch.hidden_size
     sizes = {EMBED_UNIT: padded_vocab * h * itemsize,
              HEAD_UNIT: (h + (0 if arch.tie_word_embeddings else padded_vocab * h)) * itemsize}
@@ -96,20 +85,25 @@ class ImportJob:
     padded_vocab: int
     dtype: str
     meta_json: str
-    plan: LayerPlan
+    plan: ExpansionPlan
     overwrite: bool
     progress: bool = True
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                dtype: str | None = None, workers: int = 1, overwrite: bool = False, plan: LayerPlan | None = None,
-                expansion: dict | None = None, make_vocab_size_divisible_by: int = 128,
+                dtype: str | None = None, workers: int = 1, overwrite: bool = False,
+                plan: ExpansionPlan | None = None, make_vocab_size_divisible_by: int = 128,
                 progress: bool = True) -> Path:
-    """Convert a HF LLaMA-family directory into a Megatron-LM style torch_dist checkpoint at `out`."""
+    """Convert a HF LLaMA-family directory into a Megatron-LM style torch_dist checkpoint at `out`.
+
+    With an expansion `plan` the checkpoint is written expanded in the same pass (identity copies).
+    """
     hf_dir, out = Path(hf_dir), check_output(out, overwrite)
     arch = LlamaArch.from_hf_dir(hf_dir)
-    plan = plan or LayerPlan.identity(arch.num_layers)
-    num_layers = len(plan.sources)
+    plan = plan or ExpansionPlan.identity(arch.num_layers)
+    if plan.source_num_layers != arch.num_layers:
+        raise UserError(f"the expansion plan is for {plan.source_num_layers} layers; {hf_dir} has {arch.num_layers}")
+    num_layers = plan.num_layers
     arch.validate_layout(tp, pp, vpp, num_layers=num_layers)
     reader = hfio.HFReader(hf_dir)
     hfio.validate_hf_tensors(reader, mapping.expected_hf_shapes(arch))
@@ -118,7 +112,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
     out_arch = arch.replace(num_layers=num_layers)
     meta = CheckpointMeta(arch=out_arch, padded_vocab_size=padded, dtype=dtype,
                           layout={"tp": tp, "pp": pp, "vpp": vpp},
-                          source={"kind": "huggingface", "path": str(hf_dir.resolve())}, expansion=expansion)
+                          source={"kind": "huggingface", "path": str(hf_dir.resolve())},
+                          expansion=compose(None, plan) if plan.new_indices else None)
     job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,
                     progress)
     run_job(_import_worker, job, workers, out)
@@ -162,14 +157,13 @@ def _import_worker(job: ImportJob) -> None:
 
     arch = LlamaArch.from_dict(job.arch)
     dtype = getattr(torch, job.dtype)
-    num_layers = len(job.plan.sources)
+    num_layers = job.plan.num_layers
     model = build_gpt_model(arch, job.padded_vocab, dtype=job.dtype, meta_device=True, num_layers=num_layers)
     sharded = model.sharded_state_dict()
-    sizes = _unit_sizes(arch, job.padded_vocab, dtype.itemsize, num_layers)
+    sizes = unit_sizes(arch, job.padded_vocab, dtype.itemsize, num_layers)
     owner = assign_units(list(sizes), sizes, info.world_size)
     mine = {u for u, w in owner.items() if w == info.rank}
     reader = hfio.HFReader(job.hf_dir)
-    zeroed = set(job.plan.zeroed)
     bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=sum(sizes.values()),
                          desc="hf-to-mcore", enabled=job.progress)
     owned = {}
@@ -183,12 +177,12 @@ def _import_worker(job: ImportJob) -> None:
             continue
         layer, tmap = mapping.lookup(name)
         src_name = name if layer is None else f"decoder.layers.{job.plan.sources[layer]}.{tmap.mcore}"
-        if layer is not None and layer in zeroed and tmap.zero_in_identity_copy:
-            tensor = torch.zeros(_entry_shape(entry), dtype=dtype)
+        if layer is not None and job.plan.is_new(layer) and tmap.zero_in_identity_copy:
+            tensor = torch.zeros(entry_shape(entry), dtype=dtype)
         else:
             hf_tensors = [reader.get(n) for n in mapping.hf_names(src_name)]
             tensor = mapping.to_mcore(tmap, hf_tensors, arch, job.padded_vocab).to(dtype).contiguous()
-        _fill(entry, tensor, name)
+        fill_entry(entry, tensor, name)
         owned[name] = entry
         bar.update(tensor.numel() * tensor.element_size())
     common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
@@ -210,9 +204,9 @@ def _import_worker(job: ImportJob) -> None:
     destroy_distributed()
 
 
-def _fill(entry, tensor: torch.Tensor, name: str) -> None:
+def fill_entry(entry, tensor: torch.Tensor, name: str) -> None:
     """Give a meta sharded-state-dict entry (ShardedTensor or SwiGLU factory) real data, as the main replica."""
-    expected = _entry_shape(entry)
+    expected = entry_shape(entry)
     if tuple(tensor.shape) != expected:
         raise UserError(f"{name}: converted tensor has shape {list(tensor.shape)}, the model expects "
                         f"{list(expected)}")
@@ -220,7 +214,7 @@ def _fill(entry, tensor: torch.Tensor, name: str) -> None:
     entry.replica_id = 0
 
 
-def _entry_shape(entry) -> tuple[int, ...]:
+def entry_shape(entry) -> tuple[int, ...]:
     """Local shape of a ShardedTensor, or of the tensor behind a factory (SwiGLU fc1)."""
     shape = getattr(entry, "local_shape", None)
     return tuple(shape if shape is not None else entry.data.shape)
@@ -269,7 +263,7 @@ def _export_worker(job: ExportJob) -> None:
     model = build_gpt_model(arch, meta.padded_vocab_size, dtype=meta.dtype, meta_device=True)
     sharded = model.sharded_state_dict()
     ckpt_dtype = getattr(torch, meta.dtype)
-    sizes = _unit_sizes(arch, meta.padded_vocab_size, ckpt_dtype.itemsize, arch.num_layers)
+    sizes = unit_sizes(arch, meta.padded_vocab_size, ckpt_dtype.itemsize, arch.num_layers)
     units = list(sizes)
     owner = assign_units(units, sizes, info.world_size)
     mine = [u for u in units if owner[u] == info.rank]
@@ -286,7 +280,7 @@ def _export_worker(job: ExportJob) -> None:
         for name, entry in sharded.items():
             if unit is None or unit_of(name) != unit or isinstance(entry, ShardedObject):
                 continue
-            entry.data = torch.empty(_entry_shape(entry), dtype=ckpt_dtype)
+            entry.data = torch.empty(entry_shape(entry), dtype=ckpt_dtype)
             entry.replica_id = 0  # this worker is the one reader of the unit
             request[name] = entry
         # A round reads part of each stacked tensor by design, so megatron's full-coverage check does not apply.

@@ -1,0 +1,258 @@
+"""Block expansion of a checkpoint without gathering the model.
+
+Megatron -> Megatron: workers (a gloo world at TP=1 PP=1, as in conversion) each own some *source* units
+(a source decoder layer with all the expanded layers read from it; the embedding; final norm + output layer).
+A worker reads each of its source layers once through megatron-core's loader — one load cannot read the same
+slice twice — and clones it into its copies, zeroing the copies' `linear_proj` / `linear_fc2`; the world then
+saves the expanded checkpoint together. Any source layout in, any layout out (torch_dist reshards on load).
+
+HF -> HF (`expand-hf`): processes each write the safetensors shards of their expanded layers, reading only the
+source tensors they need.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from llamapro_megatron.arch import LlamaArch, canonical_dtype
+from llamapro_megatron.checkpoint import hf as hfio
+from llamapro_megatron.checkpoint import mapping
+from llamapro_megatron.checkpoint.convert import (
+    EMBED_UNIT,
+    HEAD_UNIT,
+    assign_units,
+    entry_shape,
+    fill_entry,
+    run_job,
+    unit_of,
+    unit_sizes,
+)
+from llamapro_megatron.checkpoint.mcore import (
+    LATEST_FILE,
+    META_FILE,
+    RELEASE,
+    TOKENIZER_DIR,
+    CheckpointMeta,
+    build_gpt_model,
+    check_output,
+    commit_output,
+    partial_dir,
+    read_meta,
+    resolve_checkpoint,
+)
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.expansion import ExpansionPlan, compose, describe
+from llamapro_megatron.progress import SharedProgress
+
+
+def _source_unit_sizes(arch: LlamaArch, padded_vocab: int, itemsize: int, plan: ExpansionPlan) -> dict[str, int]:
+    """Work per source unit: a source layer weighs as many layers as are written from it."""
+    sizes = unit_sizes(arch, padded_vocab, itemsize, plan.source_num_layers)
+    for s in range(plan.source_num_layers):
+        sizes[f"layer{s}"] *= len(plan.copies_of(s))
+    return sizes
+
+
+# ------------------------------------------------------------ megatron -> megatron
+@dataclass
+class ExpandJob:
+    src_dir: str
+    out: str
+    src_meta_json: str
+    meta_json: str
+    plan: ExpansionPlan
+    progress: bool = True
+
+
+def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                 dtype: str | None = None, workers: int = 1, ckpt_step: int | None = None, overwrite: bool = False,
+                 progress: bool = True) -> Path:
+    """Expand a Megatron checkpoint. `plan_fn(num_source_layers) -> ExpansionPlan` (the CLI's plan flags)."""
+    out = check_output(out, overwrite)
+    src_dir = resolve_checkpoint(load, ckpt_step)
+    src = read_meta(src_dir)
+    plan = plan_fn(src.arch.num_layers)
+    src.arch.validate_layout(tp, pp, vpp, num_layers=plan.num_layers)
+    if src.padded_vocab_size % tp:
+        raise UserError(f"--tp {tp} does not divide the checkpoint's padded vocabulary {src.padded_vocab_size}; "
+                        "re-convert with --tp set to the layout you will train at")
+    if progress:
+        print(describe(plan, pp, vpp), flush=True)
+    meta = CheckpointMeta(arch=src.arch.replace(num_layers=plan.num_layers), padded_vocab_size=src.padded_vocab_size,
+                          dtype=canonical_dtype(dtype or src.dtype), layout={"tp": tp, "pp": pp, "vpp": vpp},
+                          source={"kind": "megatron", "path": str(src_dir.resolve()), "source": src.source},
+                          expansion=compose(src.expansion, plan))
+    job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress)
+    run_job(_expand_worker, job, workers, out)
+    return out
+
+
+def _expand_worker(job: ExpandJob) -> None:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed(tp=1, pp=1)
+    out = Path(job.out)
+    tmp = partial_dir(out)
+    if info.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / RELEASE).mkdir(parents=True)
+    dist.barrier()
+
+    src, dst, plan = CheckpointMeta.from_json(job.src_meta_json), CheckpointMeta.from_json(job.meta_json), job.plan
+    src_dtype, dst_dtype = getattr(torch, src.dtype), getattr(torch, dst.dtype)
+    sizes = _source_unit_sizes(src.arch, src.padded_vocab_size, src_dtype.itemsize, plan)
+    owner = assign_units(list(sizes), sizes, info.world_size)
+    mine = {u for u, w in owner.items() if w == info.rank}
+    bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=sum(sizes.values()), desc="expand",
+                         enabled=job.progress)
+
+    # 1. read each owned source unit once
+    src_sd = build_gpt_model(src.arch, src.padded_vocab_size, dtype=src.dtype, meta_device=True).sharded_state_dict()
+    request = {}
+    for name, entry in src_sd.items():
+        if unit_of(name) in mine and not isinstance(entry, ShardedObject):
+            entry.data = torch.empty(entry_shape(entry), dtype=src_dtype)
+            entry.replica_id = 0
+            request[name] = entry
+    loaded = dist_checkpointing.load({"model": request}, job.src_dir, validate_access_integrity=False)
+    loaded = loaded.get("model", {})
+    del src_sd, request
+
+    # 2. fill the expanded model's entries that are written from them
+    dst_sd = build_gpt_model(dst.arch, dst.padded_vocab_size, dtype=dst.dtype, meta_device=True).sharded_state_dict()
+    owned = {}
+    for name, entry in dst_sd.items():
+        layer, rel = mapping.split_layer_name(name)
+        src_name = name if layer is None else f"decoder.layers.{plan.sources[layer]}.{rel}"
+        if unit_of(src_name) not in mine:
+            continue
+        entry.replica_id = 0
+        if not isinstance(entry, ShardedObject):
+            tensor = loaded[src_name]
+            if layer is not None and plan.is_new(layer):
+                zero = mapping.lookup(name)[1].zero_in_identity_copy
+                tensor = torch.zeros_like(tensor) if zero else tensor.clone()  # a copy owns its storage
+            fill_entry(entry, tensor.to(dst_dtype), name)
+            bar.update(tensor.numel() * src_dtype.itemsize)
+        owned[name] = entry
+    del loaded
+    common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
+    dist_checkpointing.save({"model": owned, **common}, str(tmp / RELEASE))
+    del owned, dst_sd
+    dist.barrier()
+    bar.close()
+    if info.rank == 0:
+        (tmp / RELEASE / META_FILE).write_text(job.meta_json)
+        (tmp / LATEST_FILE).write_text(RELEASE)
+        if (Path(job.src_dir) / TOKENIZER_DIR).is_dir():
+            shutil.copytree(Path(job.src_dir) / TOKENIZER_DIR, tmp / RELEASE / TOKENIZER_DIR)
+        shutil.rmtree(tmp / ".progress", ignore_errors=True)
+        commit_output(tmp, out)
+        if job.progress:
+            print(f"expand: wrote {out} ({plan.source_num_layers} -> {plan.num_layers} layers)", flush=True)
+    dist.barrier()
+    destroy_distributed()
+
+
+# ------------------------------------------------------------------ hf -> hf
+def expand_hf(hf_dir: str | Path, out: str | Path, plan_fn, *, dtype: str | None = None, workers: int = 1,
+              overwrite: bool = False, progress: bool = True) -> Path:
+    """The same expansion, Hugging Face directory to Hugging Face directory, streaming by layer."""
+    hf_dir, out = Path(hf_dir), check_output(out, overwrite)
+    arch = LlamaArch.from_hf_dir(hf_dir)
+    reader = hfio.HFReader(hf_dir)
+    hfio.validate_hf_tensors(reader, mapping.expected_hf_shapes(arch))
+    plan = plan_fn(arch.num_layers)
+    if progress:
+        print(describe(plan), flush=True)
+    if workers < 1:
+        raise UserError(f"--workers {workers}: need at least 1")
+    out_dtype = canonical_dtype(dtype or arch.dtype)
+    units = [EMBED_UNIT, HEAD_UNIT] + [f"layer{i}" for i in range(plan.num_layers)]
+    itemsize = getattr(torch, out_dtype).itemsize
+    sizes = unit_sizes(arch, arch.vocab_size, itemsize, plan.num_layers)
+    owner = assign_units(units, sizes, workers)
+    tmp = partial_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    jobs = [(str(hf_dir), str(tmp), arch.to_dict(), plan, out_dtype, [u for u in units if owner[u] == w], units, w,
+             workers, progress) for w in range(workers)]
+    try:
+        if workers == 1:
+            weight_maps = [_expand_hf_worker(*jobs[0])]
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                weight_maps = list(pool.map(_expand_hf_worker, *zip(*jobs)))
+        weight_map = {k: v for m in weight_maps for k, v in m.items()}
+        shapes = mapping.expected_hf_shapes(arch, plan.num_layers)
+        total = sum(itemsize * _numel(s) for s in shapes.values())
+        hfio.write_index(tmp, weight_map, total)
+        out_arch = arch.replace(num_layers=plan.num_layers)
+        config = out_arch.to_hf_config(out_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = hf_dir / "generation_config.json"
+        if gen.is_file():
+            shutil.copy2(gen, tmp / gen.name)
+        else:
+            (tmp / gen.name).write_text(json.dumps(hfio.generation_config(config), indent=2) + "\n")
+        hfio.copy_tokenizer_files(hf_dir, tmp)
+        shutil.rmtree(tmp / ".progress", ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_output(tmp, out)
+    if progress:
+        print(f"expand-hf: wrote {out} ({plan.source_num_layers} -> {plan.num_layers} layers)", flush=True)
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _expand_hf_worker(hf_dir: str, tmp: str, arch_dict: dict, plan: ExpansionPlan, dtype: str, my_units: list[str],
+                      units: list[str], rank: int, world: int, progress: bool) -> dict[str, str]:
+    arch = LlamaArch.from_dict(arch_dict)
+    reader = hfio.HFReader(hf_dir)
+    out_dtype = getattr(torch, dtype)
+    itemsize = out_dtype.itemsize
+    sizes = unit_sizes(arch, arch.vocab_size, itemsize, plan.num_layers)
+    bar = SharedProgress(Path(tmp) / ".progress", rank, world, total=sum(sizes.values()), desc="expand-hf",
+                         enabled=progress)
+    weight_map = {}
+    for unit in my_units:
+        tensors = {}
+        if unit == EMBED_UNIT:
+            tensors["model.embed_tokens.weight"] = reader.get("model.embed_tokens.weight")
+        elif unit == HEAD_UNIT:
+            tensors["model.norm.weight"] = reader.get("model.norm.weight")
+            if not arch.tie_word_embeddings:
+                tensors["lm_head.weight"] = reader.get("lm_head.weight")
+        else:
+            layer = int(unit.removeprefix("layer"))
+            src = plan.sources[layer]
+            for t in mapping.LAYER_TENSORS:
+                for rel in t.hf:
+                    value = reader.get(f"{mapping.HF_LAYER_PREFIX}{src}.{rel}")
+                    if plan.is_new(layer) and t.zero_in_identity_copy:
+                        value = torch.zeros_like(value)
+                    tensors[f"{mapping.HF_LAYER_PREFIX}{layer}.{rel}"] = value
+        name = hfio.shard_name(units.index(unit), len(units))
+        hfio.write_shard(Path(tmp) / name, {k: v.to(out_dtype) for k, v in tensors.items()})
+        weight_map.update({k: name for k in tensors})
+        bar.update(sizes[unit])
+    bar.close()
+    return weight_map
