@@ -149,6 +149,9 @@ class LlamaArch:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlamaArch:
         d = dict(d)
+        if d.get("architecture") not in SUPPORTED_ARCHITECTURES:
+            raise UserError(f"architecture {d.get('architecture')!r} is not a LLaMA-family model; supported: "
+                            f"{sorted(SUPPORTED_ARCHITECTURES)}")
         if d.get("rope_scaling"):
             d["rope_scaling"] = Llama3RopeScaling(**d["rope_scaling"])
         return cls(**d)
