@@ -14,9 +14,10 @@ from llamapro_megatron.errors import UserError
 
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "llamapro_megatron.checkpoint.cli",  # convert hf-to-mcore | mcore-to-hf
+    "llamapro_megatron.checkpoint.cli",  # convert hf-to-mcore | mcore-to-hf, expand, expand-hf
     "llamapro_megatron.verify",  # verify
     "llamapro_megatron.data.cli",  # preprocess
+    "llamapro_megatron.training.cli",  # train
 )
 
 
