@@ -164,7 +164,8 @@ def _import_worker(job: ImportJob) -> None:
     owner = assign_units(list(sizes), sizes, info.world_size)
     mine = {u for u, w in owner.items() if w == info.rank}
     reader = hfio.HFReader(job.hf_dir)
-    bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=sum(sizes.values()),
+    # the bar counts each byte twice: once read and assembled, once written by the collective save
+    bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=2 * sum(sizes.values()),
                          desc="hf-to-mcore", enabled=job.progress)
     owned = {}
     for name, entry in sharded.items():
@@ -188,6 +189,7 @@ def _import_worker(job: ImportJob) -> None:
     common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
     t0 = time.time()
     dist_checkpointing.save({"model": owned, **common}, str(tmp / RELEASE))
+    bar.update(bar.done)
     del owned, sharded
     dist.barrier()
     bar.close()

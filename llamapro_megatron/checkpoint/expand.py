@@ -113,8 +113,9 @@ def _expand_worker(job: ExpandJob) -> None:
     sizes = _source_unit_sizes(src.arch, src.padded_vocab_size, src_dtype.itemsize, plan)
     owner = assign_units(list(sizes), sizes, info.world_size)
     mine = {u for u, w in owner.items() if w == info.rank}
-    bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=sum(sizes.values()), desc="expand",
-                         enabled=job.progress)
+    # the bar counts each byte twice: once read and cloned, once written by the collective save
+    bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=2 * sum(sizes.values()),
+                         desc="expand", enabled=job.progress)
 
     # 1. read each owned source unit once
     src_sd = build_gpt_model(src.arch, src.padded_vocab_size, dtype=src.dtype, meta_device=True).sharded_state_dict()
@@ -148,6 +149,7 @@ def _expand_worker(job: ExpandJob) -> None:
     del loaded
     common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
     dist_checkpointing.save({"model": owned, **common}, str(tmp / RELEASE))
+    bar.update(bar.done)
     del owned, dst_sd
     dist.barrier()
     bar.close()
