@@ -24,6 +24,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def add_round_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-round-mb", type=int, default=512,
+                   help="memory bound per worker: tensors are read and written in rounds of at most this many MB "
+                   "per worker (a larger single tensor goes alone). Default: %(default)s")
+
+
 def add_plan_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("expansion plan" + ("" if required else " (optional: expand while converting)"))
     g.add_argument("--groups", type=int, default=None,
@@ -65,6 +71,7 @@ def register(sub) -> None:
                    help="pad the vocabulary to a multiple of this x TP, as Megatron-LM does (default 128)")
     add_plan_args(p, required=False)
     add_worker_args(p)
+    add_round_arg(p)
     p.set_defaults(func=run_hf_to_mcore)
 
     p = csub.add_parser("mcore-to-hf", help="Megatron checkpoint -> Hugging Face directory",
@@ -76,6 +83,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="dtype of the written weights (default: the checkpoint's)")
     add_worker_args(p)
+    add_round_arg(p)
     p.set_defaults(func=run_mcore_to_hf)
 
     p = sub.add_parser("expand", help="insert identity copies of blocks into a Megatron checkpoint (LLaMA Pro)",
@@ -90,6 +98,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="dtype of the stored weights (default: the source's)")
     add_worker_args(p)
+    add_round_arg(p)
     p.set_defaults(func=run_expand)
 
     p = sub.add_parser("expand-hf", help="the same expansion, Hugging Face directory to Hugging Face directory",
@@ -117,7 +126,8 @@ def run_hf_to_mcore(args) -> int:
             print(describe(plan, args.pp, args.vpp), flush=True)
     hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
                 workers=args.workers, overwrite=args.overwrite, plan=plan,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, progress=args.progress)
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, progress=args.progress,
+                round_bytes=args.max_round_mb << 20)
     return 0
 
 
@@ -125,7 +135,7 @@ def run_mcore_to_hf(args) -> int:
     from llamapro_megatron.checkpoint.convert import mcore_to_hf
 
     mcore_to_hf(args.load, args.out, dtype=args.dtype, workers=args.workers, ckpt_step=args.ckpt_step,
-                overwrite=args.overwrite, progress=args.progress)
+                overwrite=args.overwrite, progress=args.progress, round_bytes=args.max_round_mb << 20)
     return 0
 
 
@@ -134,7 +144,7 @@ def run_expand(args) -> int:
 
     expand_mcore(args.load, args.out, plan_fn(args, required=True), tp=args.tp, pp=args.pp, vpp=args.vpp,
                  dtype=args.dtype, workers=args.workers, ckpt_step=args.ckpt_step, overwrite=args.overwrite,
-                 progress=args.progress)
+                 progress=args.progress, round_bytes=args.max_round_mb << 20)
     return 0
 
 

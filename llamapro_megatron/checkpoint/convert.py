@@ -35,11 +35,13 @@ from llamapro_megatron.checkpoint.mcore import (
     read_meta,
     resolve_checkpoint,
 )
+from llamapro_megatron.checkpoint.rounds import plan_rounds, save_in_rounds
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.expansion import ExpansionPlan, compose
 from llamapro_megatron.progress import SharedProgress
 
 EMBED_UNIT, HEAD_UNIT = "embedding", "head"
+ROUND_BYTES = 512 << 20  # per worker and round: bounds a worker's memory whatever the model size
 
 
 # --------------------------------------------------------------------- units
@@ -88,12 +90,13 @@ class ImportJob:
     plan: ExpansionPlan
     overwrite: bool
     progress: bool = True
+    round_bytes: int = ROUND_BYTES
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                 dtype: str | None = None, workers: int = 1, overwrite: bool = False,
                 plan: ExpansionPlan | None = None, make_vocab_size_divisible_by: int = 128,
-                progress: bool = True) -> Path:
+                progress: bool = True, round_bytes: int | None = None) -> Path:
     """Convert a HF LLaMA-family directory into a Megatron-LM style torch_dist checkpoint at `out`.
 
     With an expansion `plan` the checkpoint is written expanded in the same pass (identity copies).
@@ -115,7 +118,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
                           source={"kind": "huggingface", "path": str(hf_dir.resolve())},
                           expansion=compose(None, plan) if plan.new_indices else None)
     job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,
-                    progress)
+                    progress, round_bytes or ROUND_BYTES)
     run_job(_import_worker, job, workers, out)
     return out
 
@@ -143,7 +146,6 @@ def run_job(worker, job, workers: int, out: Path) -> None:
 
 def _import_worker(job: ImportJob) -> None:
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
 
@@ -162,35 +164,37 @@ def _import_worker(job: ImportJob) -> None:
     sharded = model.sharded_state_dict()
     sizes = unit_sizes(arch, job.padded_vocab, dtype.itemsize, num_layers)
     owner = assign_units(list(sizes), sizes, info.world_size)
-    mine = {u for u, w in owner.items() if w == info.rank}
     reader = hfio.HFReader(job.hf_dir)
-    # the bar counts each byte twice: once read and assembled, once written by the collective save
+    # the bar counts each byte twice: once read and assembled, once written
     bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=2 * sum(sizes.values()),
                          desc="hf-to-mcore", enabled=job.progress)
-    owned = {}
-    for name, entry in sharded.items():
-        unit = unit_of(name)
-        if unit not in mine:
-            continue
-        if name.endswith("._extra_state"):
-            entry.replica_id = 0
-            owned[name] = entry
-            continue
-        layer, tmap = mapping.lookup(name)
-        src_name = name if layer is None else f"decoder.layers.{job.plan.sources[layer]}.{tmap.mcore}"
-        if layer is not None and job.plan.is_new(layer) and tmap.zero_in_identity_copy:
-            tensor = torch.zeros(entry_shape(entry), dtype=dtype)
-        else:
-            hf_tensors = [reader.get(n) for n in mapping.hf_names(src_name)]
-            tensor = mapping.to_mcore(tmap, hf_tensors, arch, job.padded_vocab).to(dtype).contiguous()
-        fill_entry(entry, tensor, name)
-        owned[name] = entry
-        bar.update(tensor.numel() * tensor.element_size())
+    entries = entries_by_unit(sharded)
+
+    def rounds():
+        for units in worker_rounds(owner, sizes, info.rank, info.world_size, job.round_bytes):
+            owned = {}
+            for unit in units:
+                for name, entry in entries.get(unit, []):
+                    if not name.endswith("._extra_state"):
+                        layer, tmap = mapping.lookup(name)
+                        if layer is not None and job.plan.is_new(layer) and tmap.zero_in_identity_copy:
+                            tensor = torch.zeros(entry_shape(entry), dtype=dtype)
+                        else:
+                            src = name if layer is None else f"decoder.layers.{job.plan.sources[layer]}.{tmap.mcore}"
+                            hf_tensors = [reader.get(n) for n in mapping.hf_names(src)]
+                            tensor = mapping.to_mcore(tmap, hf_tensors, arch, job.padded_vocab).to(dtype)
+                        fill_entry(entry, tensor.contiguous(), name)
+                        bar.update(tensor.numel() * tensor.element_size())
+                    entry.replica_id = 0
+                    owned[name] = entry
+            yield owned
+            bar.update(sum(sizes[u] for u in units))
+            release(owned)
+            reader.release()  # unmap the source files: their pages would count against this worker
+
     common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
     t0 = time.time()
-    dist_checkpointing.save({"model": owned, **common}, str(tmp / RELEASE))
-    bar.update(bar.done)
-    del owned, sharded
+    save_in_rounds(rounds(), tmp / RELEASE, common)
     dist.barrier()
     bar.close()
     if info.rank == 0:
@@ -200,10 +204,33 @@ def _import_worker(job: ImportJob) -> None:
         shutil.rmtree(tmp / ".progress", ignore_errors=True)
         commit_output(tmp, out)
         if job.progress:
-            print(f"hf-to-mcore: wrote {out} ({len(sizes)} units on {info.world_size} workers; "
-                  f"save {time.time() - t0:.1f}s)", flush=True)
+            print(f"hf-to-mcore: wrote {out} ({len(sizes)} units on {info.world_size} workers in "
+                  f"{time.time() - t0:.1f}s)", flush=True)
     dist.barrier()
     destroy_distributed()
+
+
+def worker_rounds(owner: dict[str, int], sizes: dict[str, int], rank: int, world_size: int,
+                  budget: int = ROUND_BYTES) -> list[list[str]]:
+    """This rank's units in rounds, padded with empty rounds to the world's round count (saves are collective)."""
+    per_rank = [plan_rounds([u for u in owner if owner[u] == w], sizes, budget) for w in range(world_size)]
+    count = max(len(r) for r in per_rank)
+    return per_rank[rank] + [[] for _ in range(count - len(per_rank[rank]))]
+
+
+def entries_by_unit(sharded: dict) -> dict[str, list]:
+    """A model's sharded-state-dict entries grouped by conversion unit."""
+    grouped: dict[str, list] = {}
+    for name, entry in sharded.items():
+        grouped.setdefault(unit_of(name), []).append((name, entry))
+    return grouped
+
+
+def release(entries: dict) -> None:
+    """Drop the tensors of entries already saved, so a round's memory is freed before the next."""
+    for entry in entries.values():
+        if hasattr(entry, "data"):
+            entry.data = None
 
 
 def fill_entry(entry, tensor: torch.Tensor, name: str) -> None:
@@ -231,16 +258,18 @@ class ExportJob:
     dtype: str
     overwrite: bool
     progress: bool = True
+    round_bytes: int = ROUND_BYTES
 
 
 def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, workers: int = 1,
-                ckpt_step: int | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                ckpt_step: int | None = None, overwrite: bool = False, progress: bool = True,
+                round_bytes: int | None = None) -> Path:
     """Export a Megatron checkpoint written by this project to a HF directory transformers loads offline."""
     out = check_output(out, overwrite)
     ckpt_dir = resolve_checkpoint(load, ckpt_step)
     meta = read_meta(ckpt_dir)
     dtype = canonical_dtype(dtype or meta.dtype)
-    job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress)
+    job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress, round_bytes or ROUND_BYTES)
     run_job(_export_worker, job, workers, out)
     return out
 
@@ -268,37 +297,35 @@ def _export_worker(job: ExportJob) -> None:
     sizes = unit_sizes(arch, meta.padded_vocab_size, ckpt_dtype.itemsize, arch.num_layers)
     units = list(sizes)
     owner = assign_units(units, sizes, info.world_size)
-    mine = [u for u in units if owner[u] == info.rank]
-    rounds = max(sum(1 for u in units if owner[u] == w) for w in range(info.world_size))
     out_dtype = getattr(torch, job.dtype)
     total_files = len(units)
     bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=sum(sizes.values()),
                          desc="mcore-to-hf", enabled=job.progress)
-    # One unit per round keeps a worker's memory at one layer; load is collective, so every rank takes
-    # part in every round (an empty request when it has no unit left).
-    for r in range(rounds):
-        unit = mine[r] if r < len(mine) else None
+    entries = entries_by_unit(sharded)
+    # Rounds bound a worker's memory; load is collective, so every rank takes part in every round (with an
+    # empty request when it has nothing left).
+    for units_now in worker_rounds(owner, sizes, info.rank, info.world_size, job.round_bytes):
         request = {}
-        for name, entry in sharded.items():
-            if unit is None or unit_of(name) != unit or isinstance(entry, ShardedObject):
-                continue
-            entry.data = torch.empty(entry_shape(entry), dtype=ckpt_dtype)
-            entry.replica_id = 0  # this worker is the one reader of the unit
-            request[name] = entry
+        for unit in units_now:
+            for name, entry in entries.get(unit, []):
+                if not isinstance(entry, ShardedObject):
+                    entry.data = torch.empty(entry_shape(entry), dtype=ckpt_dtype)
+                    entry.replica_id = 0  # this worker is the one reader of the unit
+                    request[name] = entry
         # A round reads part of each stacked tensor by design, so megatron's full-coverage check does not apply.
         loaded = dist_checkpointing.load({"model": request}, job.ckpt_dir, validate_access_integrity=False)
         loaded = loaded.get("model", {})  # absent when this rank asked for nothing this round
-        if unit is None:
-            continue
-        tensors = {}
-        for name, value in loaded.items():
-            layer, tmap = mapping.lookup(name)
-            for hf_name, t in zip(mapping.hf_names(name), mapping.to_hf(tmap, value, arch)):
-                tensors[hf_name] = t.to(out_dtype)
-        hfio.write_shard(tmp / hfio.shard_name(units.index(unit), total_files), tensors)
-        bar.update(sizes[unit])
-        for name in request:  # free this round's buffers before the next
-            sharded[name].data = None
+        release(request)
+        for unit in units_now:
+            tensors = {}
+            for name, _ in entries.get(unit, []):
+                if name in loaded:
+                    _, tmap = mapping.lookup(name)
+                    for hf_name, t in zip(mapping.hf_names(name), mapping.to_hf(tmap, loaded.pop(name), arch)):
+                        tensors[hf_name] = t.to(out_dtype)
+            hfio.write_shard(tmp / hfio.shard_name(units.index(unit), total_files), tensors)
+            bar.update(sizes[unit])
+        del loaded
     dist.barrier()
     bar.close()
     if info.rank == 0:

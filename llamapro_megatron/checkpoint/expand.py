@@ -26,12 +26,16 @@ from llamapro_megatron.checkpoint import mapping
 from llamapro_megatron.checkpoint.convert import (
     EMBED_UNIT,
     HEAD_UNIT,
+    ROUND_BYTES,
     assign_units,
+    entries_by_unit,
     entry_shape,
     fill_entry,
+    release,
     run_job,
     unit_of,
     unit_sizes,
+    worker_rounds,
 )
 from llamapro_megatron.checkpoint.mcore import (
     LATEST_FILE,
@@ -46,6 +50,7 @@ from llamapro_megatron.checkpoint.mcore import (
     read_meta,
     resolve_checkpoint,
 )
+from llamapro_megatron.checkpoint.rounds import save_in_rounds
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.expansion import ExpansionPlan, compose, describe
 from llamapro_megatron.progress import SharedProgress
@@ -68,11 +73,12 @@ class ExpandJob:
     meta_json: str
     plan: ExpansionPlan
     progress: bool = True
+    round_bytes: int = ROUND_BYTES
 
 
 def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                  dtype: str | None = None, workers: int = 1, ckpt_step: int | None = None, overwrite: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, round_bytes: int | None = None) -> Path:
     """Expand a Megatron checkpoint. `plan_fn(num_source_layers) -> ExpansionPlan` (the CLI's plan flags)."""
     out = check_output(out, overwrite)
     src_dir = resolve_checkpoint(load, ckpt_step)
@@ -88,7 +94,7 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
                           dtype=canonical_dtype(dtype or src.dtype), layout={"tp": tp, "pp": pp, "vpp": vpp},
                           source={"kind": "megatron", "path": str(src_dir.resolve()), "source": src.source},
                           expansion=compose(src.expansion, plan))
-    job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress)
+    job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress, round_bytes or ROUND_BYTES)
     run_job(_expand_worker, job, workers, out)
     return out
 
@@ -112,45 +118,52 @@ def _expand_worker(job: ExpandJob) -> None:
     src_dtype, dst_dtype = getattr(torch, src.dtype), getattr(torch, dst.dtype)
     sizes = _source_unit_sizes(src.arch, src.padded_vocab_size, src_dtype.itemsize, plan)
     owner = assign_units(list(sizes), sizes, info.world_size)
-    mine = {u for u, w in owner.items() if w == info.rank}
-    # the bar counts each byte twice: once read and cloned, once written by the collective save
+    # the bar counts each byte twice: once read and cloned, once written
     bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=2 * sum(sizes.values()),
                          desc="expand", enabled=job.progress)
-
-    # 1. read each owned source unit once
-    src_sd = build_gpt_model(src.arch, src.padded_vocab_size, dtype=src.dtype, meta_device=True).sharded_state_dict()
-    request = {}
-    for name, entry in src_sd.items():
-        if unit_of(name) in mine and not isinstance(entry, ShardedObject):
-            entry.data = torch.empty(entry_shape(entry), dtype=src_dtype)
-            entry.replica_id = 0
-            request[name] = entry
-    loaded = dist_checkpointing.load({"model": request}, job.src_dir, validate_access_integrity=False)
-    loaded = loaded.get("model", {})
-    del src_sd, request
-
-    # 2. fill the expanded model's entries that are written from them
+    src_entries = entries_by_unit(
+        build_gpt_model(src.arch, src.padded_vocab_size, dtype=src.dtype, meta_device=True).sharded_state_dict())
+    # expanded-model entries grouped by the *source* unit they are written from
+    dst_entries: dict[str, list] = {}
     dst_sd = build_gpt_model(dst.arch, dst.padded_vocab_size, dtype=dst.dtype, meta_device=True).sharded_state_dict()
-    owned = {}
     for name, entry in dst_sd.items():
         layer, rel = mapping.split_layer_name(name)
         src_name = name if layer is None else f"decoder.layers.{plan.sources[layer]}.{rel}"
-        if unit_of(src_name) not in mine:
-            continue
-        entry.replica_id = 0
-        if not isinstance(entry, ShardedObject):
-            tensor = loaded[src_name]
-            if layer is not None and plan.is_new(layer):
-                zero = mapping.lookup(name)[1].zero_in_identity_copy
-                tensor = torch.zeros_like(tensor) if zero else tensor.clone()  # a copy owns its storage
-            fill_entry(entry, tensor.to(dst_dtype), name)
-            bar.update(tensor.numel() * src_dtype.itemsize)
-        owned[name] = entry
-    del loaded
+        dst_entries.setdefault(unit_of(src_name), []).append((name, src_name, layer, entry))
+
+    def rounds():
+        for units in worker_rounds(owner, sizes, info.rank, info.world_size, job.round_bytes):
+            # 1. read each source unit of this round once (collective, like the save)
+            request = {}
+            for unit in units:
+                for name, entry in src_entries.get(unit, []):
+                    if not isinstance(entry, ShardedObject):
+                        entry.data = torch.empty(entry_shape(entry), dtype=src_dtype)
+                        entry.replica_id = 0
+                        request[name] = entry
+            loaded = dist_checkpointing.load({"model": request}, job.src_dir, validate_access_integrity=False)
+            loaded = loaded.get("model", {})
+            release(request)
+            # 2. fill the expanded layers written from them: the original, then its identity copies
+            owned = {}
+            for unit in units:
+                for name, src_name, layer, entry in dst_entries.get(unit, []):
+                    entry.replica_id = 0
+                    if not isinstance(entry, ShardedObject):
+                        tensor = loaded[src_name]
+                        if layer is not None and plan.is_new(layer):
+                            zero = mapping.lookup(name)[1].zero_in_identity_copy
+                            tensor = torch.zeros_like(tensor) if zero else tensor.clone()  # a copy owns its storage
+                        fill_entry(entry, tensor.to(dst_dtype), name)
+                        bar.update(tensor.numel() * src_dtype.itemsize)
+                    owned[name] = entry
+            del loaded
+            yield owned
+            bar.update(sum(sizes[u] for u in units))
+            release(owned)
+
     common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
-    dist_checkpointing.save({"model": owned, **common}, str(tmp / RELEASE))
-    bar.update(bar.done)
-    del owned, dst_sd
+    save_in_rounds(rounds(), tmp / RELEASE, common)
     dist.barrier()
     bar.close()
     if info.rank == 0:

@@ -64,6 +64,10 @@ class HFReader:
             self._handles[fname] = handle
         return self._handles[fname]
 
+    def release(self) -> None:
+        """Close the open files (unmapping them); they reopen on the next read."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         return list(self.weight_map)
 

@@ -48,7 +48,9 @@ def _world(root: str, cases: dict, tokens: torch.Tensor):
         if src.name not in converted:
             hf_to_mcore(r / f"hf_{variant}", src, tp=stp, pp=spp, progress=False)
             converted.add(src.name)
-        expand_mcore(src, r / f"x_{name}", lambda n, p=plan: plan_from_args(n, **p), tp=ttp, pp=tpp, progress=False)
+        # one-unit rounds: several save rounds merged into one checkpoint
+        expand_mcore(src, r / f"x_{name}", lambda n, p=plan: plan_from_args(n, **p), tp=ttp, pp=tpp, progress=False,
+                     round_bytes=1)
         mcore_to_hf(r / f"x_{name}", r / f"xhf_{name}", progress=False)
         for (otp, opp), (etp, epp) in comparisons:
             a = megatron_logits(src, tokens, tp=otp, pp=opp, spec="local")

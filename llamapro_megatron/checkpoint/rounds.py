@@ -1,0 +1,100 @@
+"""One torch_dist checkpoint written in rounds, so a worker never holds more than one round of tensors.
+
+megatron-core's `dist_checkpointing.save` resolves every tensor a rank saves before it writes the first byte, so a
+single save needs the rank's whole share of the model in memory. Instead each round (a few layers per worker) is
+saved by `dist_checkpointing.save` into a directory of its own, and rank 0 then merges the rounds' PyTorch DCP
+metadata (`torch.distributed.checkpoint.metadata.Metadata`: the union of every tensor's chunks and of the
+chunk -> file map, with each round's data files renamed) into one checkpoint. megatron-core's loader reads the
+result like any other; the conversion tests load it at several TP/PP layouts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DCP_METADATA = ".metadata"
+# written identically by every round's save; taken from the first round
+MEGATRON_FILES = ("metadata.json", "common.pt")
+
+
+def plan_rounds(units: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """Split a worker's units, in order, into rounds of at most `budget` bytes (a larger unit goes alone)."""
+    rounds, current, used = [], [], 0
+    for u in units:
+        if current and used + sizes[u] > budget:
+            rounds.append(current)
+            current, used = [], 0
+        current.append(u)
+        used += sizes[u]
+    if current:
+        rounds.append(current)
+    return rounds
+
+
+def save_in_rounds(rounds: Iterator[dict], out_dir: str | Path, common: dict[str, Any]) -> None:
+    """Collective: every rank yields the same number of rounds (an empty dict when it has nothing that round)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    out_dir = Path(out_dir)
+    round_dirs = []
+    for k, sharded in enumerate(rounds):
+        d = out_dir / f".round{k:04d}"
+        d.mkdir(parents=True, exist_ok=True)  # dist_checkpointing.save wants an existing directory
+        dist.barrier()
+        # a round covers part of each stacked tensor by design; coverage is complete once merged
+        dist_checkpointing.save({"model": sharded, **common}, str(d), validate_access_integrity=False)
+        round_dirs.append(d)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        merge_rounds(round_dirs, out_dir)
+    dist.barrier()
+
+
+def merge_rounds(round_dirs: list[Path], out_dir: Path) -> None:
+    """Merge round checkpoints into `out_dir` (moves their data files; removes the round directories)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    merged = None
+    for k, d in enumerate(round_dirs):
+        with open(d / DCP_METADATA, "rb") as f:
+            md = pickle.load(f)
+        renamed = {}
+        for info in md.storage_data.values():
+            if info.relative_path not in renamed:
+                renamed[info.relative_path] = f"__round{k}{info.relative_path}"
+                os.replace(d / info.relative_path, out_dir / renamed[info.relative_path])
+        storage = {index: dataclasses.replace(info, relative_path=renamed[info.relative_path])
+                   for index, info in md.storage_data.items()}
+        if merged is None:
+            merged, md.storage_data = md, storage
+            for name in MEGATRON_FILES:
+                if (d / name).exists():
+                    os.replace(d / name, out_dir / name)
+            continue
+        for key, value in md.state_dict_metadata.items():
+            have = merged.state_dict_metadata.get(key)
+            if isinstance(value, TensorStorageMetadata) and isinstance(have, TensorStorageMetadata):
+                if have.size != value.size:
+                    raise RuntimeError(f"round {k}: {key} has global size {value.size}, earlier {have.size}")
+                have.chunks.extend(value.chunks)
+            else:
+                merged.state_dict_metadata[key] = value
+        merged.storage_data.update(storage)
+        if isinstance(merged.planner_data, dict) and isinstance(md.planner_data, dict):
+            merged.planner_data.update(md.planner_data)
+        if hasattr(md, "mcore_data"):  # megatron-core's extra planner metadata (flattened tensors)
+            merged.mcore_data = {**getattr(merged, "mcore_data", {}), **md.mcore_data}
+    tmp = out_dir / (DCP_METADATA + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(merged, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / DCP_METADATA)
+    for d in round_dirs:
+        shutil.rmtree(d)
