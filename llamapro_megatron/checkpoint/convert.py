@@ -144,19 +144,41 @@ def run_job(worker, job, workers: int, out: Path) -> None:
         raise UserError(f"writing {out} failed, nothing was written there: {lines[-1] if lines else e}") from e
 
 
-def _import_worker(job: ImportJob) -> None:
+def start_release_output(out: Path):
+    """Every worker joins the TP=1 PP=1 world; rank 0 starts a clean `OUT.partial/release`."""
     import torch.distributed as dist
 
-    from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
+    from llamapro_megatron.runtime.distributed import init_distributed
 
     info = init_distributed(tp=1, pp=1)
-    out = Path(job.out)
     tmp = partial_dir(out)
     if info.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / RELEASE).mkdir(parents=True)
     dist.barrier()
+    return info, tmp
 
+
+def finish_release_output(info, tmp: Path, out: Path, meta_json: str, tokenizer_src: Path) -> None:
+    """After the collective save: rank 0 adds metadata, latest pointer and tokenizer, then renames into place."""
+    import torch.distributed as dist
+
+    from llamapro_megatron.runtime.distributed import destroy_distributed
+
+    dist.barrier()
+    if info.rank == 0:
+        (tmp / RELEASE / META_FILE).write_text(meta_json)
+        (tmp / LATEST_FILE).write_text(RELEASE)
+        hfio.copy_tokenizer_files(tokenizer_src, tmp / RELEASE / TOKENIZER_DIR)
+        shutil.rmtree(tmp / ".progress", ignore_errors=True)
+        commit_output(tmp, out)
+    dist.barrier()
+    destroy_distributed()
+
+
+def _import_worker(job: ImportJob) -> None:
+    out = Path(job.out)
+    info, tmp = start_release_output(out)
     arch = LlamaArch.from_dict(job.arch)
     dtype = getattr(torch, job.dtype)
     num_layers = job.plan.num_layers
@@ -195,19 +217,11 @@ def _import_worker(job: ImportJob) -> None:
     common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
     t0 = time.time()
     save_in_rounds(rounds(), tmp / RELEASE, common)
-    dist.barrier()
-    bar.close()
-    if info.rank == 0:
-        (tmp / RELEASE / META_FILE).write_text(job.meta_json)
-        (tmp / LATEST_FILE).write_text(RELEASE)
-        hfio.copy_tokenizer_files(Path(job.hf_dir), tmp / RELEASE / TOKENIZER_DIR)
-        shutil.rmtree(tmp / ".progress", ignore_errors=True)
-        commit_output(tmp, out)
-        if job.progress:
-            print(f"hf-to-mcore: wrote {out} ({len(sizes)} units on {info.world_size} workers in "
-                  f"{time.time() - t0:.1f}s)", flush=True)
-    dist.barrier()
-    destroy_distributed()
+    bar.close()  # after the collective save: every rank's bytes are in
+    finish_release_output(info, tmp, out, job.meta_json, Path(job.hf_dir))
+    if info.rank == 0 and job.progress:
+        print(f"hf-to-mcore: wrote {out} ({len(sizes)} units on {info.world_size} workers in "
+              f"{time.time() - t0:.1f}s)", flush=True)
 
 
 def worker_rounds(owner: dict[str, int], sizes: dict[str, int], rank: int, world_size: int,

@@ -31,15 +31,15 @@ from llamapro_megatron.checkpoint.convert import (
     entries_by_unit,
     entry_shape,
     fill_entry,
+    finish_release_output,
     release,
     run_job,
+    start_release_output,
     unit_of,
     unit_sizes,
     worker_rounds,
 )
 from llamapro_megatron.checkpoint.mcore import (
-    LATEST_FILE,
-    META_FILE,
     RELEASE,
     TOKENIZER_DIR,
     CheckpointMeta,
@@ -100,19 +100,11 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
 
 
 def _expand_worker(job: ExpandJob) -> None:
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
-
-    info = init_distributed(tp=1, pp=1)
     out = Path(job.out)
-    tmp = partial_dir(out)
-    if info.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / RELEASE).mkdir(parents=True)
-    dist.barrier()
+    info, tmp = start_release_output(out)
 
     src, dst, plan = CheckpointMeta.from_json(job.src_meta_json), CheckpointMeta.from_json(job.meta_json), job.plan
     src_dtype, dst_dtype = getattr(torch, src.dtype), getattr(torch, dst.dtype)
@@ -164,19 +156,10 @@ def _expand_worker(job: ExpandJob) -> None:
 
     common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
     save_in_rounds(rounds(), tmp / RELEASE, common)
-    dist.barrier()
-    bar.close()
-    if info.rank == 0:
-        (tmp / RELEASE / META_FILE).write_text(job.meta_json)
-        (tmp / LATEST_FILE).write_text(RELEASE)
-        if (Path(job.src_dir) / TOKENIZER_DIR).is_dir():
-            shutil.copytree(Path(job.src_dir) / TOKENIZER_DIR, tmp / RELEASE / TOKENIZER_DIR)
-        shutil.rmtree(tmp / ".progress", ignore_errors=True)
-        commit_output(tmp, out)
-        if job.progress:
-            print(f"expand: wrote {out} ({plan.source_num_layers} -> {plan.num_layers} layers)", flush=True)
-    dist.barrier()
-    destroy_distributed()
+    bar.close()  # after the collective save: every rank's bytes are in
+    finish_release_output(info, tmp, out, job.meta_json, Path(job.src_dir) / TOKENIZER_DIR)
+    if info.rank == 0 and job.progress:
+        print(f"expand: wrote {out} ({plan.source_num_layers} -> {plan.num_layers} layers)", flush=True)
 
 
 # ------------------------------------------------------------------ hf -> hf
