@@ -118,7 +118,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
                           source={"kind": "huggingface", "path": str(hf_dir.resolve())},
                           expansion=compose(None, plan) if plan.new_indices else None)
     job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,
-                    progress, round_bytes or ROUND_BYTES)
+                    progress, ROUND_BYTES if round_bytes is None else round_bytes)
     run_job(_import_worker, job, workers, out)
     return out
 
@@ -283,7 +283,8 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
     ckpt_dir = resolve_checkpoint(load, ckpt_step)
     meta = read_meta(ckpt_dir)
     dtype = canonical_dtype(dtype or meta.dtype)
-    job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress, round_bytes or ROUND_BYTES)
+    job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress,
+                    ROUND_BYTES if round_bytes is None else round_bytes)
     run_job(_export_worker, job, workers, out)
     return out
 

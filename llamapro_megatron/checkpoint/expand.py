@@ -94,7 +94,8 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
                           dtype=canonical_dtype(dtype or src.dtype), layout={"tp": tp, "pp": pp, "vpp": vpp},
                           source={"kind": "megatron", "path": str(src_dir.resolve()), "source": src.source},
                           expansion=compose(src.expansion, plan))
-    job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress, round_bytes or ROUND_BYTES)
+    job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress,
+                    ROUND_BYTES if round_bytes is None else round_bytes)
     run_job(_expand_worker, job, workers, out)
     return out
 

@@ -26,10 +26,12 @@ def _world(hf: str, ckpt: str, export: str, tokens: torch.Tensor):
     from llamapro_megatron.verify import megatron_logits_many
 
     dist.init_process_group("gloo")
-    hf_to_mcore(hf, ckpt, tp=1, pp=2, progress=False)
-    expand_mcore(ckpt, ckpt + "_pro", lambda n: interleave(n, 6), tp=1, pp=2, progress=False)
+    # rounds of ~64 MB: each worker saves its 30 layers over several rounds that each cover part of the stacked
+    # layer tensors, merged into one checkpoint
+    hf_to_mcore(hf, ckpt, tp=1, pp=2, progress=False, round_bytes=64 << 20)
+    expand_mcore(ckpt, ckpt + "_pro", lambda n: interleave(n, 6), tp=1, pp=2, progress=False, round_bytes=64 << 20)
     logits, expanded = megatron_logits_many([ckpt, ckpt + "_pro"], tokens, tp=1, pp=2, spec="local")
-    mcore_to_hf(ckpt, export, progress=False)
+    mcore_to_hf(ckpt, export, progress=False, round_bytes=64 << 20)
     mcore_to_hf(ckpt + "_pro", export + "_pro", progress=False)
     dist.destroy_process_group()
     return logits, expanded
