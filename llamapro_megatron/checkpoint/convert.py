@@ -119,11 +119,12 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
                           expansion=compose(None, plan) if plan.new_indices else None)
     job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,
                     progress, ROUND_BYTES if round_bytes is None else round_bytes)
-    run_job(_import_worker, job, workers, out)
+    itemsize = getattr(torch, dtype).itemsize
+    run_job(_import_worker, job, workers, out, sum(unit_sizes(out_arch, padded, itemsize, num_layers).values()))
     return out
 
 
-def run_job(worker, job, workers: int, out: Path) -> None:
+def run_job(worker, job, workers: int, out: Path, total_bytes: int = 0) -> None:
     """Run a worker function on this launch's ranks (torchrun) or on `workers` spawned processes.
 
     If any worker fails, the partial output is removed and the failure is reported as one message (each
@@ -136,6 +137,8 @@ def run_job(worker, job, workers: int, out: Path) -> None:
     if inside_launcher():
         worker(job)
         return
+    if workers == 1 and total_bytes > job.round_bytes:
+        workers = 2  # a single rank cannot work in rounds (see worker_rounds); two keep memory bounded
     try:
         run_workers(worker, workers, args=(job,))
     except WorkerError as e:
@@ -226,7 +229,15 @@ def _import_worker(job: ImportJob) -> None:
 
 def worker_rounds(owner: dict[str, int], sizes: dict[str, int], rank: int, world_size: int,
                   budget: int = ROUND_BYTES) -> list[list[str]]:
-    """This rank's units in rounds, padded with empty rounds to the world's round count (saves are collective)."""
+    """This rank's units in rounds, padded with empty rounds to the world's round count (saves are collective).
+
+    A one-rank world works in a single round: megatron-core turns a ShardedTensor that covers part of a tensor
+    into a PyTorch ShardedTensor by attributing the rest to rank (rank + 1) % world_size (`strategies/torch.py`,
+    `sharded_tensor_to_torch_sharded_tensor`), which with one rank is itself. `run_job` therefore starts two
+    workers when one was asked for and the model does not fit one round.
+    """
+    if world_size == 1:
+        return [list(owner)]
     per_rank = [plan_rounds([u for u in owner if owner[u] == w], sizes, budget) for w in range(world_size)]
     count = max(len(r) for r in per_rank)
     return per_rank[rank] + [[] for _ in range(count - len(per_rank[rank]))]
@@ -285,7 +296,9 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
     dtype = canonical_dtype(dtype or meta.dtype)
     job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress,
                     ROUND_BYTES if round_bytes is None else round_bytes)
-    run_job(_export_worker, job, workers, out)
+    itemsize = getattr(torch, meta.dtype).itemsize
+    run_job(_export_worker, job, workers, out,
+            sum(unit_sizes(meta.arch, meta.padded_vocab_size, itemsize, meta.arch.num_layers).values()))
     return out
 
 

@@ -96,7 +96,8 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
                           expansion=compose(src.expansion, plan))
     job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress,
                     ROUND_BYTES if round_bytes is None else round_bytes)
-    run_job(_expand_worker, job, workers, out)
+    run_job(_expand_worker, job, workers, out,
+            sum(_source_unit_sizes(src.arch, src.padded_vocab_size, getattr(torch, src.dtype).itemsize, plan).values()))
     return out
 
 

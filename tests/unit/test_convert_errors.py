@@ -121,7 +121,20 @@ def test_overwrite_replaces(tiny, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "stale").write_text("x")
-    code, err = _convert(capsys, "--hf-dir", str(tiny), "--out", str(out), "--overwrite", "--workers", "1")
+    # one worker asked for, rounds of one unit: two workers are used (one rank cannot save partial rounds)
+    code, err = _convert(capsys, "--hf-dir", str(tiny), "--out", str(out), "--overwrite", "--workers", "1",
+                         "--max-round-mb", "0")
     assert code == 0, err
     assert not (out / "stale").exists() and (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_rounds_plan():
+    from llamapro_megatron.checkpoint.convert import worker_rounds
+    from llamapro_megatron.checkpoint.rounds import plan_rounds
+
+    sizes = {"a": 5, "b": 5, "c": 20, "d": 1}
+    assert plan_rounds(["a", "b", "c", "d"], sizes, 10) == [["a", "b"], ["c"], ["d"]]
+    owner = {"a": 0, "b": 1, "c": 0, "d": 0}
+    assert worker_rounds(owner, sizes, 1, 2, budget=10) == [["b"], [], []]  # padded: saves are collective
+    assert worker_rounds(owner, sizes, 0, 1, budget=10) == [["a", "b", "c", "d"]]  # one rank: one round
