@@ -252,10 +252,11 @@ def entries_by_unit(sharded: dict) -> dict[str, list]:
 
 
 def release(entries: dict) -> None:
-    """Drop the tensors of entries already saved, so a round's memory is freed before the next."""
+    """Drop the tensors of entries already used, so a round's memory is freed before the next."""
     for entry in entries.values():
-        if hasattr(entry, "data"):
-            entry.data = None
+        for e in entry if isinstance(entry, list) else [entry]:
+            if hasattr(e, "data"):
+                e.data = None
 
 
 def fill_entry(entry, tensor: torch.Tensor, name: str) -> None:
@@ -305,7 +306,7 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
 def _export_worker(job: ExportJob) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
 
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
 
@@ -336,7 +337,15 @@ def _export_worker(job: ExportJob) -> None:
         request = {}
         for unit in units_now:
             for name, entry in entries.get(unit, []):
-                if not isinstance(entry, ShardedObject):
+                if isinstance(entry, ShardedTensorFactory):
+                    # SwiGLU fc1: read megatron-core's two stored halves ([gate; up]) as they are, instead of
+                    # letting the factory concatenate them only for the export to split them again
+                    halves = entry.build()
+                    for half in halves:
+                        half.data = torch.empty(half.local_shape, dtype=ckpt_dtype)
+                        half.replica_id = 0
+                    request[name] = halves
+                elif not isinstance(entry, ShardedObject):
                     entry.data = torch.empty(entry_shape(entry), dtype=ckpt_dtype)
                     entry.replica_id = 0  # this worker is the one reader of the unit
                     request[name] = entry

@@ -119,8 +119,8 @@ def to_mcore(t: TensorMap, hf: Sequence[torch.Tensor], arch: LlamaArch, padded_v
     raise ValueError(t.kind)
 
 
-def to_hf(t: TensorMap, tensor: torch.Tensor, arch: LlamaArch) -> list[torch.Tensor]:
-    """The global megatron tensor -> HF tensor(s), in the order of `t.hf`."""
+def to_hf(t: TensorMap, tensor: torch.Tensor | list[torch.Tensor], arch: LlamaArch) -> list[torch.Tensor]:
+    """The global megatron tensor -> HF tensor(s), in the order of `t.hf`. fc1 may come as its stored halves."""
     if t.kind == "copy":
         return [tensor]
     if t.kind == "qkv":
@@ -130,6 +130,8 @@ def to_hf(t: TensorMap, tensor: torch.Tensor, arch: LlamaArch) -> list[torch.Ten
         q, k, v = torch.split(grouped, [per_group_q, d, d], dim=1)
         return [x.reshape(-1, tensor.shape[-1]).clone() for x in (q, k, v)]  # own storage: safetensors refuses views
     if t.kind == "gate_up":
+        if isinstance(tensor, (list, tuple)):  # already [gate, up], each with its own storage
+            return list(tensor)
         return [x.clone() for x in torch.chunk(tensor, 2, dim=0)]
     if t.kind == "vocab":
         return [tensor[: arch.vocab_size]]
