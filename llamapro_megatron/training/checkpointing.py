@@ -75,7 +75,7 @@ class Checkpointer:
 
             # Built from the model entries while their data are still the parameters (mapped by identity).
             optim_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
-            state["optimizer"] = unstack_layer_keys(optim_sd)
+            state["optimizer"] = _rank_independent_common(unstack_layer_keys(optim_sd), is_loading)
         if with_rng:
             state["rng_state"] = _rng_sharded_object()
         for i, chunk in enumerate(self.chunks):
@@ -121,7 +121,7 @@ class Checkpointer:
         for i, chunk in enumerate(self.chunks):
             self._copy_into_model(i, chunk, loaded[self._model_key(i)])
         if with_optimizer:
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.optimizer.load_state_dict(_lists_back(loaded["optimizer"]))
             self.scheduler.load_state_dict(common["opt_param_scheduler"])
         else:
             self.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
@@ -222,6 +222,36 @@ def _write_atomically(path: Path, text: str) -> None:
 def _warn_rank0(message: str) -> None:
     if dist.get_rank() == 0:
         warnings.warn(message, stacklevel=3)
+
+
+# ------------------------------------------------- optimizer common state
+# dist_checkpointing writes the non-tensor ("common") part of a state dict from global rank 0 only and merges it
+# into every rank's loaded tensors. megatron-core's non-distributed optimizer leaves rank-dependent things there
+# when rank 0 holds no trainable parameter (a frozen first pipeline stage): empty per-group lists of fp32 main
+# params (then "Cannot merge two lists with different lengths" on load) and no Adam step (then torch Adam lacks
+# `step` after the load). Both are made rank-independent here.
+_MAIN_PARAMS = "fp32_from_fp16_params"
+
+
+def _rank_independent_common(optim_sd: dict, is_loading: bool) -> dict:
+    if isinstance(optim_sd.get(_MAIN_PARAMS), list):  # [[param, ...] per group] -> {group: {index: param}}
+        optim_sd[_MAIN_PARAMS] = {g: dict(enumerate(group)) for g, group in enumerate(optim_sd[_MAIN_PARAMS])}
+    inner = optim_sd.get("optimizer", optim_sd)
+    state = inner.get("state") if isinstance(inner, dict) else None
+    if not is_loading and isinstance(state, dict) and "param_groups" in inner:
+        mine = state.get("common_step")
+        step = torch.tensor([0.0 if mine is None else float(mine)], dtype=torch.float64)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX)
+        if mine is None and step.item() > 0:
+            state["common_step"] = torch.tensor(step.item(), dtype=torch.float32)  # torch Adam's step dtype
+    return optim_sd
+
+
+def _lists_back(optim_sd: dict) -> dict:
+    main = optim_sd.get(_MAIN_PARAMS)
+    if isinstance(main, dict):
+        optim_sd[_MAIN_PARAMS] = [[main[g][i] for i in sorted(main[g])] for g in sorted(main)]
+    return optim_sd
 
 
 # ------------------------------------------------------------------- RNG

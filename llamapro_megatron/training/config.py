@@ -292,3 +292,10 @@ def parse_data_path(data_path: list[str]) -> list[tuple[float, str]]:
         raise UserError(f"--data-path {' '.join(items)}: expected PREFIX ... or weight/prefix pairs "
                         "W1 PREFIX1 W2 PREFIX2 ...")
     return [(float(w), p) for w, p in zip(items[::2], items[1::2])]
+
+
+def config_from_argv(argv: list[str]) -> TrainConfig:
+    """The config the command line ``argv`` (flags and optional --config) describes."""
+    parser = argparse.ArgumentParser(prog="llamapro train")
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))

@@ -71,3 +71,29 @@ def current_lr(optimizer) -> float:
         if group.get("default_config", True):
             return float(group["lr"])
     return 0.0
+
+
+def check_checkpointable(optimizer, config: TrainConfig) -> None:
+    """Refuse, before any step, a distributed optimizer that megatron-core could not checkpoint.
+
+    Without TE/Apex the distributed optimizer falls back to torch Adam, whose ``state_dict`` needs the Adam step
+    from this rank's own parameters (``distrib_optimizer.py:642`` asserts exactly one); a rank that owns no
+    trainable parameter (a frozen pipeline stage) fails at the first save. The plain optimizer handles it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not config.parallelism.use_distributed_optimizer:
+        return
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+    owns = sum(len(g["params"]) for g in optimizer.param_groups)
+    empty = torch.tensor([0.0 if owns else 1.0])
+    dist.all_reduce(empty)
+    if empty.item() > 0:
+        raise UserError(f"--use-distributed-optimizer: {int(empty.item())} rank(s) own no trainable parameter (a "
+                        "pipeline stage with nothing to train); megatron-core's torch-Adam fallback (no Transformer "
+                        "Engine or Apex here) cannot checkpoint that. Drop --use-distributed-optimizer, or choose "
+                        "a layout where every stage holds a trainable layer")

@@ -68,6 +68,7 @@ class _Run:
         self.shape = data.batch_shape(config, info.dp)
         self.steps = optimizer.resolve_steps(config, self.shape.global_batch_size)
         self.optimizer = optimizer.build_optimizer(self.model, config)
+        optimizer.check_checkpointable(self.optimizer, config)
         self.scheduler = optimizer.build_scheduler(self.optimizer, config, self.steps)
         self.checkpointer = checkpointing.Checkpointer(config, self.meta, self.source, self.model,
                                                        self.optimizer, self.scheduler)
