@@ -170,7 +170,7 @@ def test_only_new_blocks_change_and_frozen_stay_bit_exact(runs):
         else:
             assert torch.equal(before, after), key  # embedding, output layer, final norm
     losses = _after(a["plain"]["losses"], 0)
-    assert len(losses) == 2 * N and losses[-1] < losses[0]
+    assert len(losses) == 2 * N and all(4 < x < 7 for x in losses)  # random tokens over 200 ids: ~ln(200)
     assert sorted(a["plain"]["eval"], key=int) == [str(N), str(2 * N)]
 
 
