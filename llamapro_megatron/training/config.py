@@ -92,6 +92,7 @@ class LoggingSection:
     log_interval: int = 10
     eval_interval: int = 1000
     eval_iters: int = 10
+    eval_at_start: bool = False  # validate once before the first step (a baseline for the loss curve)
     tensorboard_dir: str | None = None
     peak_tflops: float | None = None  # per device, for MFU (default: known GPUs; none on CPU)
 
@@ -172,6 +173,7 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--log-interval": ("logging", "log_interval", dict(type=int)),
     "--eval-interval": ("logging", "eval_interval", dict(type=int)),
     "--eval-iters": ("logging", "eval_iters", dict(type=int)),
+    "--eval-at-start": ("logging", "eval_at_start", dict(_BOOL, help="validate before the first step")),
     "--tensorboard-dir": ("logging", "tensorboard_dir", dict()),
     "--peak-tflops": ("logging", "peak_tflops", dict(type=float, help="per-device peak, for MFU")),
     "--freeze": ("freeze", "freeze", dict(choices=FREEZE_POLICIES)),

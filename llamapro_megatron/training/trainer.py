@@ -34,6 +34,7 @@ class TrainResult:
     last_checkpoint: str | None = None
     exit_reason: str = "done"
     seconds_per_step: list[float] = field(default_factory=list)
+    optimizer_state_bytes: int = 0  # Adam moments (+ fp32 main params under bf16), summed over all ranks
 
 
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -95,6 +96,8 @@ class _Run:
         self._log(f"training iterations {result.iteration} -> {self.steps.train_iters} (global batch "
                   f"{self.shape.global_batch_size} = micro {self.shape.micro_batch_size} x "
                   f"{self.shape.num_microbatches} micro batches x DP {self.info.dp}), from {self.source}")
+        if config.logging.eval_at_start and result.iteration == 0:
+            self._evaluate(0, result)
         started, window_seconds, window_steps = time.time(), 0.0, 0
         while result.iteration < self.steps.train_iters:
             t0 = time.time()
@@ -136,7 +139,24 @@ class _Run:
         if config.checkpointing.save and str(self.checkpointer.last_saved or "") != _iter_dir(config, result):
             result.last_checkpoint = str(self.checkpointer.save(result.iteration, result.consumed_samples))
         self.writer.close()
+        result.optimizer_state_bytes = self._optimizer_state_bytes()
         return result
+
+    def _optimizer_state_bytes(self) -> int:
+        seen, total = set(), 0
+        inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in inner:
+            tensors = [t for state in opt.optimizer.state.values() for t in state.values()
+                       if isinstance(t, torch.Tensor)]
+            if opt.config.bf16:  # fp32 main copies of the trainable params
+                tensors += [p for g in opt.optimizer.param_groups for p in g["params"]]
+            for t in tensors:
+                if id(t) not in seen and t.dim() > 0:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        value = torch.tensor([total], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(value)
+        return int(value.item())
 
     def _forward_backward(self, batches: list[dict], forward_only: bool) -> float | None:
         """Mean loss over this rank's micro batches (last pipeline stage), None elsewhere."""
