@@ -1,0 +1,284 @@
+"""Training checkpoints: torch_dist in Megatron-LM's directory layout, written atomically, resumable anywhere.
+
+    SAVE/latest_checkpointed_iteration.txt     moved (atomically) only after every rank finished writing
+    SAVE/iter_0000500/                         model, optimizer, scheduler, iteration, consumed samples, RNG
+        llamapro.json  tokenizer/              architecture + expansion metadata, tokenizer (export needs both)
+    SAVE/iter_0000600.partial/                 a save in progress (or one a crash interrupted): never loaded
+
+Model tensors are stored in the dtype of the weights the run started from (``llamapro.json`` ``dtype``), not
+the training dtype: frozen tensors are written from their original values, so they stay bit-exact even when the
+originals are fp16 and training runs in bf16 (then their originals are kept in host memory). Optimizer state
+gives each decoder layer its own key (``unstack_layer_keys``): only the trainable layers have any.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llamapro_megatron.arch import torch_dtype
+from llamapro_megatron.checkpoint.mcore import (
+    LATEST_FILE,
+    META_FILE,
+    RELEASE,
+    TOKENIZER_DIR,
+    CheckpointMeta,
+    iteration_dir_name,
+    read_meta,
+    resolve_checkpoint,
+)
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.training.config import TrainConfig
+from llamapro_megatron.training.model import unwrap
+
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loads at any TP/PP/DP
+PARTIAL = ".partial"
+
+
+@dataclass
+class ResumeState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    loaded_optimizer: bool = False
+    source: Path | None = None
+
+
+class Checkpointer:
+    """Loads the run's starting point and saves its checkpoints; one per rank, collective calls."""
+
+    def __init__(self, config: TrainConfig, meta: CheckpointMeta, source: Path, model: list, optimizer,
+                 scheduler) -> None:
+        self.config, self.meta, self.source = config, meta, source
+        self.chunks = [unwrap(m) for m in model]
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.stored_dtype = torch_dtype(meta.dtype)
+        self.originals: list[dict[str, torch.Tensor]] = [{} for _ in self.chunks]
+        self.last_saved: Path | None = source if source.name != RELEASE else None
+
+    # ------------------------------------------------------------ state dicts
+    def _state(self, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict[str, Any]:
+        model_sd = {self._model_key(i): c.sharded_state_dict() for i, c in enumerate(self.chunks)}
+        for sd in model_sd.values():  # TE keeps FP8 metadata here; a local-spec checkpoint has none
+            for key in [k for k in sd if k.endswith("_extra_state")]:
+                if is_loading:
+                    del sd[key]
+        state: dict[str, Any] = dict(model_sd)
+        if with_optimizer:
+            from llamapro_megatron.runtime import unstack_layer_keys
+
+            # Built from the model entries while their data are still the parameters (mapped by identity).
+            optim_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
+            state["optimizer"] = _rank_independent_common(unstack_layer_keys(optim_sd), is_loading)
+        if with_rng:
+            state["rng_state"] = _rng_sharded_object()
+        for i, chunk in enumerate(self.chunks):
+            self._set_stored_tensors(i, chunk, model_sd[self._model_key(i)], is_loading)
+        return state
+
+    def _model_key(self, i: int) -> str:
+        return "model" if len(self.chunks) == 1 else f"model{i}"
+
+    def _set_stored_tensors(self, i: int, chunk, sd: dict, is_loading: bool) -> None:
+        """Point each model entry at a tensor of the stored dtype: a load buffer, or the value to write."""
+        tensors = chunk.state_dict(keep_vars=True)
+        for name, entry in sd.items():
+            param = tensors.get(name)
+            if not isinstance(param, torch.Tensor) or getattr(entry, "data", None) is not param:
+                continue
+            if is_loading:
+                entry.data = torch.empty(param.shape, dtype=self.stored_dtype, device=param.device)
+            else:
+                original = self.originals[i].get(name)
+                entry.data = original if original is not None else param.detach().to(self.stored_dtype)
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> ResumeState:
+        """Load --load: weights always; optimizer, scheduler, position and RNG when resuming a training save.
+
+        A converted/expanded ``release`` checkpoint (or --finetune) starts a fresh run at iteration 0.
+        """
+        from megatron.core import dist_checkpointing
+
+        c = self.config.checkpointing
+        common = dist_checkpointing.load_common_state_dict(str(self.source))
+        resuming = "opt_param_scheduler" in common and not c.finetune
+        with_optimizer = resuming and not c.no_load_optim
+        saved_layout = common.get("layout", {})
+        same_layout = saved_layout == _layout(self.config)
+        with_rng = resuming and not c.no_load_rng and same_layout
+        if resuming and not c.no_load_rng and not same_layout:
+            _warn_rank0(f"{self.source} was written at {saved_layout}, this run is {_layout(self.config)}: RNG "
+                        "states are not restored (they are per tensor/pipeline rank)")
+        state = self._state(is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng)
+        loaded = dist_checkpointing.load(state, str(self.source))
+        for i, chunk in enumerate(self.chunks):
+            self._copy_into_model(i, chunk, loaded[self._model_key(i)])
+        if with_optimizer:
+            self.optimizer.load_state_dict(_lists_back(loaded["optimizer"]))
+            self.scheduler.load_state_dict(common["opt_param_scheduler"])
+        else:
+            self.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
+        if with_rng:
+            _restore_rng(loaded["rng_state"])
+        if not resuming:
+            return ResumeState(source=self.source)
+        return ResumeState(int(common["iteration"]), int(common["consumed_train_samples"]), with_optimizer,
+                           self.source)
+
+    def _copy_into_model(self, i: int, chunk, loaded: dict) -> None:
+        tensors = chunk.state_dict(keep_vars=True)
+        missing = [k for k in tensors if k not in loaded and not k.endswith("_extra_state")]
+        if missing:
+            raise UserError(f"{self.source} lacks {missing[:3]}... for this model; is it the same architecture?")
+        with torch.no_grad():
+            for name, value in loaded.items():
+                param = tensors[name]
+                param.copy_(value)
+                if isinstance(param, torch.nn.Parameter) and not param.requires_grad and value.dtype != param.dtype:
+                    self.originals[i][name] = value.cpu()  # the exact frozen value, written at every save
+
+    # ------------------------------------------------------------------ save
+    def save(self, iteration: int, consumed_samples: int) -> Path:
+        """Write SAVE/iter_<iteration> through a .partial directory, then move the latest pointer."""
+        from megatron.core import dist_checkpointing
+
+        root = Path(self.config.checkpointing.save)
+        final = root / iteration_dir_name(iteration)
+        tmp = root / (final.name + PARTIAL)
+        rank0 = dist.get_rank() == 0
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = self._state(is_loading=False, with_optimizer=True, with_rng=True)
+        state.update(self._common(iteration, consumed_samples))
+        dist_checkpointing.save(state, str(tmp))
+        dist.barrier()  # every rank has written its shards
+        if rank0:
+            meta = CheckpointMeta(arch=self.meta.arch, padded_vocab_size=self.meta.padded_vocab_size,
+                                  dtype=self.meta.dtype, layout=_layout(self.config),
+                                  source={"kind": "training", "load": str(self.source)},
+                                  expansion=self.meta.expansion, iteration=iteration)
+            (tmp / META_FILE).write_text(meta.to_json())
+            tokenizer = self.source / TOKENIZER_DIR
+            if tokenizer.is_dir():
+                shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
+            if final.exists():  # left by a run that died between the rename and the pointer update
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _write_atomically(root / LATEST_FILE, str(iteration))
+            self._prune(root, iteration)
+        dist.barrier()
+        self.last_saved = final
+        return final
+
+    def _common(self, iteration: int, consumed_samples: int) -> dict[str, Any]:
+        return {
+            "checkpoint_version": 3.0,
+            "iteration": iteration,
+            "consumed_train_samples": consumed_samples,
+            "opt_param_scheduler": self.scheduler.state_dict(),
+            "layout": _layout(self.config),
+            "llamapro": {"expansion": self.meta.expansion, "dtype": self.meta.dtype},
+            "train_config": self.config.to_dict(),
+        }
+
+    def _prune(self, root: Path, newest: int) -> None:
+        keep = self.config.checkpointing.keep_last
+        if keep is None:
+            return
+        iters = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and p.is_dir())
+        for it in iters[:-keep]:
+            if it != newest:
+                shutil.rmtree(root / iteration_dir_name(it), ignore_errors=True)
+
+
+def resolve_load(config: TrainConfig) -> tuple[Path, CheckpointMeta]:
+    """The checkpoint directory --load (--ckpt-step) names, and its metadata."""
+    c = config.checkpointing
+    path = resolve_checkpoint(c.load, c.ckpt_step)
+    return path, read_meta(path)
+
+
+def _layout(config: TrainConfig) -> dict[str, int | None]:
+    p = config.parallelism
+    return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+            "vpp": p.virtual_pipeline_model_parallel_size}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _warn_rank0(message: str) -> None:
+    if dist.get_rank() == 0:
+        warnings.warn(message, stacklevel=3)
+
+
+# ------------------------------------------------- optimizer common state
+# dist_checkpointing writes the non-tensor ("common") part of a state dict from global rank 0 only and merges it
+# into every rank's loaded tensors. megatron-core's non-distributed optimizer leaves rank-dependent things there
+# when rank 0 holds no trainable parameter (a frozen first pipeline stage): empty per-group lists of fp32 main
+# params (then "Cannot merge two lists with different lengths" on load) and no Adam step (then torch Adam lacks
+# `step` after the load). Both are made rank-independent here.
+_MAIN_PARAMS = "fp32_from_fp16_params"
+
+
+def _rank_independent_common(optim_sd: dict, is_loading: bool) -> dict:
+    if isinstance(optim_sd.get(_MAIN_PARAMS), list):  # [[param, ...] per group] -> {group: {index: param}}
+        optim_sd[_MAIN_PARAMS] = {g: dict(enumerate(group)) for g, group in enumerate(optim_sd[_MAIN_PARAMS])}
+    inner = optim_sd.get("optimizer", optim_sd)
+    state = inner.get("state") if isinstance(inner, dict) else None
+    if not is_loading and isinstance(state, dict) and "param_groups" in inner:
+        mine = state.get("common_step")
+        step = torch.tensor([0.0 if mine is None else float(mine)], dtype=torch.float64)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX)
+        if mine is None and step.item() > 0:
+            state["common_step"] = torch.tensor(step.item(), dtype=torch.float32)  # torch Adam's step dtype
+    return optim_sd
+
+
+def _lists_back(optim_sd: dict) -> dict:
+    main = optim_sd.get(_MAIN_PARAMS)
+    if isinstance(main, dict):
+        optim_sd[_MAIN_PARAMS] = [[main[g][i] for i in sorted(main[g])] for g in sorted(main)]
+    return optim_sd
+
+
+# ------------------------------------------------------------------- RNG
+def _rng_sharded_object():
+    """Megatron-LM's layout: one object per (pipeline, tensor) rank; data-parallel ranks are replicas."""
+    import numpy as np
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    states = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+              "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    return ShardedObject("rng_state", states, (pp, tp),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank())
+
+
+def _restore_rng(states: dict) -> None:
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(states["random"])
+    np.random.set_state(states["np"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    get_cuda_rng_tracker().set_states(states["tracker"])

@@ -1,0 +1,29 @@
+"""`llamapro train`: post-pretrain the expanded blocks (flags use Megatron-LM's names; --config is optional).
+
+Without a launcher it starts TP x PP x DP local ranks itself (``--nproc``); under torchrun each process is a rank.
+"""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from llamapro_megatron.training.config import add_arguments
+
+    p = sub.add_parser("train", help="train the expanded blocks of a LLaMA Pro checkpoint (megatron-core)",
+                       description="Train a checkpoint written by `llamapro expand` (by default only its new "
+                       "blocks), or resume a training save directory. Settings come from an optional YAML recipe "
+                       "(--config) and Megatron-LM-named flags, which override it. The architecture and the "
+                       "expansion come from the checkpoint. Under torchrun every process is a rank; otherwise "
+                       "--nproc local processes are started (default: TP x PP).")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to start without a launcher "
+                   "(default: tensor x pipeline parallel size; ignored under torchrun)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from llamapro_megatron.training.config import config_from_args
+    from llamapro_megatron.training.launch import launch
+
+    config = config_from_args(args)
+    launch(config, nproc=args.nproc)
+    return 0

@@ -1,0 +1,303 @@
+"""Training configuration: a few grouped sections, loaded from a YAML recipe and overridden by flags.
+
+A recipe groups settings by section; keys are Megatron-LM's flag names with underscores:
+
+    parallelism: {tensor_model_parallel_size: 4, pipeline_model_parallel_size: 2, use_distributed_optimizer: true}
+    optimizer: {lr: 2.0e-4, min_lr: 2.0e-5, weight_decay: 0.1, clip_grad: 1.0}
+    schedule: {micro_batch_size: 4, global_batch_size: 1024, seq_length: 4096, train_iters: 19000}
+    data: {data_path: [1.0, data/proofpile, 1.5, data/stack_python], split: "969,30,1"}
+    checkpointing: {load: ckpt/pro, save: ckpt/pro-trained, save_interval: 500}
+
+Flags use Megatron-LM's names (``--tensor-model-parallel-size``) and win over the recipe. The model's
+architecture and its expansion are *not* configured here: they come from the checkpoint's metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamapro_megatron.errors import UserError
+
+FREEZE_POLICIES = ("llamapro", "none", "layers")
+DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    spec: str = "auto"  # megatron layer spec: te on GPU (with Transformer Engine), local on CPU
+    bf16: bool = False  # bf16 params and activations with fp32 main params in the optimizer
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelismSection:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None  # model chunks per pipeline rank (interleaved)
+    use_distributed_optimizer: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerSection:
+    lr: float = 2e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1  # never applied to norms and biases (megatron-core's default param groups)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleSection:
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None  # default: micro batch x data-parallel size (no accumulation)
+    seq_length: int = 4096
+    train_iters: int | None = None
+    train_samples: int | None = None  # alternative to train_iters: iterations = samples / global batch
+    lr_warmup_fraction: float | None = None
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None  # default: train iterations
+    exit_duration_in_mins: float | None = None
+    exit_signal_handler: bool = False  # on SIGTERM: save a checkpoint and exit
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    data_path: list[str] = field(default_factory=list)  # "PREFIX" or "W1 PREFIX1 W2 PREFIX2 ..." (Megatron-LM)
+    data_weighting: str = "probability"  # or "multiplier" (the paper's per-corpus epochs)
+    split: str = "969,30,1"
+    data_cache_path: str | None = None
+    tokenizer_model: str | None = None  # default: the tokenizer stored with the checkpoint
+    mock_data: bool = False  # seeded random tokens instead of a corpus (benchmarks, smoke tests)
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointingSection:
+    load: str | None = None
+    save: str | None = None
+    ckpt_step: int | None = None
+    save_interval: int | None = None
+    keep_last: int | None = None  # keep every checkpoint unless set
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = False  # load weights only: iteration 0, fresh optimizer and scheduler
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingSection:
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    eval_at_start: bool = False  # validate once before the first step (a baseline for the loss curve)
+    tensorboard_dir: str | None = None
+    peak_tflops: float | None = None  # per device, for MFU (default: known GPUs; none on CPU)
+
+
+@dataclass(kw_only=True, slots=True)
+class FreezeSection:
+    freeze: str = "llamapro"  # llamapro: only the expanded blocks train; none: everything; layers: trainable_layers
+    trainable_layers: list[int] = field(default_factory=list)  # global 0-based layer indices (freeze: layers)
+    train_embeddings: bool = False
+    train_output_layer: bool = False
+    train_norms: bool = False  # the final norm and every block's norm weights
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpointing: CheckpointingSection = field(default_factory=CheckpointingSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    seed: int = 1234
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_CLASSES = {
+    "model": ModelSection, "parallelism": ParallelismSection, "optimizer": OptimizerSection,
+    "schedule": ScheduleSection, "data": DataSection, "checkpointing": CheckpointingSection,
+    "logging": LoggingSection, "freeze": FreezeSection,
+}
+
+# flag -> (section, field, argparse kwargs). The one place where a flag meets its config field.
+_BOOL = dict(action="store_true")
+FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "--spec": ("model", "spec", dict(choices=["auto", "te", "local"], help="megatron layer spec")),
+    "--bf16": ("model", "bf16", dict(_BOOL, help="bf16 training with fp32 main params")),
+    "--tensor-model-parallel-size": ("parallelism", "tensor_model_parallel_size", dict(type=int)),
+    "--pipeline-model-parallel-size": ("parallelism", "pipeline_model_parallel_size", dict(type=int)),
+    "--virtual-pipeline-model-parallel-size": ("parallelism", "virtual_pipeline_model_parallel_size",
+                                               dict(type=int, help="model chunks per pipeline rank")),
+    "--use-distributed-optimizer": ("parallelism", "use_distributed_optimizer", _BOOL),
+    "--lr": ("optimizer", "lr", dict(type=float)),
+    "--min-lr": ("optimizer", "min_lr", dict(type=float)),
+    "--weight-decay": ("optimizer", "weight_decay", dict(type=float)),
+    "--adam-beta1": ("optimizer", "adam_beta1", dict(type=float)),
+    "--adam-beta2": ("optimizer", "adam_beta2", dict(type=float)),
+    "--adam-eps": ("optimizer", "adam_eps", dict(type=float)),
+    "--clip-grad": ("optimizer", "clip_grad", dict(type=float)),
+    "--micro-batch-size": ("schedule", "micro_batch_size", dict(type=int)),
+    "--global-batch-size": ("schedule", "global_batch_size", dict(type=int)),
+    "--seq-length": ("schedule", "seq_length", dict(type=int)),
+    "--train-iters": ("schedule", "train_iters", dict(type=int)),
+    "--train-samples": ("schedule", "train_samples", dict(type=int)),
+    "--lr-warmup-fraction": ("schedule", "lr_warmup_fraction", dict(type=float)),
+    "--lr-warmup-iters": ("schedule", "lr_warmup_iters", dict(type=int)),
+    "--lr-decay-style": ("schedule", "lr_decay_style", dict(choices=DECAY_STYLES)),
+    "--lr-decay-iters": ("schedule", "lr_decay_iters", dict(type=int)),
+    "--exit-duration-in-mins": ("schedule", "exit_duration_in_mins", dict(type=float)),
+    "--exit-signal-handler": ("schedule", "exit_signal_handler", dict(_BOOL, help="save and exit on SIGTERM")),
+    "--data-path": ("data", "data_path", dict(nargs="+", help="PREFIX or W1 PREFIX1 W2 PREFIX2 ...")),
+    "--data-weighting": ("data", "data_weighting", dict(choices=["probability", "multiplier"])),
+    "--split": ("data", "split", dict()),
+    "--data-cache-path": ("data", "data_cache_path", dict()),
+    "--tokenizer-model": ("data", "tokenizer_model", dict(help="default: the checkpoint's tokenizer")),
+    "--mock-data": ("data", "mock_data", dict(_BOOL, help="seeded random tokens (no corpus)")),
+    "--load": ("checkpointing", "load", dict()),
+    "--save": ("checkpointing", "save", dict()),
+    "--ckpt-step": ("checkpointing", "ckpt_step", dict(type=int)),
+    "--save-interval": ("checkpointing", "save_interval", dict(type=int)),
+    "--keep-last": ("checkpointing", "keep_last", dict(type=int, help="keep only the K newest checkpoints")),
+    "--no-load-optim": ("checkpointing", "no_load_optim", _BOOL),
+    "--no-load-rng": ("checkpointing", "no_load_rng", _BOOL),
+    "--finetune": ("checkpointing", "finetune", dict(_BOOL, help="weights only: iteration 0, new optimizer")),
+    "--log-interval": ("logging", "log_interval", dict(type=int)),
+    "--eval-interval": ("logging", "eval_interval", dict(type=int)),
+    "--eval-iters": ("logging", "eval_iters", dict(type=int)),
+    "--eval-at-start": ("logging", "eval_at_start", dict(_BOOL, help="validate before the first step")),
+    "--tensorboard-dir": ("logging", "tensorboard_dir", dict()),
+    "--peak-tflops": ("logging", "peak_tflops", dict(type=float, help="per-device peak, for MFU")),
+    "--freeze": ("freeze", "freeze", dict(choices=FREEZE_POLICIES)),
+    "--trainable-layers": ("freeze", "trainable_layers", dict(type=int, nargs="+",
+                                                              help="global 0-based layers (with --freeze layers)")),
+    "--train-embeddings": ("freeze", "train_embeddings", _BOOL),
+    "--train-output-layer": ("freeze", "train_output_layer", _BOOL),
+    "--train-norms": ("freeze", "train_norms", _BOOL),
+    "--seed": ("", "seed", dict(type=int)),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of :data:`FLAGS`, plus ``--config``; unset flags stay absent (the recipe's value stands)."""
+    parser.add_argument("--config", default=None, help="YAML recipe (optional; flags override it)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, (section, name, kwargs) in FLAGS.items():
+        group = groups.setdefault(section, parser.add_argument_group(section or "general"))
+        group.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A config from a YAML recipe (or the defaults) with ``{"section.field": value}`` overrides applied."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise UserError(f"--config {path}: cannot read it ({e})") from e
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise UserError(f"--config {path}: expected a mapping of sections ({', '.join(_SECTION_CLASSES)})")
+    config = _from_dict(raw, str(path))
+    for dotted, value in (overrides or {}).items():
+        section, _, name = dotted.rpartition(".")
+        target = getattr(config, section) if section else config
+        setattr(target, name, value)
+    validate(config)
+    return config
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def _from_dict(raw: dict[str, Any], source: str) -> TrainConfig:
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "seed":
+            kwargs["seed"] = int(value)
+            continue
+        cls = _SECTION_CLASSES.get(key)
+        if cls is None:
+            raise UserError(f"--config {source}: unknown section {key!r}; sections: seed, "
+                            f"{', '.join(_SECTION_CLASSES)}")
+        if not isinstance(value, dict):
+            raise UserError(f"--config {source}: section {key!r} must be a mapping")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise UserError(f"--config {source}: unknown keys {unknown} in section {key!r}; known: {sorted(known)}")
+        kwargs[key] = cls(**value)
+    return TrainConfig(**kwargs)
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks that need no checkpoint and no process group; each message names the flag to change."""
+    s, c, f, d = config.schedule, config.checkpointing, config.freeze, config.data
+    if c.load is None:
+        raise UserError("--load is required: the expanded checkpoint to train (`llamapro expand` output) or a "
+                        "training save directory to resume")
+    if (s.train_iters is None) == (s.train_samples is None):
+        raise UserError("give exactly one of --train-iters and --train-samples")
+    for name, value in (("--micro-batch-size", s.micro_batch_size), ("--seq-length", s.seq_length),
+                        ("--log-interval", config.logging.log_interval),
+                        ("--eval-interval", config.logging.eval_interval)):
+        if value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+    if s.lr_warmup_fraction is not None and not 0 <= s.lr_warmup_fraction < 1:
+        raise UserError(f"--lr-warmup-fraction {s.lr_warmup_fraction}: expected a fraction in [0, 1)")
+    if config.optimizer.min_lr > config.optimizer.lr:
+        raise UserError(f"--min-lr {config.optimizer.min_lr} is larger than --lr {config.optimizer.lr}")
+    if c.save_interval is not None and c.save_interval < 1:
+        raise UserError(f"--save-interval {c.save_interval}: must be at least 1")
+    if c.keep_last is not None and c.keep_last < 1:
+        raise UserError(f"--keep-last {c.keep_last}: must be at least 1 (omit it to keep every checkpoint)")
+    if f.freeze not in FREEZE_POLICIES:
+        raise UserError(f"--freeze {f.freeze!r}: choose one of {', '.join(FREEZE_POLICIES)}")
+    if f.freeze == "layers" and not f.trainable_layers:
+        raise UserError("--freeze layers needs --trainable-layers I [J ...] (global 0-based layer indices)")
+    if f.trainable_layers and f.freeze != "layers":
+        raise UserError(f"--trainable-layers is used with --freeze layers (got --freeze {f.freeze})")
+    if not d.mock_data and not d.data_path:
+        raise UserError("--data-path is required (preprocessed PREFIX, or W1 PREFIX1 W2 PREFIX2 ...); "
+                        "or --mock-data for random tokens")
+    if s.exit_duration_in_mins is not None and s.exit_duration_in_mins <= 0:
+        raise UserError(f"--exit-duration-in-mins {s.exit_duration_in_mins}: must be positive")
+
+
+def parse_data_path(data_path: list[str]) -> list[tuple[float, str]]:
+    """Megatron-LM's --data-path: PREFIX [PREFIX ...] (equal weights) or W1 PREFIX1 W2 PREFIX2 ..."""
+    items = [str(x) for x in data_path]
+
+    def is_number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    if not any(is_number(x) for x in items):
+        return [(1.0, p) for p in items]
+    if len(items) % 2 or not all(is_number(w) for w in items[::2]):
+        raise UserError(f"--data-path {' '.join(items)}: expected PREFIX ... or weight/prefix pairs "
+                        "W1 PREFIX1 W2 PREFIX2 ...")
+    return [(float(w), p) for w, p in zip(items[::2], items[1::2])]
+
+
+def config_from_argv(argv: list[str]) -> TrainConfig:
+    """The config the command line ``argv`` (flags and optional --config) describes."""
+    parser = argparse.ArgumentParser(prog="llamapro train")
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))

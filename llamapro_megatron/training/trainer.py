@@ -1,0 +1,301 @@
+"""The training run, top to bottom: set up the layout, build and freeze the model, load, then step.
+
+One call of :func:`train` per rank (torchrun, or :func:`~llamapro_megatron.runtime.run_workers`). A step: this
+rank's micro batches of the global batch go through megatron-core's pipeline schedule (gradient accumulation
+inside), DDP reduces the gradients, the optimizer clips and steps, the scheduler moves the lr. Periodically: log,
+validate, save. A non-finite loss stops the run before the optimizer step, naming the last good checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.training.config import TrainConfig
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    iteration: int = 0
+    consumed_samples: int = 0
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    last_checkpoint: str | None = None
+    exit_reason: str = "done"
+    seconds_per_step: list[float] = field(default_factory=list)
+    optimizer_state_bytes: int = 0  # Adam moments (+ fp32 main params under bf16), summed over all ranks
+
+
+def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run (or resume) training as configured; returns what happened, on every rank."""
+    from llamapro_megatron.runtime import destroy_distributed, init_distributed
+
+    p = config.parallelism
+    info = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                            p.virtual_pipeline_model_parallel_size, seed=config.seed)
+    try:
+        return _Run(config, info).run(on_step)
+    finally:
+        destroy_distributed()
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, info) -> None:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from llamapro_megatron.training import checkpointing, data, metrics, model, optimizer
+
+        self.config, self.info = config, info
+        self.rank0 = info.rank == 0
+        self.source, self.meta = checkpointing.resolve_load(config)
+        chunks = model.build_model_chunks(self.meta, config)
+        model.apply_freeze(chunks, self.meta, config.freeze)
+        self._report_parameters(model.stage_counts(chunks, info.pp_rank))
+        self.model = model.wrap_for_training(chunks, config)
+        for chunk in chunks:
+            chunk.config.finalize_model_grads_func = finalize_model_grads
+        self.shape = data.batch_shape(config, info.dp)
+        self.steps = optimizer.resolve_steps(config, self.shape.global_batch_size)
+        self.optimizer = optimizer.build_optimizer(self.model, config)
+        optimizer.check_checkpointable(self.optimizer, config)
+        self.scheduler = optimizer.build_scheduler(self.optimizer, config, self.steps)
+        self.checkpointer = checkpointing.Checkpointer(config, self.meta, self.source, self.model,
+                                                       self.optimizer, self.scheduler)
+        self.start = self.checkpointer.load()
+        tokenizer = config.data.tokenizer_model or _tokenizer_dir(self.source)
+        self.data = data.TrainingData(config, self.meta.arch.vocab_size, self.shape, info.dp_rank,
+                                      self.steps.train_iters, config.logging.eval_iters, tokenizer)
+        self.fwd_bwd = get_forward_backward_func()
+        layers = model.trainable_layers(self.meta, config.freeze)
+        first_chunk = self.meta.arch.num_layers // (info.pp * (p_vpp(config) or 1)) if info.pp > 1 else 10**9
+        self.flops = metrics.flops_per_token(
+            self.meta.arch, self.meta.padded_vocab_size, config.schedule.seq_length, layers,
+            config.freeze.train_embeddings, config.freeze.train_output_layer, first_chunk)
+        self.peak = metrics.peak_tflops(config.logging.peak_tflops)
+        self.writer = metrics.ScalarWriter(config.logging.tensorboard_dir if self.rank0 else None)
+        self.stop_signal = False
+        if config.schedule.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, on_step: Callable[[int, float], None] | None) -> TrainResult:
+        config, s = self.config, self.config.schedule
+        result = TrainResult(self.start.iteration, self.start.consumed_samples)
+        self._log(f"training iterations {result.iteration} -> {self.steps.train_iters} (global batch "
+                  f"{self.shape.global_batch_size} = micro {self.shape.micro_batch_size} x "
+                  f"{self.shape.num_microbatches} micro batches x DP {self.info.dp}), from {self.source}")
+        if config.logging.eval_at_start and result.iteration == 0:
+            self._evaluate(0, result)
+        started, window_seconds, window_steps = time.time(), 0.0, 0
+        while result.iteration < self.steps.train_iters:
+            t0 = time.time()
+            batches = self.data.train_batches(result.consumed_samples)
+            local_loss = self._forward_backward(batches, forward_only=False)
+            elapsed_min = (time.time() - started) / 60
+            loss, stop_signal, timed_out = self._agree(local_loss, self.stop_signal, s.exit_duration_in_mins
+                                                       is not None and elapsed_min > s.exit_duration_in_mins)
+            step = result.iteration + 1
+            if not math.isfinite(loss):
+                last = self.checkpointer.last_saved
+                raise TrainingDiverged(
+                    f"the training loss is {loss} at step {step}; no optimizer step was taken. Last good "
+                    f"checkpoint: {last if last else 'none (this run saved none)'}; resume from it with "
+                    "--load, e.g. with a lower --lr or more --lr-warmup-iters")
+            ok, grad_norm, _ = self.optimizer.step()
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"the gradient norm is {grad_norm} at step {step}; last good checkpoint: "
+                                       f"{self.checkpointer.last_saved or 'none'}")
+            self.scheduler.step(increment=1)
+            result.iteration, result.consumed_samples = step, result.consumed_samples + self.shape.global_batch_size
+            result.losses[step] = loss
+            result.seconds_per_step.append(time.time() - t0)  # the step alone: no logging, eval or save
+            window_seconds, window_steps = window_seconds + result.seconds_per_step[-1], window_steps + 1
+            if on_step is not None:
+                on_step(step, loss)
+            if step % config.logging.log_interval == 0 or step == self.steps.train_iters:
+                self._log_step(step, loss, grad_norm, window_seconds, window_steps)
+                window_seconds, window_steps = 0.0, 0
+            if step % config.logging.eval_interval == 0 or step == self.steps.train_iters:
+                self._evaluate(step, result)
+            interval = config.checkpointing.save_interval
+            if config.checkpointing.save and interval and step % interval == 0:
+                result.last_checkpoint = str(self.checkpointer.save(step, result.consumed_samples))
+            if stop_signal or timed_out:
+                result.exit_reason = "signal" if stop_signal else "duration"
+                self._log(f"exiting at step {step} ({'SIGTERM' if stop_signal else '--exit-duration-in-mins'})")
+                break
+        if config.checkpointing.save and str(self.checkpointer.last_saved or "") != _iter_dir(config, result):
+            result.last_checkpoint = str(self.checkpointer.save(result.iteration, result.consumed_samples))
+        self.writer.close()
+        result.optimizer_state_bytes = self._optimizer_state_bytes()
+        return result
+
+    def _optimizer_state_bytes(self) -> int:
+        seen, total = set(), 0
+        inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in inner:
+            tensors = [t for state in opt.optimizer.state.values() for t in state.values()
+                       if isinstance(t, torch.Tensor)]
+            if opt.config.bf16:  # fp32 main copies of the trainable params
+                tensors += [p for g in opt.optimizer.param_groups for p in g["params"]]
+            for t in tensors:
+                if id(t) not in seen and t.dim() > 0:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        value = torch.tensor([total], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(value)
+        return int(value.item())
+
+    def _forward_backward(self, batches: list[dict], forward_only: bool) -> float | None:
+        """Mean loss over this rank's micro batches (last pipeline stage), None elsewhere."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = [iter(batches) for _ in self.model]
+        losses = self.fwd_bwd(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model, num_microbatches=len(batches), seq_length=self.config.schedule.seq_length,
+            micro_batch_size=self.shape.micro_batch_size, forward_only=forward_only)
+        if not losses:
+            return None
+        return sum(d["lm loss"].item() for d in losses) / len(losses)
+
+    def _forward_step(self, data_iterator, model):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        batch = {k: v.to(self.info.device) for k, v in next(data_iterator).items()}
+        logits = model(batch["tokens"], batch["position_ids"], attention_mask=None)
+        vocab = self.meta.arch.vocab_size
+
+        def loss_func(output: torch.Tensor):
+            # Padded vocabulary rows are not tokens: exclude them from the softmax (HF's loss has none).
+            logits = output.float()
+            start = self.info.tp_rank * logits.shape[-1]
+            if start + logits.shape[-1] > vocab:
+                padded = torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab
+                logits = logits.masked_fill(padded, float("-inf"))
+            token_losses = vocab_parallel_cross_entropy(logits, batch["labels"])
+            mask = batch["loss_mask"].float()
+            loss = (token_losses * mask).sum() / mask.sum().clamp(min=1)
+            return loss, {"lm loss": loss.detach().clone()}  # the schedule divides loss in place
+
+        return logits, loss_func
+
+    def _agree(self, local_loss: float | None, stop_signal: bool, timed_out: bool) -> tuple[float, bool, bool]:
+        """One all-reduce: the loss (averaged over the data-parallel last-stage ranks), stop flags."""
+        from megatron.core import parallel_state as ps
+
+        reports = local_loss is not None and ps.get_tensor_model_parallel_rank() == 0
+        values = torch.tensor([local_loss if reports else 0.0, 1.0 if reports else 0.0, float(stop_signal),
+                               float(timed_out)], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(values)
+        loss = (values[0] / values[1]).item() if values[1] > 0 else float("nan")
+        return loss, bool(values[2] > 0), bool(values[3] > 0)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_signal = True
+
+    # ------------------------------------------------------------- reporting
+    def _evaluate(self, step: int, result: TrainResult) -> None:
+        iters = self.config.logging.eval_iters
+        if iters < 1:
+            return
+        first = self.data.valid_batches(0)
+        if first is None:
+            if step == self.config.logging.eval_interval or step == self.steps.train_iters:
+                self._log(f"warning: --split {self.config.data.split} leaves no validation data; validation "
+                          "skipped (give the second split entry a share)")
+            return
+        for chunk in self.model:
+            chunk.eval()
+        total = 0.0
+        with torch.no_grad():
+            for i in range(iters):
+                batches = first if i == 0 else self.data.valid_batches(i)
+                loss, _, _ = self._agree(self._forward_backward(batches, forward_only=True), False, False)
+                total += loss
+        for chunk in self.model:
+            chunk.train()
+        result.eval_losses[step] = total / iters
+        self._log(f"validation at step {step}: loss {total / iters:.4f}  ppl {math.exp(min(total / iters, 50)):.2f}")
+        self.writer.add({"lm-loss-validation": total / iters}, step)
+
+    def _log_step(self, step: int, loss: float, grad_norm: float | None, seconds: float, steps: int) -> None:
+        from llamapro_megatron.training.optimizer import current_lr
+
+        tokens = steps * self.shape.global_batch_size * self.config.schedule.seq_length
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        tflops = self.flops.per_token * tokens_per_s / self.info.world_size / 1e12
+        six_n = self.flops.six_n_per_token * tokens_per_s / self.info.world_size / 1e12
+        lr = current_lr(self.optimizer)
+        mfu = f"{100 * tflops / self.peak:.1f}%" if self.peak else "n/a (--peak-tflops)"
+        self._log(f"step {step}/{self.steps.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
+                  f"{grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | {seconds / steps:.2f} s/step | "
+                  f"{tokens_per_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device (counted) MFU {mfu} | "
+                  f"6N convention: {six_n:.3f} TFLOP/s/device")
+        values = {"lm-loss": loss, "learning-rate": lr, "tokens-per-second": tokens_per_s,
+                  "tflops-per-device": tflops, "tflops-per-device-6n": six_n}
+        if grad_norm is not None:
+            values["grad-norm"] = grad_norm
+        if self.peak:
+            values["mfu"] = tflops / self.peak
+        self.writer.add(values, step)
+
+    def _report_parameters(self, counts) -> None:
+        from megatron.core import parallel_state as ps
+
+        gathered = [None] * self.info.world_size
+        dist.all_gather_object(gathered, (ps.get_data_parallel_rank(), counts))
+        if not any(c.trainable for _, c in gathered):  # every rank sees the same list: all raise together
+            raise UserError(f"nothing to train: --freeze {self.config.freeze.freeze} leaves no trainable parameter")
+        if not self.rank0:
+            return
+        by_stage: dict[int, list] = {}
+        for dp_rank, c in gathered:
+            if dp_rank == 0:
+                by_stage.setdefault(c.pp_rank, []).append(c)
+        lines = [f"parameters per pipeline stage (policy --freeze {self.config.freeze.freeze}):"]
+        total_t = total_f = 0
+        for stage in sorted(by_stage):
+            t = sum(c.trainable for c in by_stage[stage])
+            f = sum(c.frozen for c in by_stage[stage])
+            total_t, total_f = total_t + t, total_f + f
+            layers = by_stage[stage][0].trainable_layers
+            lines.append(f"  stage {stage}: trainable {t:>14,}  frozen {f:>14,}  trainable layers {layers}")
+        lines.append(f"  total  : trainable {total_t:>14,}  frozen {total_f:>14,}  "
+                     f"({100 * total_t / max(total_t + total_f, 1):.1f}% trains)")
+        print("\n".join(lines), flush=True)
+
+    def _log(self, message: str) -> None:
+        if self.rank0:
+            print(message, flush=True)
+
+
+def p_vpp(config: TrainConfig) -> int | None:
+    return config.parallelism.virtual_pipeline_model_parallel_size
+
+
+def _tokenizer_dir(source: Path) -> str | None:
+    from llamapro_megatron.checkpoint.mcore import TOKENIZER_DIR
+
+    path = source / TOKENIZER_DIR
+    return str(path) if path.is_dir() else None
+
+
+def _iter_dir(config: TrainConfig, result: TrainResult) -> str:
+    from llamapro_megatron.checkpoint.mcore import iteration_dir_name
+
+    return str(Path(config.checkpointing.save) / iteration_dir_name(result.iteration))

@@ -1,0 +1,61 @@
+"""Training configuration: YAML recipe + Megatron-LM-named flags, validation messages; FLOP counting."""
+from __future__ import annotations
+
+import pytest
+
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.training.config import config_from_argv, parse_data_path
+
+BASE = ["--load", "ckpt/pro", "--train-iters", "10", "--mock-data"]
+
+
+def test_flags_override_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("parallelism: {tensor_model_parallel_size: 4, use_distributed_optimizer: true}\n"
+                      "optimizer: {lr: 2.0e-4, min_lr: 2.0e-5}\nschedule: {seq_length: 4096}\nseed: 7\n")
+    c = config_from_argv(["--config", str(recipe), *BASE, "--tensor-model-parallel-size", "2", "--lr", "1e-4"])
+    assert c.parallelism.tensor_model_parallel_size == 2 and c.parallelism.use_distributed_optimizer
+    assert c.optimizer.lr == 1e-4 and c.optimizer.min_lr == 2e-5 and c.schedule.seq_length == 4096 and c.seed == 7
+
+
+def test_flags_alone_suffice():
+    c = config_from_argv([*BASE, "--pipeline-model-parallel-size", "2", "--bf16", "--freeze", "none"])
+    assert c.parallelism.pipeline_model_parallel_size == 2 and c.model.bf16 and c.freeze.freeze == "none"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-iters", "10", "--mock-data"], "--load is required"),
+    (["--load", "x", "--mock-data"], "--train-iters and --train-samples"),
+    ([*BASE, "--freeze", "layers"], "--trainable-layers"),
+    ([*BASE, "--min-lr", "1", "--lr", "0.1"], "--min-lr"),
+    (["--load", "x", "--train-iters", "3"], "--data-path is required"),
+])
+def test_bad_input_names_the_flag(argv, message):
+    with pytest.raises(UserError, match=message):
+        config_from_argv(argv)
+
+
+def test_unknown_recipe_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optimizer: {learning_rate: 1.0}\n")
+    with pytest.raises(UserError, match="learning_rate"):
+        config_from_argv(["--config", str(recipe), *BASE])
+
+
+def test_megatron_data_path():
+    assert parse_data_path(["a", "b"]) == [(1.0, "a"), (1.0, "b")]
+    assert parse_data_path(["1.0", "a", "1.5", "b"]) == [(1.0, "a"), (1.5, "b")]
+    with pytest.raises(UserError):
+        parse_data_path(["1.0", "a", "b"])
+
+
+def test_counted_flops_below_full_training():
+    from llamapro_megatron.arch import LlamaArch
+    from llamapro_megatron.training.metrics import flops_per_token
+
+    arch = LlamaArch("LlamaForCausalLM", 40, 4096, 11008, 32, 32, 128, 32000, 4096, 1e-5, 1e4, False)
+    full = flops_per_token(arch, 32000, 4096, None, False, False, 40)
+    pro = flops_per_token(arch, 32000, 4096, set(range(4, 40, 5)), False, False, 40)
+    # full training ~ 6N plus attention; LLaMA Pro skips weight gradients of 32 of 40 blocks and the head's
+    assert 1.0 < full.per_token / full.six_n_per_token < 1.5
+    assert 0.6 < pro.per_token / full.per_token < 0.75
