@@ -137,19 +137,19 @@ def test_run_workers_reports_a_failing_rank_and_stops_the_others(tmp_path, mode)
 
 def _sleep(tmp: str) -> None:
     Path(tmp, f"rank{os.environ['RANK']}").write_text(str(os.getpid()))
-    time.sleep(120)
+    time.sleep(600)  # outlives every timeout below: the test ends it
 
 
 def test_run_workers_cleans_up_on_keyboard_interrupt(tmp_path):
     files = [tmp_path / "rank0", tmp_path / "rank1"]
 
     def interrupt_when_started():
-        _wait_for_files(files)
+        _wait_for_files(files, timeout_s=280)  # generous: a loaded 2-core machine can take a minute to spawn
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_when_started, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        run_workers(_sleep, 2, args=(str(tmp_path),), timeout_s=100)
+        run_workers(_sleep, 2, args=(str(tmp_path),), timeout_s=300)
     assert not any(_alive(int(f.read_text())) for f in files)
 
 
