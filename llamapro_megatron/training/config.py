@@ -192,6 +192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag, (section, name, kwargs) in FLAGS.items():
         group = groups.setdefault(section, parser.add_argument_group(section or "general"))
+        if kwargs.get("action") is None and "choices" not in kwargs:  # readable usage: --lr LR, not OPTIMIZER.LR
+            kwargs = {"metavar": name.upper(), **kwargs}
         group.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **kwargs)
 
 

@@ -12,7 +12,8 @@ from llamapro_megatron.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("argv", [["convert", "hf-to-mcore"], ["convert", "mcore-to-hf"], ["verify"], ["preprocess"]])
+@pytest.mark.parametrize("argv", [["convert", "hf-to-mcore"], ["convert", "mcore-to-hf"], ["verify"], ["preprocess"],
+                                  ["expand"], ["expand-hf"], ["train"]])
 def test_subcommands_have_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*argv, "--help"])
