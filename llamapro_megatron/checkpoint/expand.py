@@ -7,7 +7,8 @@ slice twice — and clones it into its copies, zeroing the copies' `linear_proj`
 saves the expanded checkpoint together. Any source layout in, any layout out (torch_dist reshards on load).
 
 HF -> HF (`expand-hf`): processes each write the safetensors shards of their expanded layers, reading only the
-source tensors they need.
+source tensors they need. Without a dtype change a worker copies the tensors' byte ranges file to file
+(`st_copy`) and never imports torch; with one, it reads, converts and saves tensors.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from llamapro_megatron.arch import LlamaArch, canonical_dtype
 from llamapro_megatron.checkpoint import hf as hfio
-from llamapro_megatron.checkpoint import mapping
+from llamapro_megatron.checkpoint import mapping, st_copy
 from llamapro_megatron.checkpoint.convert import (
     EMBED_UNIT,
     HEAD_UNIT,
@@ -185,14 +186,25 @@ def expand_hf(hf_dir: str | Path, out: str | Path, plan_fn, *, dtype: str | None
     tmp = partial_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    jobs = [(str(hf_dir), str(tmp), arch.to_dict(), plan, out_dtype, [u for u in units if owner[u] == w], units, w,
-             workers, progress) for w in range(workers)]
+    tensors = {u: _unit_tensors(u, arch, plan) for u in units}
+    if all(reader.dtype(src) == getattr(torch, out_dtype) for ts in tensors.values() for _, src, _ in ts):
+        # no dtype changes: copy byte ranges file to file in workers that never import torch
+        worker = st_copy.write_shards
+        jobs = [([(hfio.shard_name(i, len(units)),
+                   [st_copy.TensorCopy(name, str(hf_dir / reader.weight_map[src]), src, zero)
+                    for name, src, zero in tensors[u]], sizes[u])
+                  for i, u in enumerate(units) if owner[u] == w],
+                 str(tmp), w, workers, sum(sizes.values()), progress, "expand-hf") for w in range(workers)]
+    else:
+        worker = _expand_hf_worker
+        jobs = [(str(hf_dir), str(tmp), arch.to_dict(), plan, out_dtype, [u for u in units if owner[u] == w], units,
+                 w, workers, progress) for w in range(workers)]
     try:
         if workers == 1:
-            weight_maps = [_expand_hf_worker(*jobs[0])]
+            weight_maps = [worker(*jobs[0])]
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                weight_maps = list(pool.map(_expand_hf_worker, *zip(*jobs)))
+                weight_maps = list(pool.map(worker, *zip(*jobs)))
         weight_map = {k: v for m in weight_maps for k, v in m.items()}
         shapes = mapping.expected_hf_shapes(arch, plan.num_layers)
         total = sum(itemsize * _numel(s) for s in shapes.values())
@@ -223,8 +235,23 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _unit_tensors(unit: str, arch: LlamaArch, plan: ExpansionPlan) -> list[tuple[str, str, bool]]:
+    """(output name, source name, zeroed) of every HF tensor of an expanded-model unit."""
+    if unit == EMBED_UNIT:
+        return [("model.embed_tokens.weight", "model.embed_tokens.weight", False)]
+    if unit == HEAD_UNIT:
+        head = [("model.norm.weight", "model.norm.weight", False)]
+        return head if arch.tie_word_embeddings else [*head, ("lm_head.weight", "lm_head.weight", False)]
+    layer = int(unit.removeprefix("layer"))
+    src = plan.sources[layer]
+    return [(f"{mapping.HF_LAYER_PREFIX}{layer}.{rel}", f"{mapping.HF_LAYER_PREFIX}{src}.{rel}",
+             plan.is_new(layer) and t.zero_in_identity_copy)
+            for t in mapping.LAYER_TENSORS for rel in t.hf]
+
+
 def _expand_hf_worker(hf_dir: str, tmp: str, arch_dict: dict, plan: ExpansionPlan, dtype: str, my_units: list[str],
                       units: list[str], rank: int, world: int, progress: bool) -> dict[str, str]:
+    """A worker for expansions that change the dtype (the others copy bytes: `st_copy.write_shards`)."""
     arch = LlamaArch.from_dict(arch_dict)
     reader = hfio.HFReader(hf_dir)
     out_dtype = getattr(torch, dtype)
@@ -235,23 +262,10 @@ def _expand_hf_worker(hf_dir: str, tmp: str, arch_dict: dict, plan: ExpansionPla
     weight_map = {}
     for unit in my_units:
         tensors = {}
-        if unit == EMBED_UNIT:
-            tensors["model.embed_tokens.weight"] = reader.get("model.embed_tokens.weight")
-        elif unit == HEAD_UNIT:
-            tensors["model.norm.weight"] = reader.get("model.norm.weight")
-            if not arch.tie_word_embeddings:
-                tensors["lm_head.weight"] = reader.get("lm_head.weight")
-        else:
-            layer = int(unit.removeprefix("layer"))
-            src = plan.sources[layer]
-            for t in mapping.LAYER_TENSORS:
-                for rel in t.hf:
-                    value = reader.get(f"{mapping.HF_LAYER_PREFIX}{src}.{rel}")
-                    if plan.is_new(layer) and t.zero_in_identity_copy:
-                        value = torch.zeros_like(value)
-                    tensors[f"{mapping.HF_LAYER_PREFIX}{layer}.{rel}"] = value
+        for name, src, zero in _unit_tensors(unit, arch, plan):
+            tensors[name] = torch.zeros(reader.shape(src), dtype=out_dtype) if zero else reader.get(src).to(out_dtype)
         name = hfio.shard_name(units.index(unit), len(units))
-        hfio.write_shard(Path(tmp) / name, {k: v.to(out_dtype) for k, v in tensors.items()})
+        hfio.write_shard(Path(tmp) / name, tensors)
         weight_map.update({k: name for k in tensors})
         bar.update(sizes[unit])
     bar.close()

@@ -1,0 +1,123 @@
+"""Safetensors shards assembled from byte ranges of other safetensors files, without torch.
+
+Block expansion writes source tensors unchanged or zeroed under new names. When no dtype changes, the bytes can
+go from file to file inside the kernel (`os.sendfile`, as `shutil.copyfile` does) instead of through a tensor,
+and a worker that does only this needs no torch import (seconds per process on a small machine). The file is
+byte-for-byte what `safetensors.torch.save_file(tensors, path, metadata)` writes for the same single-dtype
+tensors: an 8-byte little-endian header length, the compact JSON header (metadata first, then the tensors by
+name), space-padded to a multiple of 8, then the data in header order.
+
+Stdlib only: this module is what the spawned `expand-hf` workers import.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamapro_megatron.progress import SharedProgress
+
+_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class TensorCopy:
+    """One output tensor: `src_name` of `src_file` written as `name`, or zeros of its size when `zero`."""
+    name: str
+    src_file: str
+    src_name: str
+    zero: bool = False
+
+
+def read_header(path: str | Path) -> tuple[int, dict]:
+    """(offset of the data section, header) of a safetensors file."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
+def write_shard(path: str | Path, tensors: list[TensorCopy], metadata: dict[str, str] | None = None,
+                headers: dict[str, tuple[int, dict]] | None = None) -> int:
+    """Write `tensors` (all of one dtype) to a safetensors file at `path`; returns the data bytes written.
+
+    `headers` caches `read_header` per source file across calls.
+    """
+    headers = {} if headers is None else headers
+    entries, offset = [], 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        if t.src_file not in headers:
+            headers[t.src_file] = read_header(t.src_file)
+        start, header = headers[t.src_file]
+        info = header[t.src_name]
+        begin, end = info["data_offsets"]
+        entries.append((t, start + begin, end - begin, info))
+        offset += end - begin
+    dtypes = {info["dtype"] for *_, info in entries}
+    if len(dtypes) > 1:
+        raise ValueError(f"{path}: one dtype per shard (safetensors orders mixed dtypes differently), got {dtypes}")
+
+    out_header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t, _, size, info in entries:
+        out_header[t.name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(out_header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    # mode 0600, as safetensors' own writer leaves its files (it writes a temporary file and renames it)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        out.write(len(raw).to_bytes(8, "little") + raw)
+        out.flush()
+        for t, src_offset, size, _ in entries:
+            if t.zero:
+                _write_zeros(out, size)
+            else:
+                with open(t.src_file, "rb") as src:
+                    _copy_range(src, out, src_offset, size)
+    return offset
+
+
+def _copy_range(src, out, offset: int, size: int) -> None:
+    if hasattr(os, "sendfile"):
+        try:
+            while size:
+                sent = os.sendfile(out.fileno(), src.fileno(), offset, size)
+                if sent == 0:
+                    raise OSError(f"{src.name} ended before byte {offset + size}")
+                offset, size = offset + sent, size - sent
+            return
+        except OSError as e:
+            if getattr(e, "errno", None) not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no file-to-file sendfile
+                raise
+    src.seek(offset)
+    while size:
+        chunk = src.read(min(size, _CHUNK))
+        if not chunk:
+            raise OSError(f"{src.name} ended before byte {offset + size}")
+        out.write(chunk)
+        size -= len(chunk)
+    out.flush()
+
+
+def _write_zeros(out, size: int) -> None:
+    zeros = bytes(min(size, _CHUNK))
+    while size:
+        n = min(size, len(zeros))
+        out.write(zeros[:n] if n < len(zeros) else zeros)
+        size -= n
+    out.flush()
+
+
+def write_shards(shards: list[tuple[str, list[TensorCopy], int]], out_dir: str, rank: int, world: int, total: int,
+                 progress: bool, desc: str) -> dict[str, str]:
+    """A worker: write each (file name, tensors, progress weight) shard into `out_dir`; returns its weight map."""
+    bar = SharedProgress(Path(out_dir) / ".progress", rank, world, total=total, desc=desc, enabled=progress)
+    headers: dict[str, tuple[int, dict]] = {}
+    weight_map = {}
+    for name, tensors, weight in shards:
+        write_shard(Path(out_dir) / name, tensors, {"format": "pt"}, headers)
+        weight_map.update({t.name: name for t in tensors})
+        bar.update(weight)
+    bar.close()
+    return weight_map
