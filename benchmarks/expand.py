@@ -53,7 +53,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert import make_random_llama, run_measured  # noqa: E402  (benchmarks/ is not a package)
+from convert import add_model_shape_args, make_random_llama, run_measured  # noqa: E402  (benchmarks/: no package)
 
 # A fresh process that copies a directory tree, as `cp -r` would (shutil uses copy_file_range/sendfile).
 COPY_TREE = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"
@@ -159,13 +159,7 @@ def timed(cmd: list[str], out: Path) -> tuple[float, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--ffn", type=int, default=5632)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--dtype", default="bfloat16")
+    add_model_shape_args(ap)
     ap.add_argument("--groups", type=int, default=6, help="expansion plan: a copy after each of N groups")
     ap.add_argument("--workers", type=int, default=2, help="workers of expand-hf and expand")
     ap.add_argument("--repeats", type=int, default=3)
