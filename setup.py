@@ -28,6 +28,7 @@ setup(
         "psutil",  # undeclared need of megatron-core's async checkpoint writer (it hangs without it)
         "tqdm",
         "pyyaml",
+        "tensorboard",  # --tensorboard-dir (torch's SummaryWriter)
         "protobuf",  # sentencepiece_model_pb2: rebuilding a SentencePiece model from a llama gguf vocabulary
         "pyarrow",  # parquet inputs to `llamapro preprocess`
         "jinja2",  # chat templates (SFT)

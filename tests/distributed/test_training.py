@@ -82,7 +82,7 @@ def _world_a(root: str, data: list[str], common: list[str]) -> None:
     hf_to_mcore(r / "hf", r / "base", tp=2, pp=2, progress=False)
     expand_mcore(r / "base", r / "pro", lambda n: interleave(n, 2), tp=2, pp=2, progress=False)
     base = [*common, *TP2PP2, "--load", str(r / "pro"), "--data-path", "0.7", data[0], "0.3", data[1]]
-    plain = _train([*base, "--save", str(r / "P")])
+    plain = _train([*base, "--save", str(r / "P"), "--tensorboard-dir", str(r / "tb")])
     _save(root, "plain", {"losses": plain.losses, "eval": plain.eval_losses})
     dist_opt = _train([*base, "--save", str(r / "D"), "--use-distributed-optimizer"])
     _save(root, "dist", {"losses": dist_opt.losses, "eval": dist_opt.eval_losses})
@@ -217,3 +217,21 @@ def test_stage_without_trainable_parameters_trains_saves_and_resumes(runs):
     assert list(a["empty_stage"]) == ["1"] and list(b["empty_stage"]) == [2]
     assert (root / "E" / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert "own no trainable parameter" in a["empty_stage_dist"]
+
+
+@pytest.mark.slow
+def test_tensorboard_scalars_match_the_run(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, a, _ = runs
+    events = EventAccumulator(str(root / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm-loss", "lm-loss-validation", "learning-rate", "grad-norm", "tokens-per-second",
+            "tflops-per-device", "tflops-per-device-6n"} <= tags, tags
+    logged = {e.step: e.value for e in events.Scalars("lm-loss")}
+    assert sorted(logged) == [2, 4]  # --log-interval 2 over 4 steps
+    for step, value in logged.items():  # TensorBoard stores float32
+        assert value == pytest.approx(a["plain"]["losses"][str(step)], rel=1e-6)
+    validation = {e.step: e.value for e in events.Scalars("lm-loss-validation")}
+    assert validation and all(v == pytest.approx(a["plain"]["eval"][str(k)], rel=1e-6) for k, v in validation.items())
