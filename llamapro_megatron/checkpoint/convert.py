@@ -366,17 +366,9 @@ def _export_worker(job: ExportJob) -> None:
     dist.barrier()
     bar.close()
     if info.rank == 0:
-        weight_map, total = {}, 0
-        itemsize = out_dtype.itemsize
         shapes = mapping.expected_hf_shapes(arch)
-        for name, shape in shapes.items():
-            unit = _hf_unit(name)
-            weight_map[name] = hfio.shard_name(units.index(unit), total_files)
-            n = 1
-            for s in shape:
-                n *= s
-            total += n * itemsize
-        hfio.write_index(tmp, weight_map, total)
+        weight_map = {name: hfio.shard_name(units.index(_hf_unit(name)), total_files) for name in shapes}
+        total = hfio.write_index(tmp, weight_map, shapes, out_dtype.itemsize)
         config = arch.to_hf_config(job.dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(hfio.generation_config(config), indent=2) + "\n")

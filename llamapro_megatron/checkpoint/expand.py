@@ -206,9 +206,7 @@ def expand_hf(hf_dir: str | Path, out: str | Path, plan_fn, *, dtype: str | None
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 weight_maps = list(pool.map(worker, *zip(*jobs)))
         weight_map = {k: v for m in weight_maps for k, v in m.items()}
-        shapes = mapping.expected_hf_shapes(arch, plan.num_layers)
-        total = sum(itemsize * _numel(s) for s in shapes.values())
-        hfio.write_index(tmp, weight_map, total)
+        hfio.write_index(tmp, weight_map, mapping.expected_hf_shapes(arch, plan.num_layers), itemsize)
         out_arch = arch.replace(num_layers=plan.num_layers)
         config = out_arch.to_hf_config(out_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -226,13 +224,6 @@ def expand_hf(hf_dir: str | Path, out: str | Path, plan_fn, *, dtype: str | None
     if progress:
         print(f"expand-hf: wrote {out} ({plan.source_num_layers} -> {plan.num_layers} layers)", flush=True)
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _unit_tensors(unit: str, arch: LlamaArch, plan: ExpansionPlan) -> list[tuple[str, str, bool]]:

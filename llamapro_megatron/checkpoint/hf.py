@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,9 +69,6 @@ class HFReader:
         """Close the open files (unmapping them); they reopen on the next read."""
         self._handles.clear()
 
-    def names(self) -> list[str]:
-        return list(self.weight_map)
-
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -87,12 +85,6 @@ class HFReader:
         if name not in self.weight_map:
             raise UserError(f"{self.dir} has no tensor {name!r}")
         return self._open(self.weight_map[name]).get_tensor(name)
-
-    def nbytes(self, name: str) -> int:
-        n = 1
-        for s in self.shape(name):
-            n *= s
-        return n * self.dtype(name).itemsize
 
 
 def _check_complete(path: Path) -> None:
@@ -127,9 +119,12 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
-def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+def write_index(out_dir: Path, weight_map: dict[str, str], shapes: dict[str, tuple[int, ...]], itemsize: int) -> int:
+    """`model.safetensors.index.json`; returns its total_size: the bytes of all tensors (shapes x itemsize)."""
+    total_size = sum(math.prod(shape) for shape in shapes.values()) * itemsize
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return total_size
 
 
 def copy_tokenizer_files(src: Path, dst: Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
