@@ -31,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--append-eod", action="store_true", help="append the EOS token to every document")
     p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token to every document")
     p.add_argument("--strict", action="store_true", help="stop at the first invalid line instead of skipping it")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="documents per worker task")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N",
+                   help="at most N documents per worker task (a task also ends at ~128K characters)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +63,17 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", errors="replace")
 
 
-def iter_batches(paths: list[Path], json_keys: list[str], batch_size: int = 256) -> Iterator[Batch]:
-    """Yield batches of at most `batch_size` documents, file by file, in order."""
+BATCH_CHARS = 1 << 17  # ~128K characters per batch: many batches per worker, so no worker idles at the tail
+
+
+def iter_batches(
+    paths: list[Path], json_keys: list[str], batch_size: int = 256, batch_chars: int = BATCH_CHARS
+) -> Iterator[Batch]:
+    """Yield batches of at most `batch_size` documents and about `batch_chars` characters, file by file, in order.
+
+    Batches are bounded by size as well as by count: a corpus of large documents (source files) cut into a few
+    256-document batches leaves one worker idle while the other finishes the last batch.
+    """
     for path in paths:
         if input_format(path) == "parquet":
             import pyarrow.parquet as pq
@@ -72,18 +81,29 @@ def iter_batches(paths: list[Path], json_keys: list[str], batch_size: int = 256)
             row = 1
             for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=json_keys):
                 rows = record_batch.to_pylist()
-                yield Batch(str(path), row, rows)
+                sizes = (sum(len(v) for v in r.values() if isinstance(v, str)) for r in rows)
+                for first, items in _cut(rows, sizes, batch_size, batch_chars):
+                    yield Batch(str(path), row + first, items)
                 row += len(rows)
             continue
         with _open_text(path) as f:
-            items: list = []
-            first = 1
-            for line_no, line in enumerate(f, start=1):
-                if not items:
-                    first = line_no
-                items.append(line)
-                if len(items) == batch_size:
-                    yield Batch(str(path), first, items)
-                    items = []
-            if items:
-                yield Batch(str(path), first, items)
+            lines = (line for line in f)
+            for first, items in _cut(lines, None, batch_size, batch_chars):
+                yield Batch(str(path), 1 + first, items)
+
+
+def _cut(items: Iterable, sizes: Iterable[int] | None, max_items: int, max_chars: int) -> Iterator[tuple[int, list]]:
+    """(index of the first item, items) runs of at most `max_items` items, ending once `max_chars` is reached."""
+    sizes = iter(sizes) if sizes is not None else None
+    run: list = []
+    chars = first = 0
+    for i, item in enumerate(items):
+        if not run:
+            first = i
+        run.append(item)
+        chars += next(sizes) if sizes is not None else len(item)
+        if len(run) == max_items or chars >= max_chars:
+            yield first, run
+            run, chars = [], 0
+    if run:
+        yield first, run

@@ -167,3 +167,21 @@ def test_cli(tmp_path: Path, capsys):
     assert (tmp_path / "data" / "c_text_document.idx").is_file()
     assert main(["preprocess", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer", "x", "--out", "y"]) == 2
     assert "--input" in capsys.readouterr().err
+
+
+def test_batches_are_bounded_by_size_and_keep_line_numbers(tmp_path: Path):
+    """Large documents are cut into many batches (no idle worker at the tail); line/row numbers stay exact."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llamapro_megatron.data.readers import iter_batches
+
+    texts = [("x" * (100 if i % 3 else 900)) + f" {i}" for i in range(40)]
+    src = write_jsonl(tmp_path / "docs.jsonl", texts)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet", row_group_size=16)
+    for path in (src, tmp_path / "docs.parquet"):
+        batches = list(iter_batches([path], ["text"], batch_size=8, batch_chars=1000))
+        assert all(len(b.items) <= 8 for b in batches) and len(batches) > 40 // 8
+        numbered = [(b.first_line + i, item) for b in batches for i, item in enumerate(b.items)]
+        got = [(n, json.loads(x)["text"] if isinstance(x, str) else x["text"]) for n, x in numbered]
+        assert got == list(enumerate(texts, start=1))
