@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -74,8 +75,18 @@ def make_random_llama(out: Path, layers: int, hidden: int, ffn: int, heads: int,
     return total
 
 
-def run_measured(cmd: list[str]) -> tuple[float, dict[int, int]]:
-    """Wall time and peak RSS (bytes) of every process in the command's tree."""
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_measured(cmd: list[str]) -> tuple[float, dict[int, int], float]:
+    """Wall time, peak RSS (bytes) of every process in the command's tree, and the tree's CPU seconds.
+
+    CPU seconds (user + system of every process of the tree once reaped) stay meaningful on a busy machine,
+    where wall time measures the other jobs too.
+    """
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
@@ -93,16 +104,17 @@ def run_measured(cmd: list[str]) -> tuple[float, dict[int, int]]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.read()[-3000:]}")
-    return wall, peaks
+    return wall, peaks, _children_cpu() - cpu0
 
 
-def copy_floor(src: Path, dst: Path) -> float:
-    t0 = time.perf_counter()
+def copy_floor(src: Path, dst: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of copying the safetensors files and syncing them to disk."""
+    c0, t0 = time.process_time(), time.perf_counter()
     dst.mkdir()
     for f in src.glob("*.safetensors"):
         shutil.copyfile(f, dst / f.name)
     os.sync()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def add_model_shape_args(ap: argparse.ArgumentParser) -> None:
@@ -133,21 +145,27 @@ def main() -> None:
     largest = args.vocab * args.hidden * dtype.itemsize
     llamapro = [sys.executable, "-m", "llamapro_megatron.cli"]
     floor, imp, exp, imp_rss, exp_rss = [], [], [], [], []
+    cpu = {"copy": [], "hf-to-mcore": [], "mcore-to-hf": []}
     for r in range(args.repeats):
         for d in ("copy", "mcore", "export"):
             shutil.rmtree(work / d, ignore_errors=True)
         os.sync()
-        floor.append(copy_floor(hf, work / "copy"))
-        wall, peaks = run_measured([*llamapro, "convert", "hf-to-mcore", "--hf-dir", str(hf), "--out",
+        wall, cpu_s = copy_floor(hf, work / "copy")
+        floor.append(wall)
+        cpu["copy"].append(cpu_s)
+        wall, peaks, cpu_s = run_measured([*llamapro, "convert", "hf-to-mcore", "--hf-dir", str(hf), "--out",
                                     str(work / "mcore"), "--workers", str(args.workers), "--no-progress"])
         imp.append(wall)
         imp_rss.append(max(peaks.values()))
-        wall, peaks = run_measured([*llamapro, "convert", "mcore-to-hf", "--load", str(work / "mcore"), "--out",
+        cpu["hf-to-mcore"].append(cpu_s)
+        wall, peaks, cpu_s = run_measured([*llamapro, "convert", "mcore-to-hf", "--load", str(work / "mcore"), "--out",
                                     str(work / "export"), "--workers", str(args.workers), "--no-progress"])
         exp.append(wall)
         exp_rss.append(max(peaks.values()))
-        print(f"run {r + 1}: copy {floor[-1]:.1f}s  hf-to-mcore {imp[-1]:.1f}s  mcore-to-hf {exp[-1]:.1f}s",
-              flush=True)
+        cpu["mcore-to-hf"].append(cpu_s)
+        print(f"run {r + 1}: copy {floor[-1]:.1f}s  hf-to-mcore {imp[-1]:.1f}s  mcore-to-hf {exp[-1]:.1f}s  "
+              f"(CPU s: {cpu['copy'][-1]:.1f} / {cpu['hf-to-mcore'][-1]:.1f} / {cpu['mcore-to-hf'][-1]:.1f}; "
+              f"load average {os.getloadavg()[0]:.1f})", flush=True)
 
     med = statistics.median
     gb = 1 << 30
@@ -157,11 +175,11 @@ def main() -> None:
     print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, {args.heads} heads / "
           f"{args.kv_heads} KV, vocab {args.vocab}, {args.dtype}: {nbytes / gb:.2f} GiB; workers {args.workers}; "
           f"medians of {args.repeats}")
-    print(f"{'step':<14}{'wall s':>8}{'x copy':>8}{'peak RSS/proc GiB':>19}{'target':>22}")
-    print(f"{'copy (floor)':<14}{med(floor):>8.1f}{1.0:>8.2f}{'':>19}")
+    print(f"{'step':<14}{'wall s':>8}{'x copy':>8}{'CPU s':>8}{'peak RSS/proc GiB':>19}{'target':>22}")
+    print(f"{'copy (floor)':<14}{med(floor):>8.1f}{1.0:>8.2f}{med(cpu['copy']):>8.1f}{'':>19}")
     for name, walls, rss in (("hf-to-mcore", imp, imp_rss), ("mcore-to-hf", exp, exp_rss)):
         ok = med(walls) <= 2 * med(floor) and max(rss) <= target_rss
-        print(f"{name:<14}{med(walls):>8.1f}{med(walls) / med(floor):>8.2f}{max(rss) / gb:>19.2f}"
+        print(f"{name:<14}{med(walls):>8.1f}{med(walls) / med(floor):>8.2f}{med(cpu[name]):>8.1f}{max(rss) / gb:>19.2f}"
               f"{'<=2.00x, <=' + format(target_rss / gb, '.2f') + ' GiB':>22}  {'OK' if ok else 'MISSED'}")
     print("command: python benchmarks/convert.py " + " ".join(sys.argv[1:]))
     if not args.workdir:

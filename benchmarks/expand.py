@@ -149,7 +149,7 @@ def timed(cmd: list[str], out: Path) -> tuple[float, float, int]:
     """Wall seconds (the process, then fsync of every file it wrote), CPU seconds (user + system, of the whole
     process tree: reaped children count into their parent's) and the largest peak RSS of its processes."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall, peaks = run_measured(cmd)
+    wall, peaks, _ = run_measured(cmd)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     fsync_tree(out)

@@ -41,7 +41,8 @@ def plan_rounds(units: list[str], sizes: dict[str, int], budget: int) -> list[li
 def save_in_rounds(rounds: Iterator[dict], out_dir: str | Path, common: dict[str, Any]) -> None:
     """Collective: every rank yields the same number of rounds (an empty dict when it has nothing that round)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
+
+    from llamapro_megatron.runtime.checkpointing import save
 
     out_dir = Path(out_dir)
     round_dirs = []
@@ -51,7 +52,7 @@ def save_in_rounds(rounds: Iterator[dict], out_dir: str | Path, common: dict[str
         dist.barrier()
         # a round covers part of each stacked tensor by design; coverage is checked once merged
         with _partial_rounds_allowed():
-            dist_checkpointing.save({"model": sharded, **common}, str(d), validate_access_integrity=False)
+            save({"model": sharded, **common}, str(d), validate_access_integrity=False)
         round_dirs.append(d)
     dist.barrier()
     if dist.get_rank() == 0:

@@ -2,9 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import queue
 import re
 from typing import Any
+
+
+def save(sharded_state_dict: dict, checkpoint_dir: str, **kwargs: Any) -> None:
+    """`megatron.core.dist_checkpointing.save`, synchronous, without its multiprocessing Manager.
+
+    Why: megatron-core's torch_dist writer (`strategies/filesystem_async.py`, `_get_write_results_queue`) hands
+    write results back through `mp.get_context("spawn").Manager().Queue()`, built on a process's first save so
+    that an *async* save's background process can reach it. A synchronous save runs the whole write from the
+    calling process (`AsyncRequest.execute_sync`; the forked writers report on their own fork queue), so an
+    in-process queue carries the same results, and no fresh interpreter is spawned: measured 4.6 s of a 10 s
+    single-worker conversion on a 2-core machine, paid once by every process that saves.
+    """
+    from megatron.core import dist_checkpointing
+
+    with _in_process_results_queue():
+        dist_checkpointing.save(sharded_state_dict, checkpoint_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def _in_process_results_queue():
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:  # another megatron-core layout: its own queue is used
+        yield
+        return
+    if not hasattr(fa, "_results_queue") or fa._results_queue is not None:
+        yield  # a queue already exists (e.g. made by an async save): leave it alone
+        return
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = None
+
 
 # "decoder.layers." not followed by a layer number: the stacked form of homogeneous decoder layers.
 _STACKED_LAYERS = re.compile(r"decoder\.layers\.(?!\d+\.)")

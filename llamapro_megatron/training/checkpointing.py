@@ -147,7 +147,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
     def save(self, iteration: int, consumed_samples: int) -> Path:
         """Write SAVE/iter_<iteration> through a .partial directory, then move the latest pointer."""
-        from megatron.core import dist_checkpointing
+        from llamapro_megatron.runtime.checkpointing import save as save_sharded
 
         root = Path(self.config.checkpointing.save)
         final = root / iteration_dir_name(iteration)
@@ -159,7 +159,7 @@ class Checkpointer:
         dist.barrier()
         state = self._state(is_loading=False, with_optimizer=True, with_rng=True)
         state.update(self._common(iteration, consumed_samples))
-        dist_checkpointing.save(state, str(tmp))
+        save_sharded(state, str(tmp))
         dist.barrier()  # every rank has written its shards
         if rank0:
             meta = CheckpointMeta(arch=self.meta.arch, padded_vocab_size=self.meta.padded_vocab_size,
