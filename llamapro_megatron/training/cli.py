@@ -27,8 +27,12 @@ def run(args) -> int:
     from llamapro_megatron.training.launch import launch
 
     if args.dry_run:
+        import warnings
+
         from llamapro_megatron.training.plan import dry_run
 
+        # megatron-core's import-time notes (no Apex / TE on this machine, deprecations) say nothing about the plan
+        warnings.filterwarnings("ignore", module=r"megatron\.core")
         plan = dry_run(config_from_args(args, plan_only=True), args.world_size, args.hf_config, args.groups)
         print(plan.format(), flush=True)
         return 0

@@ -96,23 +96,24 @@ class Plan:
             f"{self.num_microbatches} micro batches x DP {self.dp}; sequence {c.schedule.seq_length}; attention "
             f"{self.attention}; recompute {self.recompute}",
             "",
-            f"{'stage':>5} {'tp':>3}  {'ranks':<16} {'layers':<14} {'parameters':>14} {'trainable':>14}   "
-            f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}  (GiB per GPU)",
         ]
+        peak = max(self.ranks, key=lambda r: r.total)
+        unit, scale = ("GiB", GIB) if peak.total >= GIB else ("MiB", 2**20)  # tiny models: MiB, not 0.00 GiB
+        lines.append(f"{'stage':>5} {'tp':>3}  {'ranks':<16} {'layers':<14} {'parameters':>14} {'trainable':>14}   "
+                     f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}  ({unit} per GPU)")
+
+        def size(n: int) -> str:
+            return f"{n / scale:>8.2f}"
+
         for r in self.ranks:
             lines.append(
                 f"{r.pp_rank:>5} {r.tp_rank:>3}  {_ranks(r.ranks):<16} {_layers(r.layers):<14} {r.parameters:>14,} "
-                f"{r.trainable:>14,}   {_gib(r.weights)} {_gib(r.gradients)} {_gib(r.optimizer)} "
-                f"{_gib(r.activations)} {_gib(r.total)}")
-        peak = max(self.ranks, key=lambda r: r.total)
-        lines += ["", f"peak: {peak.total / GIB:.1f} GiB per GPU (stage {peak.pp_rank}, TP rank {peak.tp_rank}), "
+                f"{r.trainable:>14,}   {size(r.weights)} {size(r.gradients)} {size(r.optimizer)} "
+                f"{size(r.activations)} {size(r.total)}")
+        lines += ["", f"peak: {peak.total / scale:.1f} {unit} per GPU (stage {peak.pp_rank}, TP rank {peak.tp_rank}), "
                   "plus CUDA context, NCCL buffers and fragmentation (typically 1-3 GiB); formulas: "
                   "llamapro_megatron/training/plan.py"]
         return "\n".join(lines)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:>8.2f}"
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -390,7 +391,10 @@ def dry_run(config: TrainConfig, world_size: int | None = None, hf_config: str |
                             "expansion (or --freeze none to plan full fine-tuning)")
         meta, source = model_from_hf_config(hf_config, groups, tp)
     elif config.checkpointing.load is not None:
-        meta, source = model_from_checkpoint(config.checkpointing.load, config.checkpointing.ckpt_step)
+        try:
+            meta, source = model_from_checkpoint(config.checkpointing.load, config.checkpointing.ckpt_step)
+        except UserError as e:  # e.g. a recipe's checkpoint not made yet: planning needs only the architecture
+            raise UserError(f"{e} (to plan before converting: --hf-config CONFIG_JSON [--groups N])") from e
     else:
         raise UserError("--dry-run needs the model: --load CHECKPOINT, or --hf-config config.json [--groups N]")
     return make_plan(meta, config, world_size, source)
