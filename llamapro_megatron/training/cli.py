@@ -7,6 +7,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     from llamapro_megatron.training.config import add_arguments
+    from llamapro_megatron.training.plan import add_dry_run_arguments
 
     p = sub.add_parser("train", help="train the expanded blocks of a LLaMA Pro checkpoint (megatron-core)",
                        description="Train a checkpoint written by `llamapro expand` (by default only its new "
@@ -17,12 +18,24 @@ def register(sub) -> None:
     p.add_argument("--nproc", type=int, default=None, help="local ranks to start without a launcher "
                    "(default: tensor x pipeline parallel size; ignored under torchrun)")
     add_arguments(p)
+    add_dry_run_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from llamapro_megatron.training.config import config_from_args
     from llamapro_megatron.training.launch import launch
+
+    if args.dry_run:
+        import warnings
+
+        from llamapro_megatron.training.plan import dry_run
+
+        # megatron-core's import-time notes (no Apex / TE on this machine, deprecations) say nothing about the plan
+        warnings.filterwarnings("ignore", module=r"megatron\.core")
+        plan = dry_run(config_from_args(args, plan_only=True), args.world_size, args.hf_config, args.groups)
+        print(plan.format(), flush=True)
+        return 0
 
     config = config_from_args(args)
     launch(config, nproc=args.nproc)

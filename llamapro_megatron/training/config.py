@@ -107,6 +107,14 @@ class FreezeSection:
 
 
 @dataclass(kw_only=True, slots=True)
+class LaunchSection:
+    # The machines a recipe is written for. The launcher (torchrun, srun) decides the real world size; these are
+    # what `llamapro train --dry-run` plans for when no --world-size is given.
+    nodes: int | None = None  # unset: plan for one model replica (TP x PP GPUs)
+    gpus_per_node: int | None = None
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallelism: ParallelismSection = field(default_factory=ParallelismSection)
@@ -116,6 +124,7 @@ class TrainConfig:
     checkpointing: CheckpointingSection = field(default_factory=CheckpointingSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
     seed: int = 1234
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +134,7 @@ class TrainConfig:
 _SECTION_CLASSES = {
     "model": ModelSection, "parallelism": ParallelismSection, "optimizer": OptimizerSection,
     "schedule": ScheduleSection, "data": DataSection, "checkpointing": CheckpointingSection,
-    "logging": LoggingSection, "freeze": FreezeSection,
+    "logging": LoggingSection, "freeze": FreezeSection, "launch": LaunchSection,
 }
 
 # flag -> (section, field, argparse kwargs). The one place where a flag meets its config field.
@@ -183,6 +192,9 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--train-output-layer": ("freeze", "train_output_layer", _BOOL),
     "--train-norms": ("freeze", "train_norms", _BOOL),
     "--seed": ("", "seed", dict(type=int)),
+    "--nnodes": ("launch", "nodes", dict(type=int, help="nodes the run is planned for (--dry-run)")),
+    "--gpus-per-node": ("launch", "gpus_per_node", dict(type=int, help="GPUs per node the run is planned for "
+                                                                        "(--dry-run)")),
 }
 
 
@@ -197,8 +209,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **kwargs)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A config from a YAML recipe (or the defaults) with ``{"section.field": value}`` overrides applied."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                plan_only: bool = False) -> TrainConfig:
+    """A config from a YAML recipe (or the defaults) with ``{"section.field": value}`` overrides applied.
+
+    ``plan_only``: for ``--dry-run``, which needs neither a checkpoint (it may plan from a Hugging Face config), nor
+    data, nor a length of training.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         import yaml
@@ -216,13 +233,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         section, _, name = dotted.rpartition(".")
         target = getattr(config, section) if section else config
         setattr(target, name, value)
-    validate(config)
+    validate(config, plan_only=plan_only)
     return config
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, plan_only: bool = False) -> TrainConfig:
     overrides = {k: v for k, v in vars(args).items() if "." in k}
-    return load_config(getattr(args, "config", None), overrides)
+    return load_config(getattr(args, "config", None), overrides, plan_only=plan_only)
 
 
 def _from_dict(raw: dict[str, Any], source: str) -> TrainConfig:
@@ -245,18 +262,21 @@ def _from_dict(raw: dict[str, Any], source: str) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
-def validate(config: TrainConfig) -> None:
+def validate(config: TrainConfig, plan_only: bool = False) -> None:
     """Checks that need no checkpoint and no process group; each message names the flag to change."""
     s, c, f, d = config.schedule, config.checkpointing, config.freeze, config.data
-    if c.load is None:
+    for name, value in (("--nnodes", config.launch.nodes), ("--gpus-per-node", config.launch.gpus_per_node)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+    if c.load is None and not plan_only:
         raise UserError("--load is required: the expanded checkpoint to train (`llamapro expand` output) or a "
                         "training save directory to resume")
-    if (s.train_iters is None) == (s.train_samples is None):
+    if not plan_only and (s.train_iters is None) == (s.train_samples is None):
         raise UserError("give exactly one of --train-iters and --train-samples")
     for name, value in (("--micro-batch-size", s.micro_batch_size), ("--seq-length", s.seq_length),
                         ("--log-interval", config.logging.log_interval),
                         ("--eval-interval", config.logging.eval_interval)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
     if s.lr_warmup_fraction is not None and not 0 <= s.lr_warmup_fraction < 1:
         raise UserError(f"--lr-warmup-fraction {s.lr_warmup_fraction}: expected a fraction in [0, 1)")
@@ -272,7 +292,7 @@ def validate(config: TrainConfig) -> None:
         raise UserError("--freeze layers needs --trainable-layers I [J ...] (global 0-based layer indices)")
     if f.trainable_layers and f.freeze != "layers":
         raise UserError(f"--trainable-layers is used with --freeze layers (got --freeze {f.freeze})")
-    if not d.mock_data and not d.data_path:
+    if not plan_only and not d.mock_data and not d.data_path:
         raise UserError("--data-path is required (preprocessed PREFIX, or W1 PREFIX1 W2 PREFIX2 ...); "
                         "or --mock-data for random tokens")
     if s.exit_duration_in_mins is not None and s.exit_duration_in_mins <= 0:

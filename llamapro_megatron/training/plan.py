@@ -1,0 +1,403 @@
+"""`llamapro train --dry-run`: parameters and memory per GPU of a layout, before any GPU hour is spent.
+
+The model of every distinct rank (pipeline stage x tensor-parallel rank; data-parallel replicas are identical) is
+built by megatron-core on the meta device, inside a *fake* process group of the planned world size (torch's
+``fake`` backend: real group bookkeeping, no communication), and the freeze policy is applied to it exactly as the
+trainer does. So parameter counts are megatron-core's own, per rank; no weight is loaded and nothing is allocated.
+
+Memory per GPU, in bytes (P = this rank's parameters, T = its trainable ones, d = data-parallel size):
+- weights: P x 2 (bf16) or 4 (fp32).
+- gradients: T x 4 (megatron-core DDP reduces into fp32 gradient buffers; frozen parameters have none).
+- optimizer: T x (8 Adam moments + 4 fp32 main params under bf16), divided by d with the distributed optimizer.
+- activations: per layer and micro batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models", eq. 2 and sec. 4) redone for LLaMA blocks (RMSNorm, GQA, SwiGLU, no dropout), with
+  s = sequence, b = micro batch, h = hidden, q = heads x head dim, k = KV groups x head dim, f = FFN size,
+  a = heads, t = TP, e = 2 (bf16) or 4 (fp32) bytes:
+      s*b*e*(4h + (2q + 2k + 3f)/t)    norm inputs and outputs (4h), Q and attention output (2q), K and V (2k),
+                                        SwiGLU's gate and up (2f) and its output (f)
+    + e*a*s*s*b/t                       the attention probabilities, only with the unfused attention of the local
+                                        spec (flash attention in TE / SDPA keeps none), and not with selective
+                                        recomputation (it recomputes exactly that)
+  With sequence parallelism the 4h term is divided by t too. With full recomputation a layer keeps only its
+  input, s*b*h*e, plus the working set of one recomputed group of layers once. A layer keeps nothing when no
+  gradient flows through it: below the first trainable block of the first stage when the embedding is frozen.
+  Micro batches in flight (1F1B): min(pp - stage, micro batches) per stage; interleaved (VPP): megatron-core's
+  warm-up count + 1 of model chunks. The last stage adds the logits and loss of one micro batch:
+  s*b*V/t x (e + 4 + 4) (logits, their fp32 copy, the fp32 softmax the cross entropy keeps).
+Not counted: the CUDA context and NCCL buffers (~1-3 GiB), allocator fragmentation, temporary buffers.
+The per-layer term is what Transformer Engine's fused layers keep (the GPU spec). The local spec (CPU) keeps more:
+torch's RMSNorm and softmax save fp32 copies and GQA's K and V are saved expanded; measured with saved-tensor hooks
+on a small model it keeps 1.5x (fp32) to 2.1x (bf16) this estimate per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamapro_megatron.checkpoint.mcore import CheckpointMeta
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.training.config import TrainConfig
+
+GIB = 2**30
+GRAD_BYTES = 4  # DistributedDataParallelConfig(grad_reduce_in_fp32=True) in training/model.py
+ADAM_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+MAIN_PARAM_BYTES = 4  # fp32 copy of each trainable bf16 parameter
+
+
+@dataclass
+class RankPlan:
+    pp_rank: int
+    tp_rank: int
+    ranks: list[int]  # the global ranks of this class (one per data-parallel replica)
+    layers: list[int]  # global 0-based layers on this rank (every virtual chunk)
+    parameters: int
+    trainable: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+@dataclass
+class Plan:
+    source: str
+    meta: CheckpointMeta
+    config: TrainConfig
+    world_size: int
+    dp: int
+    num_microbatches: int
+    global_batch_size: int
+    model_parameters: int  # as transformers counts them (no vocabulary padding)
+    trainable_parameters: int  # likewise
+    attention: str
+    recompute: str
+    ranks: list[RankPlan] = field(default_factory=list)
+
+    def format(self) -> str:
+        c, a, p = self.config, self.meta.arch, self.config.parallelism
+        new = (self.meta.expansion or {}).get("new_layer_indices") or []
+        lines = [
+            f"dry run (meta device, fake process group; nothing allocated) of {self.source}",
+            f"model: {a.architecture}, {a.num_layers} layers ({len(new)} new: {new}), hidden {a.hidden_size}, "
+            f"FFN {a.ffn_hidden_size}, heads {a.num_attention_heads} / {a.num_query_groups} KV groups, vocabulary "
+            f"{a.vocab_size} (padded to {self.meta.padded_vocab_size})",
+            f"parameters: {self.model_parameters:,} (as transformers counts them), trainable "
+            f"{self.trainable_parameters:,} ({100 * self.trainable_parameters / self.model_parameters:.1f}%, "
+            f"--freeze {c.freeze.freeze})",
+            f"layout: {self.world_size} GPUs ({_machines(c, self.world_size)}) = TP {p.tensor_model_parallel_size} x "
+            f"PP {p.pipeline_model_parallel_size} x DP {self.dp}"
+            + (f", VPP {p.virtual_pipeline_model_parallel_size}" if _vpp(c) else "")
+            + f"; {'distributed' if p.use_distributed_optimizer else 'plain'} optimizer; "
+            f"{'bf16 with fp32 main params' if c.model.bf16 else 'fp32'}",
+            f"batch: global {self.global_batch_size} = micro {c.schedule.micro_batch_size} x "
+            f"{self.num_microbatches} micro batches x DP {self.dp}; sequence {c.schedule.seq_length}; attention "
+            f"{self.attention}; recompute {self.recompute}",
+            "",
+        ]
+        peak = max(self.ranks, key=lambda r: r.total)
+        unit, scale = ("GiB", GIB) if peak.total >= GIB else ("MiB", 2**20)  # tiny models: MiB, not 0.00 GiB
+        lines.append(f"{'stage':>5} {'tp':>3}  {'ranks':<16} {'layers':<14} {'parameters':>14} {'trainable':>14}   "
+                     f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}  ({unit} per GPU)")
+
+        def size(n: int) -> str:
+            return f"{n / scale:>8.2f}"
+
+        for r in self.ranks:
+            lines.append(
+                f"{r.pp_rank:>5} {r.tp_rank:>3}  {_ranks(r.ranks):<16} {_layers(r.layers):<14} {r.parameters:>14,} "
+                f"{r.trainable:>14,}   {size(r.weights)} {size(r.gradients)} {size(r.optimizer)} "
+                f"{size(r.activations)} {size(r.total)}")
+        lines += ["", f"peak: {peak.total / scale:.1f} {unit} per GPU (stage {peak.pp_rank}, TP rank {peak.tp_rank}), "
+                  "plus CUDA context, NCCL buffers and fragmentation (typically 1-3 GiB); formulas: "
+                  "llamapro_megatron/training/plan.py"]
+        return "\n".join(lines)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ",".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]},{ranks[1]},..,{ranks[-1]}"
+
+
+def _layers(layers: list[int]) -> str:
+    if not layers:
+        return "-"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]} ({len(layers)})"
+    return f"{len(layers)} (interleaved)"
+
+
+def _machines(config: TrainConfig, world_size: int) -> str:
+    n = config.launch
+    nodes, gpus = n.nodes or 1, n.gpus_per_node or 1
+    if (n.nodes or n.gpus_per_node) and nodes * gpus == world_size:
+        return f"{nodes} node{'s' * (nodes > 1)} x {gpus}"
+    return "--world-size"
+
+
+def _vpp(config: TrainConfig) -> int | None:
+    v = config.parallelism.virtual_pipeline_model_parallel_size
+    return v if v and v > 1 else None
+
+
+def _setting(config: TrainConfig, name: str, default=None):
+    """A setting wherever a section defines it (recomputation and sequence parallelism may live in any section)."""
+    for section in (config.model, config.parallelism, config.schedule):
+        if hasattr(section, name):
+            return getattr(section, name)
+    return default
+
+
+# ------------------------------------------------------------------ the model to plan
+def model_from_checkpoint(load: str, ckpt_step: int | None = None) -> tuple[CheckpointMeta, str]:
+    from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
+
+    path = resolve_checkpoint(load, ckpt_step)
+    return read_meta(path), str(path)
+
+
+def model_from_hf_config(path: str, groups: int | None, tp: int) -> tuple[CheckpointMeta, str]:
+    """The model `llamapro convert hf-to-mcore [--groups N]` would write from this config.json (no weights read)."""
+    import json
+
+    from llamapro_megatron.arch import LlamaArch
+    from llamapro_megatron.expansion import compose, interleave
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except OSError as e:
+        raise UserError(f"--hf-config {path}: cannot read it ({e})") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"--hf-config {path}: not valid JSON ({e})") from e
+    arch = LlamaArch.from_hf_config(raw, source=str(file))
+    expansion = None
+    if groups is not None:
+        plan = interleave(arch.num_layers, groups)
+        expansion = compose(None, plan)
+        arch = arch.replace(num_layers=plan.num_layers)
+    meta = CheckpointMeta(arch=arch, padded_vocab_size=arch.padded_vocab_size(tp), dtype=arch.dtype,
+                          layout={"tp": tp}, source={"hf_config": str(file)}, expansion=expansion)
+    return meta, f"{file}" + (f" expanded with --groups {groups}" if groups else "")
+
+
+# --------------------------------------------------------------------- simulation
+@contextlib.contextmanager
+def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None):
+    """megatron-core parallel state for one rank of a world that does not exist (torch's ``fake`` backend)."""
+    import torch.distributed as dist
+
+    from llamapro_megatron.runtime import prepare
+
+    prepare()
+    from megatron.core import parallel_state as ps
+
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    except ImportError as e:  # pragma: no cover - torch >= 2.4 has it
+        raise UserError(f"--dry-run needs torch's fake process group backend ({e})") from e
+    if dist.is_initialized():
+        raise UserError("--dry-run plans in one process: run it without torchrun")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     virtual_pipeline_model_parallel_size=vpp, create_gloo_process_groups=False)
+        yield ps
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None):
+    """This (simulated or real) rank's model chunks on the meta device with the freeze policy applied."""
+    from llamapro_megatron.checkpoint.mcore import build_gpt_model
+    from llamapro_megatron.training.model import apply_freeze, train_dtype
+
+    p = config.parallelism
+    chunks = [build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
+                              tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
+                              spec="local", meta_device=True, vp_stage=v if vpp else None)
+              for v in range(vpp or 1)]
+    apply_freeze(chunks, meta, config.freeze)
+    return chunks
+
+
+def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source: str) -> Plan:
+    from llamapro_megatron.training.model import decoder_layers, global_layer_index
+
+    p, s = config.parallelism, config.schedule
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, _vpp(config)
+    meta.arch.validate_layout(tp, pp, vpp)
+    if meta.padded_vocab_size % tp:
+        raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary "
+                        f"{meta.padded_vocab_size}")
+    if world_size % (tp * pp):
+        raise UserError(f"--world-size {world_size} is not a multiple of TP x PP = {tp * pp}")
+    dp = world_size // (tp * pp)
+    global_batch = s.global_batch_size or s.micro_batch_size * dp
+    if global_batch % (s.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
+                        f"{s.micro_batch_size} x DP {dp}")
+    microbatches = global_batch // (s.micro_batch_size * dp)
+    if vpp and microbatches % pp:
+        raise UserError(f"the interleaved schedule needs the micro batches ({microbatches}) to be a multiple of "
+                        f"--pipeline-model-parallel-size {pp}")
+    model_parameters, trainable_parameters = _whole_model_counts(meta, config)
+    flash = config.model.spec != "local"
+    granularity = _setting(config, "recompute_granularity")
+    plan = Plan(source, meta, config, world_size, dp, microbatches, global_batch, model_parameters,
+                trainable_parameters, "flash (TE / SDPA)" if flash else "unfused (local spec: keeps a*s*s)",
+                _describe_recompute(config, granularity))
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            rank = tp_rank + tp * dp * pp_rank  # megatron-core's default order tp-cp-ep-dp-pp, DP rank 0
+            with fake_world(rank, world_size, tp, pp, vpp) as ps:
+                if (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()) != (tp_rank, pp_rank):
+                    raise RuntimeError(f"megatron-core placed rank {rank} elsewhere than tp {tp_rank} pp {pp_rank}")
+                chunks = build_rank_chunks(meta, config, vpp)
+                params = sum(t.numel() for c in chunks for t in c.parameters())
+                trainable = sum(t.numel() for c in chunks for t in c.parameters() if t.requires_grad)
+                layers = [global_layer_index(layer) for c in chunks for layer in decoder_layers(c)]
+                activations = _activation_bytes(chunks, meta, config, pp_rank, microbatches, flash, granularity)
+            elt = 2 if config.model.bf16 else 4
+            opt = trainable * (ADAM_BYTES + (MAIN_PARAM_BYTES if config.model.bf16 else 0))
+            if p.use_distributed_optimizer:
+                opt = math.ceil(opt / dp)
+            plan.ranks.append(RankPlan(pp_rank, tp_rank, [tp_rank + tp * d + tp * dp * pp_rank for d in range(dp)],
+                                       sorted(layers), params, trainable, params * elt, trainable * GRAD_BYTES, opt,
+                                       activations))
+    return plan
+
+
+def _whole_model_counts(meta: CheckpointMeta, config: TrainConfig) -> tuple[int, int]:
+    """(parameters, trainable) of the whole model at TP1 PP1, less the vocabulary padding rows."""
+    from llamapro_megatron.training.model import EMBEDDING, OUTPUT
+
+    single = TrainConfig(model=config.model, freeze=config.freeze)
+    with fake_world(0, 1, 1, 1, None):
+        (chunk,) = build_rank_chunks(meta, single, None)
+        total = trainable = 0
+        for name, t in chunk.named_parameters():
+            n = t.numel()
+            if name in (EMBEDDING, OUTPUT):
+                n -= (meta.padded_vocab_size - meta.arch.vocab_size) * meta.arch.hidden_size
+            total += n
+            trainable += n if t.requires_grad else 0
+    return total, trainable
+
+
+def _describe_recompute(config: TrainConfig, granularity: str | None) -> str:
+    if not granularity:
+        return "none"
+    if granularity == "selective":
+        return "selective (core attention)"
+    return (f"full, {_setting(config, 'recompute_method') or 'uniform'}, "
+            f"{_setting(config, 'recompute_num_layers') or 1} layer(s)")
+
+
+def layer_activation_bytes(meta: CheckpointMeta, config: TrainConfig, flash: bool, granularity: str | None) -> int:
+    """Bytes one decoder layer keeps for backward per micro batch (the module docstring's formula)."""
+    a, s = meta.arch, config.schedule
+    t = config.parallelism.tensor_model_parallel_size
+    e = 2 if config.model.bf16 else 4
+    sbe = s.seq_length * s.micro_batch_size * e
+    replicated = 4 * a.hidden_size / (t if _setting(config, "sequence_parallel") else 1)
+    q, k = a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
+    per_token = replicated + (2 * q + 2 * k + 3 * a.ffn_hidden_size) / t
+    scores = 0 if flash or granularity == "selective" else e * a.num_attention_heads * s.seq_length ** 2 * \
+        s.micro_batch_size / t
+    return int(sbe * per_token + scores)
+
+
+def _activation_bytes(chunks, meta: CheckpointMeta, config: TrainConfig, pp_rank: int, microbatches: int,
+                      flash: bool, granularity: str | None) -> int:
+    from llamapro_megatron.training.model import EMBEDDING, decoder_layers
+
+    s, p = config.schedule, config.parallelism
+    pp, vpp = p.pipeline_model_parallel_size, _vpp(config)
+    e = 2 if config.model.bf16 else 4
+    full_layer = layer_activation_bytes(meta, config, flash, granularity)
+    layer_input = s.seq_length * s.micro_batch_size * meta.arch.hidden_size * e
+    if _setting(config, "sequence_parallel"):
+        layer_input //= p.tensor_model_parallel_size
+    group = _setting(config, "recompute_num_layers") or 1
+    method = _setting(config, "recompute_method") or "uniform"
+    per_chunk, working_set = [], 0
+    for chunk in chunks:
+        # A layer keeps activations when a gradient flows through it: its chunk's input requires grad (a later
+        # stage: megatron-core's received tensors do; or a trainable embedding), or it is at or above a trainable one.
+        embedding = dict(chunk.named_parameters()).get(EMBEDDING)
+        flowing = not chunk.pre_process or (embedding is not None and embedding.requires_grad)
+        stored = 0
+        for i, layer in enumerate(decoder_layers(chunk)):
+            flowing = flowing or any(t.requires_grad for t in layer.parameters())
+            if not flowing:
+                continue
+            if granularity == "full" and method == "uniform":  # groups of `group` layers keep their input
+                stored += layer_input if i % group == 0 else 0
+                working_set = max(working_set, full_layer * group)
+            elif granularity == "full" and method == "block" and i < group:  # the first `group` layers do
+                stored += layer_input
+                working_set = max(working_set, full_layer)
+            else:
+                stored += full_layer
+        per_chunk.append(stored)
+    if pp == 1:
+        in_flight = 1  # forward and backward of one micro batch at a time
+    elif vpp is None:
+        in_flight = min(microbatches, pp - pp_rank)  # 1F1B warm-up + 1
+    else:  # megatron-core's interleaved warm-up, (pp - rank - 1) * 2 + (vpp - 1) * pp, + 1 chunk-micro-batches
+        in_flight = min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, microbatches * vpp)
+    total = in_flight * sum(per_chunk) / len(per_chunk) + working_set
+    if any(chunk.post_process for chunk in chunks):
+        vocab = meta.padded_vocab_size // p.tensor_model_parallel_size
+        total += s.seq_length * s.micro_batch_size * vocab * (e + 4 + 4)
+    return int(total)
+
+
+# ---------------------------------------------------------------------- the command
+def add_dry_run_arguments(parser) -> None:
+    g = parser.add_argument_group("dry run (plan a layout: parameters and memory per GPU, no GPU needed)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="build every distinct rank's model on the meta device and print its parameters, trainable "
+                   "parameters and memory (weights, gradients, optimizer states, activations); trains nothing")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="GPUs to plan for (default: --nnodes x --gpus-per-node, i.e. the recipe's launch section; "
+                   "without one: TP x PP, a single model replica)")
+    g.add_argument("--hf-config", default=None, metavar="CONFIG_JSON",
+                   help="plan from a Hugging Face config.json (or its directory) instead of the --load checkpoint, "
+                   "before converting anything")
+    g.add_argument("--groups", type=int, default=None,
+                   help="with --hf-config: plan the expansion `llamapro expand --groups N` would make")
+
+
+def dry_run(config: TrainConfig, world_size: int | None = None, hf_config: str | None = None,
+            groups: int | None = None) -> Plan:
+    if hf_config is None and groups is not None:
+        raise UserError("--groups plans an expansion of --hf-config; a --load checkpoint already records its own")
+    if world_size is None:
+        n, p = config.launch, config.parallelism
+        world_size = ((n.nodes or 1) * (n.gpus_per_node or 1) if n.nodes or n.gpus_per_node
+                      else p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    if world_size < 1:
+        raise UserError(f"--world-size {world_size}: must be at least 1")
+    tp = config.parallelism.tensor_model_parallel_size
+    if hf_config is not None:
+        if config.freeze.freeze == "llamapro" and groups is None:
+            raise UserError(f"--hf-config {hf_config} with --freeze llamapro: give --groups N to plan the "
+                            "expansion (or --freeze none to plan full fine-tuning)")
+        meta, source = model_from_hf_config(hf_config, groups, tp)
+    elif config.checkpointing.load is not None:
+        try:
+            meta, source = model_from_checkpoint(config.checkpointing.load, config.checkpointing.ckpt_step)
+        except UserError as e:  # e.g. a recipe's checkpoint not made yet: planning needs only the architecture
+            raise UserError(f"{e} (to plan before converting: --hf-config CONFIG_JSON [--groups N])") from e
+    else:
+        raise UserError("--dry-run needs the model: --load CHECKPOINT, or --hf-config config.json [--groups N]")
+    return make_plan(meta, config, world_size, source)

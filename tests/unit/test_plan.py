@@ -1,0 +1,144 @@
+"""`llamapro train --dry-run` and the recipes: every examples/*.yaml parses into the trainer's configuration, and its
+documented dry-run command (real CLI parser) plans its intended layout; whole-model counts equal transformers'."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamapro_megatron.cli import build_parser
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.training.config import config_from_args
+from tests.tiny_models import make_tiny_hf
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "examples").glob("*.yaml"))
+# A recipe without its own "llamapro train --dry-run" line is planned on the paper's model (LLaMA-2-7B Pro).
+DEFAULT_MODEL = ["--hf-config", "examples/models/llama2_7b.json", "--groups", "8"]
+
+
+def _dry_run_argv(recipe: Path) -> list[str]:
+    text = recipe.read_text()
+    lines = re.findall(r"^#\s+(llamapro train --dry-run .*)$", text, flags=re.M)
+    if lines:
+        return shlex.split(lines[0])[1:]
+    return ["train", "--dry-run", "--config", str(recipe.relative_to(ROOT)), *DEFAULT_MODEL]
+
+
+def _hf_count(config_json: Path, num_layers: int, new_layers: list[int]) -> tuple[int, int]:
+    """transformers' parameter count of the expanded model (meta device) and of its new layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_json)
+    config.num_hidden_layers = num_layers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    new = sum(p.numel() for i in new_layers for p in model.model.layers[i].parameters())
+    return total, new
+
+
+def test_the_paper_recipe_is_among_them():
+    names = {r.name for r in RECIPES}
+    assert {"llama2_7b_pro.yaml", "llama3_8b_pro.yaml", "mistral_7b_pro.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
+def test_recipe_parses_and_dry_runs_at_its_layout(recipe, monkeypatch, capsys):
+    from llamapro_megatron.training.plan import dry_run
+
+    monkeypatch.chdir(ROOT)
+    parser = build_parser()
+    config = config_from_args(parser.parse_args(["train", "--config", str(recipe)]))  # full trainer validation
+    p, n = config.parallelism, config.launch
+    world = (n.nodes or 1) * (n.gpus_per_node or 1) if (n.nodes or n.gpus_per_node) else \
+        p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+
+    argv = _dry_run_argv(recipe)
+    args = parser.parse_args(argv)
+    assert args.dry_run and args.config.endswith(recipe.name), argv
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    assert f"layout: {world} GPUs" in out and f"TP {tp} x PP {pp} x DP {world // (tp * pp)}" in out, out
+    assert re.search(rf"batch: global {config.schedule.global_batch_size} ", out), out
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+\d", line)]
+    assert len(rows) == tp * pp, out
+
+    plan = dry_run(config_from_args(args, plan_only=True), None, args.hf_config, args.groups)
+    new = plan.meta.expansion["new_layer_indices"]
+    total, trainable = _hf_count(ROOT / args.hf_config, plan.meta.arch.num_layers, new)
+    assert plan.model_parameters == total
+    if config.freeze.freeze == "llamapro":
+        assert plan.trainable_parameters == trainable
+    # every layer on exactly one stage; DP replicas listed once per (stage, TP rank)
+    assert sorted(i for r in plan.ranks if r.tp_rank == 0 for i in r.layers) == list(range(plan.meta.arch.num_layers))
+    assert sorted(g for r in plan.ranks for g in r.ranks) == list(range(world))
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied", "mistral"])
+def test_tiny_model_counts_equal_transformers(variant, tmp_path):
+    from llamapro_megatron.training.config import load_config
+    from llamapro_megatron.training.plan import dry_run
+
+    hf = make_tiny_hf(tmp_path / variant, variant)
+    for freeze in ("llamapro", "none"):
+        config = load_config(None, {"freeze.freeze": freeze, "parallelism.tensor_model_parallel_size": 2},
+                             plan_only=True)
+        plan = dry_run(config, 2, str(hf), 2)
+        assert plan.meta.arch.num_layers == 6 and plan.meta.expansion["new_layer_indices"] == [2, 5]
+        total, new = _hf_count(hf / "config.json", 6, [2, 5])
+        assert plan.model_parameters == total
+        assert plan.trainable_parameters == (new if freeze == "llamapro" else total)
+
+
+def test_memory_figures_follow_the_stated_formulas(tmp_path):
+    """Weights, gradients and optimizer bytes from the per-rank counts; the distributed optimizer shards over DP."""
+    from llamapro_megatron.training.config import load_config
+    from llamapro_megatron.training.plan import dry_run, layer_activation_bytes
+
+    hf = make_tiny_hf(tmp_path / "gqa", "gqa")
+    base = {"model.bf16": True, "parallelism.tensor_model_parallel_size": 2,
+            "parallelism.pipeline_model_parallel_size": 2, "schedule.seq_length": 64, "schedule.global_batch_size": 8}
+    plain = dry_run(load_config(None, base, plan_only=True), 8, str(hf), 2)
+    sharded = dry_run(load_config(None, {**base, "parallelism.use_distributed_optimizer": True}, plan_only=True),
+                      8, str(hf), 2)
+    assert plain.dp == 2 and plain.num_microbatches == 4
+    for r, s in zip(plain.ranks, sharded.ranks):
+        assert r.weights == 2 * r.parameters and r.gradients == 4 * r.trainable
+        assert r.optimizer == 12 * r.trainable and s.optimizer == -(-12 * r.trainable // 2)
+    # Stage 0 holds frozen layers 0-1 below the first new one (2): no gradient flows there, nothing is kept; it has
+    # 2 micro batches in flight (1F1B warm-up), stage 1 one, plus the logits (bf16 + fp32 copy + fp32 softmax).
+    layer = layer_activation_bytes(plain.meta, plain.config, flash=True, granularity=None)
+    assert layer == 64 * 2 * (4 * 64 + (2 * 64 + 2 * 32 + 3 * 96) // 2)
+    assert plain.ranks[0].layers == [0, 1, 2] and plain.ranks[0].activations == 2 * layer
+    logits = 64 * (plain.meta.padded_vocab_size // 2) * (2 + 4 + 4)
+    assert plain.ranks[-1].layers == [3, 4, 5] and plain.ranks[-1].activations == 3 * layer + logits
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--world-size", "6"], "--world-size 6 is not a multiple of TP x PP = 4"),
+    (["--world-size", "8", "--global-batch-size", "5"], "--global-batch-size 5 is not a multiple"),
+    (["--world-size", "4", "--freeze", "llamapro", "--no-groups"], "give --groups N"),
+])
+def test_bad_layouts_name_the_flag(argv, message, tmp_path, monkeypatch):
+    from llamapro_megatron.training.plan import dry_run
+
+    hf = make_tiny_hf(tmp_path / "gqa", "gqa")
+    groups = None if "--no-groups" in argv else 2
+    argv = [a for a in argv if a != "--no-groups"]
+    args = build_parser().parse_args(["train", "--dry-run", "--tensor-model-parallel-size", "2",
+                                      "--pipeline-model-parallel-size", "2", "--hf-config", str(hf), *argv])
+    with pytest.raises(UserError, match=re.escape(message)):
+        dry_run(config_from_args(args, plan_only=True), args.world_size, args.hf_config, groups)
+
+
+def test_dry_run_without_a_model_is_refused(capsys):
+    assert build_parser().parse_args(["train", "--dry-run"]).func is not None
+    from llamapro_megatron.cli import main
+
+    assert main(["train", "--dry-run", "--world-size", "1"]) == 2
+    assert "--dry-run needs the model" in capsys.readouterr().err
