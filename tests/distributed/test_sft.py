@@ -1,0 +1,141 @@
+"""The Instruct stage (--sft, --freeze none) through the trainer, against transformers, in one 2-rank world.
+
+A tiny random LLaMA with SmolLM2's vocabulary (its real tokenizer and chat template) is converted to Megatron;
+the chats are real CHAMP problems (user) and solutions (assistant). The trainer's first-step loss - computed
+before any optimizer step, so on the converted weights - must equal the mean over every assistant token of the
+global batch of transformers' cross entropy, each conversation run *on its own* (positions from 0, nothing else
+in its context). Packed samples hold two conversations each (block-diagonal attention, run at PP2 with 2 micro
+batches); padded samples one each (run at DP2 with 2 micro batches per rank, uneven token counts). Equality for
+packing is what shows that neither attention nor loss crosses a conversation boundary; the test also checks that
+the same reference over the packed samples *without* the boundaries differs by far more than the tolerance.
+The token ids and assistant masks are `encode_conversation`'s, which tests/unit/test_data_sft.py checks against
+the `tokenizers` library. Finally examples/sft_instruct.yaml runs two steps with small overrides.
+"""
+from __future__ import annotations
+
+import json
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamapro_megatron.runtime import run_workers
+from tests.data_artifacts import artifact, smollm2_tokenizer_dir
+from tests.tiny_models import make_tiny_hf
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "examples" / "sft_instruct.yaml"
+SEQ = 223  # 224-token samples: the four shortest CHAMP chats (84, 108, 108, 111 tokens) pack two by two
+# fp32 on both sides; what differs is summation order and, packed, RoPE angles at shifted (not restarted)
+# positions: attention sees only their difference, so the loss agrees up to rounding.
+TOLERANCE = 1e-6  # relative, on a loss of ~11.2 (measured: packed 7.5e-8, padded 4e-10)
+
+
+def _champ_chats() -> list[list[dict]]:
+    """CHAMP problem -> solution conversations, as examples/data/build_corpora.py writes them for SFT."""
+    build = runpy.run_path(str(ROOT / "examples" / "data" / "build_corpora.py"))
+    return [[{"role": "user", "content": problem}, {"role": "assistant", "content": solution}]
+            for _, problem, solution in build["champ_problems"](artifact("champ_v0.json"))]
+
+
+def _write(path: Path, chats: list[list[dict]]) -> str:
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    return str(path)
+
+
+def _train(argv: list[str]):
+    from llamapro_megatron.training.config import config_from_argv
+    from llamapro_megatron.training.trainer import train
+
+    return train(config_from_argv(argv))
+
+
+def _world(root: str, chat: str, recipe_chat: str, tokenizer: str) -> dict:
+    from llamapro_megatron.checkpoint.convert import hf_to_mcore
+
+    r = Path(root)
+    hf_to_mcore(r / "hf", r / "mc", progress=False)
+    common = ["--load", str(r / "mc"), "--freeze", "none", "--sft", "--data-path", chat, "--tokenizer-model",
+              tokenizer, "--seq-length", str(SEQ), "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
+              "--split", "100,0,0", "--eval-iters", "0", "--log-interval", "1"]
+    out = {
+        "packed": _train([*common, "--sft-packing", "packed", "--global-batch-size", "2",
+                          "--pipeline-model-parallel-size", "2"]).losses,
+        "padded": _train([*common, "--sft-packing", "padded", "--global-batch-size", "4"]).losses,
+    }
+    recipe = _train(["--config", str(RECIPE), "--load", str(r / "mc"), "--data-path", recipe_chat,
+                     "--tokenizer-model", tokenizer, "--save", str(r / "instruct"), "--tensor-model-parallel-size",
+                     "1", "--pipeline-model-parallel-size", "1", "--global-batch-size", "4", "--seq-length", "256",
+                     "--train-iters", "2", "--eval-iters", "1", "--tensorboard-dir", str(r / "tb")])
+    out["recipe"] = {"losses": recipe.losses, "eval": recipe.eval_losses, "saved": recipe.last_checkpoint}
+    return out
+
+
+def _reference(hf_dir: Path, conversations, packed_samples=None) -> float:
+    """transformers' mean cross entropy over the assistant tokens (labels of prompt tokens = -100)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    sequences = packed_samples or [(c.ids, c.mask) for c in conversations]
+    with torch.no_grad():
+        for ids, mask in sequences:
+            ids, mask = torch.as_tensor(ids)[None], torch.as_tensor(mask)[None]
+            labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))[:, 1:]
+            logits = model(ids).logits[:, :-1].float()
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
+                                                       ignore_index=-100)
+            total += float(losses.double().sum())
+            count += int((labels != -100).sum())
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    from llamapro_megatron.data.sft import encode_conversation
+    from llamapro_megatron.data.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("sft")
+    tokenizer_dir = smollm2_tokenizer_dir()
+    make_tiny_hf(root / "hf", "gqa", vocab_size=json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"])
+    tokenizer = load_tokenizer(tokenizer_dir)
+    champ = _champ_chats()
+    encoded = sorted(((encode_conversation(tokenizer, c), c) for c in champ), key=lambda e: len(e[0].ids))[:4]
+    conversations = [e[0] for e in encoded]
+    assert [len(c.ids) for c in conversations] == [84, 108, 108, 111]  # two per 224-token sample, none cut
+    chat = _write(root / "chat.jsonl", [e[1] for e in encoded])
+    recipe_chat = _write(root / "champ_chat.jsonl", champ[:40])
+    out = run_workers(_world, 2, args=(str(root), chat, recipe_chat, str(tokenizer_dir)), timeout_s=900)[0]
+    return root, out, conversations
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_first_step_loss_is_the_assistant_token_mean(sft_runs):
+    root, out, conversations = sft_runs
+    expected = _reference(root / "hf", conversations)
+    for mode in ("packed", "padded"):
+        got = out[mode][1]
+        assert got == pytest.approx(expected, rel=TOLERANCE), (mode, got, expected)
+    # The same reference over the packed samples with attention across the boundary: what a leak would give
+    # (the boundary label, a chat's first token, is a prompt token either way). The packed run is far from it.
+    leaky = []
+    for a, b in ((0, 1), (2, 3)):
+        ids = torch.cat([torch.as_tensor(conversations[a].ids), torch.as_tensor(conversations[b].ids)])
+        mask = torch.cat([torch.as_tensor(conversations[a].mask), torch.as_tensor(conversations[b].mask)])
+        leaky.append((ids, mask))
+    leaked = _reference(root / "hf", None, leaky)
+    assert abs(leaked - expected) > 100 * TOLERANCE * expected, (leaked, expected)
+
+
+@pytest.mark.slow
+def test_sft_recipe_runs_on_cpu(sft_runs):
+    root, out, _ = sft_runs
+    recipe = out["recipe"]
+    losses = [recipe["losses"][k] for k in sorted(recipe["losses"])]
+    assert len(losses) == 2 and all(math.isfinite(x) and 5 < x < 15 for x in losses), losses  # ~ln(49152)
+    assert recipe["saved"] and Path(recipe["saved"]).name == "iter_0000002"
+    saved = json.loads((Path(recipe["saved"]) / "llamapro.json").read_text())
+    assert saved["iteration"] == 2
