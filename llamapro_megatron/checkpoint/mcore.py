@@ -36,6 +36,7 @@ class CheckpointMeta:
     expansion: dict[str, Any] | None = None
     iteration: int = 0
     version: str = __version__
+    trainable_only: dict[str, Any] | None = None  # a save of the trainable tensors: base, fingerprint, keys
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -154,8 +155,9 @@ def set_rotary_inv_freq(model, arch: LlamaArch) -> None:
 
 
 def load_model_weights(model, ckpt_dir: str | Path) -> None:
-    """Load this rank's part of a torch_dist checkpoint into a model built at any TP/PP (megatron-core reshards)."""
-    from megatron.core import dist_checkpointing
+    """Load this rank's part of a torch_dist checkpoint into a model built at any TP/PP (megatron-core reshards);
+    a trainable-only save is completed from its base."""
+    from llamapro_megatron.checkpoint import trainable
 
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
+    state = trainable.load({"model": model.sharded_state_dict()}, ckpt_dir, read_meta(ckpt_dir), strict=True)
     model.load_state_dict(state["model"])
