@@ -73,8 +73,10 @@ def _world(root: str, chat: str, recipe_chat: str, tokenizer: str) -> dict:
     return out
 
 
-def _reference(hf_dir: Path, conversations, packed_samples=None) -> float:
-    """transformers' mean cross entropy over the assistant tokens (labels of prompt tokens = -100)."""
+def _reference(hf_dir: Path, conversations, packed_samples=None, all_tokens: bool = False) -> float:
+    """Mean cross entropy over the assistant tokens, by hand from transformers' logits (float64):
+    for each position t whose label ids[t+1] is an assistant token, logsumexp(logits[t]) - logits[t, ids[t+1]].
+    `all_tokens`: over every label instead (what a loss that ignored the assistant mask would give)."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
@@ -82,13 +84,13 @@ def _reference(hf_dir: Path, conversations, packed_samples=None) -> float:
     sequences = packed_samples or [(c.ids, c.mask) for c in conversations]
     with torch.no_grad():
         for ids, mask in sequences:
-            ids, mask = torch.as_tensor(ids)[None], torch.as_tensor(mask)[None]
-            labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))[:, 1:]
-            logits = model(ids).logits[:, :-1].float()
-            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
-                                                       ignore_index=-100)
-            total += float(losses.double().sum())
-            count += int((labels != -100).sum())
+            ids, mask = torch.as_tensor(ids), torch.as_tensor(mask)
+            logits = model(ids[None]).logits[0, :-1].double()
+            labels = ids[1:]
+            nll = torch.logsumexp(logits, dim=-1) - logits[torch.arange(len(labels)), labels]
+            keep = torch.ones_like(labels, dtype=torch.bool) if all_tokens else mask[1:].bool()
+            total += float(nll[keep].sum())
+            count += int(keep.sum())
     return total / count
 
 
@@ -128,6 +130,9 @@ def test_first_step_loss_is_the_assistant_token_mean(sft_runs):
         leaky.append((ids, mask))
     leaked = _reference(root / "hf", None, leaky)
     assert abs(leaked - expected) > 100 * TOLERANCE * expected, (leaked, expected)
+    # and a loss over the prompt tokens too (the assistant mask ignored) is far from it as well
+    unmasked = _reference(root / "hf", conversations, all_tokens=True)
+    assert abs(unmasked - expected) > 100 * TOLERANCE * expected, (unmasked, expected)
 
 
 @pytest.mark.slow
@@ -139,3 +144,21 @@ def test_sft_recipe_runs_on_cpu(sft_runs):
     assert recipe["saved"] and Path(recipe["saved"]).name == "iter_0000002"
     saved = json.loads((Path(recipe["saved"]) / "llamapro.json").read_text())
     assert saved["iteration"] == 2
+    # --freeze none: every block, the embedding and the head trained (each saved tensor moved from the start)
+    before, after = _model_tensors(root / "mc" / "release"), _model_tensors(Path(recipe["saved"]))
+    assert before and set(before) == set(after), sorted(set(before) ^ set(after))
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+    layers = [k for k in before if k.startswith("decoder.layers.")]
+    assert layers and all(not torch.equal(b, a) for k in layers
+                          for b, a in zip(before[k], after[k])), "a decoder layer did not train"
+
+
+def _model_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a torch_dist checkpoint (decoder layers stacked on dim 0), read with torch's DCP."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt_dir.parent / f"{ckpt_dir.name}.pt"
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+    return {k: v for k, v in torch.load(out, weights_only=False).items()
+            if isinstance(v, torch.Tensor) and not k.startswith("optimizer") and "_extra_state" not in k}

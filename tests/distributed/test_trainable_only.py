@@ -2,10 +2,10 @@
 fp16 weights, bf16 training, only the new blocks train).
 
 The same run is saved in full (F) and trainable-only (T). Checks, each against the full form: the merged T equals
-F's model tensors bit for bit; exporting T gives the same Hugging Face files as exporting F; expanding T gives the
-same checkpoint as expanding F; resuming from T at step N gives the same losses and the same saved weights and
-optimizer state, bit for bit, as resuming from F. A trainable-only save holds no frozen tensor, and a mismatched or
-missing base is refused.
+F's model tensors bit for bit (also through the `llamapro merge` command, in rounds of one unit); exporting T
+gives the same Hugging Face files as exporting F; expanding T gives the same checkpoint as expanding F; resuming
+from T at step N gives the same losses and the same saved weights and optimizer state, bit for bit, as resuming
+from F. A trainable-only save holds no frozen tensor, and a mismatched or missing base is refused.
 """
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ def _world(root: str) -> dict:
     out["F2"] = _train([*COMMON, "--load", str(r / "F"), *resume, "--save", str(r / "F2")])
     out["T2"] = _train([*COMMON, "--load", str(r / "T"), *resume, "--save", str(r / "T2"), "--save-trainable-only"])
     merge_trainable(None, r / "T", r / "M", progress=False)
+    # the command, with the base given (its save directory) and one unit per round: many rounds, each reading
+    # parts of the stacked layer tensors from the save and the rest from the base
+    from llamapro_megatron.cli import main
+
+    out["cli_merge"] = main(["merge", "--base", str(r / "pro"), "--trainable", str(r / "T"), "--ckpt-step", str(N),
+                             "--out", str(r / "M_cli"), "--max-round-mb", "0", "--no-progress"])
     for name in ("F", "T"):
         mcore_to_hf(r / name, r / f"hf_{name}", progress=False)
         expand_mcore(r / name, r / f"E_{name}", _plan, progress=False)
@@ -111,8 +117,11 @@ def test_trainable_only_save_holds_only_trained_tensors(runs):
 
 @pytest.mark.slow
 def test_merge_equals_the_full_save(runs):
-    root, _ = runs
+    root, out = runs
     _assert_equal(_model(_tensors(root / "M" / "release")), _model(_tensors(_iter(root, "F"))))
+    # `llamapro merge --base --trainable --ckpt-step --out`, in rounds of one unit, at step N
+    assert out["cli_merge"] == 0
+    _assert_equal(_model(_tensors(root / "M_cli" / "release")), _model(_tensors(_iter(root, "F", N))))
     meta = json.loads((root / "M" / "release" / "llamapro.json").read_text())
     assert meta["trainable_only"] is None and meta["iteration"] == 2 * N and meta["source"]["kind"] == "merged"
     assert meta["expansion"]["new_layer_indices"] == NEW_LAYERS
