@@ -55,13 +55,14 @@ def iteration_dir_name(iteration: int | None) -> str:
     return RELEASE if iteration is None else f"iter_{iteration:07d}"
 
 
-def resolve_checkpoint(load: str | Path, step: int | None = None) -> Path:
-    """The torch_dist directory of a Megatron save directory (latest, or --ckpt-step), or the directory itself."""
+def resolve_checkpoint(load: str | Path, step: int | None = None, flag: str = "--load") -> Path:
+    """The torch_dist directory of a Megatron save directory (latest, or --ckpt-step), or the directory itself;
+    `flag`: the option that named it, for error messages."""
     load = Path(load)
     if (load / META_FILE).is_file() and (load / "metadata.json").is_file():
         return load
     if not load.is_dir():
-        raise UserError(f"--load {load} does not exist")
+        raise UserError(f"{flag} {load} does not exist")
     if step is not None:
         path = load / iteration_dir_name(step)
         if not path.is_dir():
@@ -70,7 +71,7 @@ def resolve_checkpoint(load: str | Path, step: int | None = None) -> Path:
     else:
         latest = load / LATEST_FILE
         if not latest.is_file():
-            raise UserError(f"--load {load} is not a Megatron checkpoint directory (no {LATEST_FILE}); convert a "
+            raise UserError(f"{flag} {load} is not a Megatron checkpoint directory (no {LATEST_FILE}); convert a "
                             "Hugging Face model with `llamapro convert hf-to-mcore` first")
         tag = latest.read_text().strip()
         path = load / (RELEASE if tag == RELEASE else iteration_dir_name(int(tag)))

@@ -27,7 +27,7 @@ def merge_trainable(base: str | Path | None, save: str | Path, out: str | Path, 
                     overwrite: bool = False, progress: bool = True, round_bytes: int | None = None) -> Path:
     """Write the full checkpoint of a trainable-only save at `out`; `base`: its base, if moved (else recorded)."""
     out = check_output(out, overwrite)
-    save_dir = resolve_checkpoint(save, ckpt_step)
+    save_dir = resolve_checkpoint(save, ckpt_step, flag="--trainable")
     meta = read_meta(save_dir)
     if not trainable.is_trainable_only(meta):
         raise UserError(f"--trainable {save_dir} is a full checkpoint already (its llamapro.json has no "

@@ -64,7 +64,7 @@ def resolve_base(ckpt_dir: str | Path, meta: CheckpointMeta, base: str | Path | 
     if path.is_dir() and not (path / META_FILE).is_file():  # a save directory: its latest checkpoint
         from llamapro_megatron.checkpoint.mcore import resolve_checkpoint
 
-        path = resolve_checkpoint(path)
+        path = resolve_checkpoint(path, flag="--base")
     if not (path / META_FILE).is_file():
         raise UserError(f"{ckpt_dir} holds only the trainable tensors; its frozen tensors live in the base checkpoint "
                         f"{path}, which does not exist (any more). Restore it there, or give its new place with "

@@ -176,3 +176,5 @@ def test_mismatched_or_missing_base_is_refused(runs, tmp_path):
         merge_trainable(root / "base", moved, tmp_path / "y", progress=False)
     with pytest.raises(UserError, match="full checkpoint already"):
         merge_trainable(None, root / "F", tmp_path / "z", progress=False)
+    with pytest.raises(UserError, match="--trainable .*gone does not exist"):
+        merge_trainable(None, tmp_path / "gone", tmp_path / "z", progress=False)
