@@ -21,7 +21,7 @@ megatron-core's local spec (its softmax takes an explicit mask); Transformer Eng
 it, so the trainer refuses packing there. `position_ids` restart per conversation, but megatron-core's GPTModel
 computes RoPE from 0..s-1 whatever the ids: a packed conversation sees shifted positions, which attention does
 not notice (RoPE scores depend on position differences only) - the loss equals the one of each conversation
-alone up to rounding (tests/distributed/test_sft.py: 7.5e-8 relative). The label that links two conversations
+alone up to rounding (tests/distributed/test_sft.py: 7e-8 relative). The label that links two conversations
 is the next one's first token, which is never trained (not even when a conversation opens with an assistant
 turn), exactly as in padded samples, where a conversation's first token is never a label.
 """

@@ -30,6 +30,7 @@ class TrainResult:
     iteration: int = 0
     consumed_samples: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
+    grad_norms: dict[int, float] = field(default_factory=dict)  # iteration -> gradient norm (before clipping)
     eval_losses: dict[int, float] = field(default_factory=dict)
     last_checkpoint: str | None = None
     exit_reason: str = "done"
@@ -121,6 +122,8 @@ class _Run:
             self.scheduler.step(increment=1)
             result.iteration, result.consumed_samples = step, result.consumed_samples + self.shape.global_batch_size
             result.losses[step] = loss
+            if grad_norm is not None:
+                result.grad_norms[step] = float(grad_norm)
             result.seconds_per_step.append(time.time() - t0)  # the step alone: no logging, eval or save
             window_seconds, window_steps = window_seconds + result.seconds_per_step[-1], window_steps + 1
             if on_step is not None:

@@ -1,15 +1,19 @@
-"""The Instruct stage (--sft, --freeze none) through the trainer, against transformers, in one 2-rank world.
+"""The Instruct stage (--sft, --freeze none) through the trainer, against a hand computation on transformers'
+logits, in one 2-rank world.
 
 A tiny random LLaMA with SmolLM2's vocabulary (its real tokenizer and chat template) is converted to Megatron;
 the chats are real CHAMP problems (user) and solutions (assistant). The trainer's first-step loss - computed
 before any optimizer step, so on the converted weights - must equal the mean over every assistant token of the
-global batch of transformers' cross entropy, each conversation run *on its own* (positions from 0, nothing else
-in its context). Packed samples hold two conversations each (block-diagonal attention, run at PP2 with 2 micro
-batches); padded samples one each (run at DP2 with 2 micro batches per rank, uneven token counts). Equality for
-packing is what shows that neither attention nor loss crosses a conversation boundary; the test also checks that
-the same reference over the packed samples *without* the boundaries differs by far more than the tolerance.
+global batch of the cross entropy logsumexp(logits) - logit[label], computed by hand in float64 from transformers'
+logits with each conversation run *on its own* (positions from 0, nothing else in its context); its gradient
+norm must equal that of the same loss in transformers (all parameters train). Packed samples hold two
+conversations each (block-diagonal attention, run at PP2 with 2 micro batches); padded samples one each (run at
+DP2 with 2 micro batches per rank, uneven token counts). Equality for packing is what shows that neither
+attention nor loss crosses a conversation boundary; controls show that a leak across the boundary, a loss over
+the prompt tokens too, or a mean of per-sample means would each differ by far more than the tolerances.
 The token ids and assistant masks are `encode_conversation`'s, which tests/unit/test_data_sft.py checks against
-the `tokenizers` library. Finally examples/sft_instruct.yaml runs two steps with small overrides.
+the `tokenizers` library. Finally examples/sft_instruct.yaml runs two steps with small overrides, and every
+tensor of the model moves (all blocks, embedding and head train).
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ RECIPE = ROOT / "examples" / "sft_instruct.yaml"
 SEQ = 223  # 224-token samples: the four shortest CHAMP chats (84, 108, 108, 111 tokens) pack two by two
 # fp32 on both sides; what differs is summation order and, packed, RoPE angles at shifted (not restarted)
 # positions: attention sees only their difference, so the loss agrees up to rounding.
-TOLERANCE = 1e-6  # relative, on a loss of ~11.2 (measured: packed 7.5e-8, padded 4e-10)
+TOLERANCE = 1e-6  # relative, on a loss of ~11.2 (measured: packed 7.3e-8, padded 2.6e-9)
+GRAD_TOLERANCE = 3e-5  # relative, on the gradient norm ~5.84 (measured 1.07e-5 both ways; per-sample means: 1.1e-2)
 
 
 def _champ_chats() -> list[list[dict]]:
@@ -62,9 +67,10 @@ def _world(root: str, chat: str, recipe_chat: str, tokenizer: str) -> dict:
               "--split", "100,0,0", "--eval-iters", "0", "--log-interval", "1"]
     out = {
         "packed": _train([*common, "--sft-packing", "packed", "--global-batch-size", "2",
-                          "--pipeline-model-parallel-size", "2"]).losses,
-        "padded": _train([*common, "--sft-packing", "padded", "--global-batch-size", "4"]).losses,
+                          "--pipeline-model-parallel-size", "2"]),
+        "padded": _train([*common, "--sft-packing", "padded", "--global-batch-size", "4"]),
     }
+    out = {mode: {"loss": run.losses[1], "grad_norm": run.grad_norms[1]} for mode, run in out.items()}
     recipe = _train(["--config", str(RECIPE), "--load", str(r / "mc"), "--data-path", recipe_chat,
                      "--tokenizer-model", tokenizer, "--save", str(r / "instruct"), "--tensor-model-parallel-size",
                      "1", "--pipeline-model-parallel-size", "1", "--global-batch-size", "4", "--seq-length", "256",
@@ -73,25 +79,32 @@ def _world(root: str, chat: str, recipe_chat: str, tokenizer: str) -> dict:
     return out
 
 
-def _reference(hf_dir: Path, conversations, packed_samples=None, all_tokens: bool = False) -> float:
-    """Mean cross entropy over the assistant tokens, by hand from transformers' logits (float64):
-    for each position t whose label ids[t+1] is an assistant token, logsumexp(logits[t]) - logits[t, ids[t+1]].
-    `all_tokens`: over every label instead (what a loss that ignored the assistant mask would give)."""
+def _reference(hf_dir: Path, sequences, all_tokens: bool = False, per_sequence_mean: bool = False):
+    """(loss, gradient norm) of the mean cross entropy over the assistant tokens of `sequences` ((ids, mask)
+    pairs), by hand from transformers' logits: for each position t whose label ids[t+1] is an assistant token,
+    logsumexp(logits[t]) - logits[t, ids[t+1]] (in float64), summed over all sequences and divided by their
+    count; the gradient norm is over every parameter (all train: --freeze none).
+    `all_tokens`: over every label instead (what ignoring the assistant mask would give); `per_sequence_mean`:
+    the mean of each sequence's mean instead (what a per-micro-batch loss would give)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
-    total, count = 0.0, 0
-    sequences = packed_samples or [(c.ids, c.mask) for c in conversations]
-    with torch.no_grad():
-        for ids, mask in sequences:
-            ids, mask = torch.as_tensor(ids), torch.as_tensor(mask)
-            logits = model(ids[None]).logits[0, :-1].double()
-            labels = ids[1:]
-            nll = torch.logsumexp(logits, dim=-1) - logits[torch.arange(len(labels)), labels]
-            keep = torch.ones_like(labels, dtype=torch.bool) if all_tokens else mask[1:].bool()
-            total += float(nll[keep].sum())
-            count += int(keep.sum())
-    return total / count
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    sums, counts = [], []
+    for ids, mask in sequences:
+        ids, mask = torch.as_tensor(ids), torch.as_tensor(mask)
+        logits = model(ids[None]).logits[0, :-1].double()
+        labels = ids[1:]
+        nll = torch.logsumexp(logits, dim=-1) - logits[torch.arange(len(labels)), labels]
+        keep = torch.ones_like(labels, dtype=torch.bool) if all_tokens else mask[1:].bool()
+        sums.append(nll[keep].sum())
+        counts.append(int(keep.sum()))
+    if per_sequence_mean:
+        loss = sum(t / c for t, c in zip(sums, counts)) / len(sums)
+    else:
+        loss = sum(sums) / sum(counts)
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+    return float(loss), float(grad_norm)
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +130,13 @@ def sft_runs(tmp_path_factory):
 @pytest.mark.timeout(900)
 def test_first_step_loss_is_the_assistant_token_mean(sft_runs):
     root, out, conversations = sft_runs
-    expected = _reference(root / "hf", conversations)
+    alone = [(c.ids, c.mask) for c in conversations]
+    loss, grad_norm = _reference(root / "hf", alone)
     for mode in ("packed", "padded"):
-        got = out[mode][1]
-        assert got == pytest.approx(expected, rel=TOLERANCE), (mode, got, expected)
+        got = out[mode]
+        assert got["loss"] == pytest.approx(loss, rel=TOLERANCE), (mode, got, loss)
+        # the gradient too: megatron-core divides by the global batch's assistant-token count (per-token loss)
+        assert got["grad_norm"] == pytest.approx(grad_norm, rel=GRAD_TOLERANCE), (mode, got, grad_norm)
     # The same reference over the packed samples with attention across the boundary: what a leak would give
     # (the boundary label, a chat's first token, is a prompt token either way). The packed run is far from it.
     leaky = []
@@ -128,11 +144,14 @@ def test_first_step_loss_is_the_assistant_token_mean(sft_runs):
         ids = torch.cat([torch.as_tensor(conversations[a].ids), torch.as_tensor(conversations[b].ids)])
         mask = torch.cat([torch.as_tensor(conversations[a].mask), torch.as_tensor(conversations[b].mask)])
         leaky.append((ids, mask))
-    leaked = _reference(root / "hf", None, leaky)
-    assert abs(leaked - expected) > 100 * TOLERANCE * expected, (leaked, expected)
-    # and a loss over the prompt tokens too (the assistant mask ignored) is far from it as well
-    unmasked = _reference(root / "hf", conversations, all_tokens=True)
-    assert abs(unmasked - expected) > 100 * TOLERANCE * expected, (unmasked, expected)
+    leaked = _reference(root / "hf", leaky)[0]
+    assert abs(leaked - loss) > 100 * TOLERANCE * loss, (leaked, loss)
+    # a loss over the prompt tokens too (the assistant mask ignored) is far from it as well
+    unmasked = _reference(root / "hf", alone, all_tokens=True)[0]
+    assert abs(unmasked - loss) > 100 * TOLERANCE * loss, (unmasked, loss)
+    # and so is the gradient of a mean of per-conversation means (micro-batch means, not a per-token mean)
+    per_sample = _reference(root / "hf", alone, per_sequence_mean=True)[1]
+    assert abs(per_sample - grad_norm) > 100 * GRAD_TOLERANCE * grad_norm, (per_sample, grad_norm)
 
 
 @pytest.mark.slow
