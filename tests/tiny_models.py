@@ -26,11 +26,13 @@ VARIANTS = {
 }
 
 
-def make_tiny_hf(out_dir: str | Path, variant: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Save a randomly initialised model of the variant (every weight random, norms too)."""
+def make_tiny_hf(out_dir: str | Path, variant: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 **overrides) -> Path:
+    """Save a randomly initialised model of the variant (every weight random, norms too); `overrides` change
+    config fields (e.g. vocab_size to match a real tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    kwargs = dict(VARIANTS[variant])
+    kwargs = {**VARIANTS[variant], **overrides}
     kind = kwargs.pop("kind")
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (MistralConfig,
                                                                                       MistralForCausalLM)

@@ -1,4 +1,5 @@
-"""Checkpoint commands: `llamapro convert hf-to-mcore | mcore-to-hf`, `llamapro expand`, `llamapro expand-hf`."""
+"""Checkpoint commands: `llamapro convert hf-to-mcore | mcore-to-hf`, `llamapro expand`, `llamapro merge`,
+`llamapro expand-hf`."""
 from __future__ import annotations
 
 import argparse
@@ -101,6 +102,24 @@ def register(sub) -> None:
     add_round_arg(p)
     p.set_defaults(func=run_expand)
 
+    p = sub.add_parser("merge", help="trainable-only training save + its base -> a full Megatron checkpoint",
+                       description="Write the full checkpoint (a `release` of the weights) of a save made with "
+                       "`train --save-trainable-only`: trained tensors from the save, frozen ones from the base "
+                       "checkpoint it records (checked by fingerprint). Streaming: workers read and write a few "
+                       "layers at a time. To resume training with its optimizer, pass the save itself to "
+                       "`train --load` instead (export, expand and verify take it directly too).")
+    p.add_argument("--trainable", required=True, help="training save directory written with --save-trainable-only")
+    p.add_argument("--ckpt-step", type=int, default=None, help="iteration of --trainable (default: the latest)")
+    p.add_argument("--base", default=None, help="the base checkpoint, if it moved (default: the path the save "
+                   "records); refused unless its fingerprint matches")
+    p.add_argument("--out", required=True, help="output Megatron checkpoint directory")
+    p.add_argument("--tp", type=int, default=None, help="layout to validate and record (default: the save's)")
+    p.add_argument("--pp", type=int, default=None, help="likewise")
+    p.add_argument("--vpp", type=int, default=None, help="likewise")
+    add_worker_args(p)
+    add_round_arg(p)
+    p.set_defaults(func=run_merge)
+
     p = sub.add_parser("expand-hf", help="the same expansion, Hugging Face directory to Hugging Face directory",
                        description="Expand a Hugging Face LLaMA-family directory with identity blocks (config, "
                        "safetensors index, generation config and tokenizer carried over), streaming by layer.")
@@ -145,6 +164,15 @@ def run_expand(args) -> int:
     expand_mcore(args.load, args.out, plan_fn(args, required=True), tp=args.tp, pp=args.pp, vpp=args.vpp,
                  dtype=args.dtype, workers=args.workers, ckpt_step=args.ckpt_step, overwrite=args.overwrite,
                  progress=args.progress, round_bytes=args.max_round_mb << 20)
+    return 0
+
+
+def run_merge(args) -> int:
+    from llamapro_megatron.checkpoint.merge import merge_trainable
+
+    merge_trainable(args.base, args.trainable, args.out, ckpt_step=args.ckpt_step, tp=args.tp, pp=args.pp,
+                    vpp=args.vpp, workers=args.workers, overwrite=args.overwrite, progress=args.progress,
+                    round_bytes=args.max_round_mb << 20)
     return 0
 
 

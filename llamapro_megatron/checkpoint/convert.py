@@ -21,7 +21,7 @@ import torch
 
 from llamapro_megatron.arch import LlamaArch, canonical_dtype
 from llamapro_megatron.checkpoint import hf as hfio
-from llamapro_megatron.checkpoint import mapping
+from llamapro_megatron.checkpoint import mapping, trainable
 from llamapro_megatron.checkpoint.mcore import (
     LATEST_FILE,
     META_FILE,
@@ -294,6 +294,8 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
     out = check_output(out, overwrite)
     ckpt_dir = resolve_checkpoint(load, ckpt_step)
     meta = read_meta(ckpt_dir)
+    if trainable.is_trainable_only(meta):
+        trainable.resolve_base(ckpt_dir, meta)  # refuse a missing or mismatched base before starting workers
     dtype = canonical_dtype(dtype or meta.dtype)
     job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress,
                     ROUND_BYTES if round_bytes is None else round_bytes)
@@ -305,7 +307,6 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
 
 def _export_worker(job: ExportJob) -> None:
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
 
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
@@ -350,7 +351,7 @@ def _export_worker(job: ExportJob) -> None:
                     entry.replica_id = 0  # this worker is the one reader of the unit
                     request[name] = entry
         # A round reads part of each stacked tensor by design, so megatron's full-coverage check does not apply.
-        loaded = dist_checkpointing.load({"model": request}, job.ckpt_dir, validate_access_integrity=False)
+        loaded = trainable.load({"model": request}, job.ckpt_dir, meta)
         loaded = loaded.get("model", {})  # absent when this rank asked for nothing this round
         release(request)
         for unit in units_now:

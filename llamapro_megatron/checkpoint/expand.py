@@ -23,7 +23,7 @@ import torch
 
 from llamapro_megatron.arch import LlamaArch, canonical_dtype
 from llamapro_megatron.checkpoint import hf as hfio
-from llamapro_megatron.checkpoint import mapping, st_copy
+from llamapro_megatron.checkpoint import mapping, st_copy, trainable
 from llamapro_megatron.checkpoint.convert import (
     EMBED_UNIT,
     HEAD_UNIT,
@@ -75,6 +75,8 @@ class ExpandJob:
     plan: ExpansionPlan
     progress: bool = True
     round_bytes: int = ROUND_BYTES
+    desc: str = "expand"
+    base: str | None = None  # where a trainable-only source's base is, when not where its metadata says
 
 
 def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
@@ -84,6 +86,8 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
     out = check_output(out, overwrite)
     src_dir = resolve_checkpoint(load, ckpt_step)
     src = read_meta(src_dir)
+    if trainable.is_trainable_only(src):
+        trainable.resolve_base(src_dir, src)  # refuse a missing or mismatched base before starting workers
     plan = plan_fn(src.arch.num_layers)
     src.arch.validate_layout(tp, pp, vpp, num_layers=plan.num_layers)
     if src.padded_vocab_size % tp:
@@ -103,7 +107,6 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
 
 
 def _expand_worker(job: ExpandJob) -> None:
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     out = Path(job.out)
@@ -115,7 +118,7 @@ def _expand_worker(job: ExpandJob) -> None:
     owner = assign_units(list(sizes), sizes, info.world_size)
     # the bar counts each byte twice: once read and cloned, once written
     bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=2 * sum(sizes.values()),
-                         desc="expand", enabled=job.progress)
+                         desc=job.desc, enabled=job.progress)
     src_entries = entries_by_unit(
         build_gpt_model(src.arch, src.padded_vocab_size, dtype=src.dtype, meta_device=True).sharded_state_dict())
     # expanded-model entries grouped by the *source* unit they are written from
@@ -136,8 +139,7 @@ def _expand_worker(job: ExpandJob) -> None:
                         entry.data = torch.empty(entry_shape(entry), dtype=src_dtype)
                         entry.replica_id = 0
                         request[name] = entry
-            loaded = dist_checkpointing.load({"model": request}, job.src_dir, validate_access_integrity=False)
-            loaded = loaded.get("model", {})
+            loaded = trainable.load({"model": request}, job.src_dir, src, base=job.base).get("model", {})
             release(request)
             # 2. fill the expanded layers written from them: the original, then its identity copies
             owned = {}
@@ -162,7 +164,7 @@ def _expand_worker(job: ExpandJob) -> None:
     bar.close()  # after the collective save: every rank's bytes are in
     finish_release_output(info, tmp, out, job.meta_json, Path(job.src_dir) / TOKENIZER_DIR)
     if info.rank == 0 and job.progress:
-        print(f"expand: wrote {out} ({plan.source_num_layers} -> {plan.num_layers} layers)", flush=True)
+        print(f"{job.desc}: wrote {out} ({plan.source_num_layers} -> {plan.num_layers} layers)", flush=True)
 
 
 # ------------------------------------------------------------------ hf -> hf

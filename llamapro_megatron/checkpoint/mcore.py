@@ -36,6 +36,7 @@ class CheckpointMeta:
     expansion: dict[str, Any] | None = None
     iteration: int = 0
     version: str = __version__
+    trainable_only: dict[str, Any] | None = None  # a save of the trainable tensors: base, fingerprint, keys
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -54,13 +55,14 @@ def iteration_dir_name(iteration: int | None) -> str:
     return RELEASE if iteration is None else f"iter_{iteration:07d}"
 
 
-def resolve_checkpoint(load: str | Path, step: int | None = None) -> Path:
-    """The torch_dist directory of a Megatron save directory (latest, or --ckpt-step), or the directory itself."""
+def resolve_checkpoint(load: str | Path, step: int | None = None, flag: str = "--load") -> Path:
+    """The torch_dist directory of a Megatron save directory (latest, or --ckpt-step), or the directory itself;
+    `flag`: the option that named it, for error messages."""
     load = Path(load)
     if (load / META_FILE).is_file() and (load / "metadata.json").is_file():
         return load
     if not load.is_dir():
-        raise UserError(f"--load {load} does not exist")
+        raise UserError(f"{flag} {load} does not exist")
     if step is not None:
         path = load / iteration_dir_name(step)
         if not path.is_dir():
@@ -69,7 +71,7 @@ def resolve_checkpoint(load: str | Path, step: int | None = None) -> Path:
     else:
         latest = load / LATEST_FILE
         if not latest.is_file():
-            raise UserError(f"--load {load} is not a Megatron checkpoint directory (no {LATEST_FILE}); convert a "
+            raise UserError(f"{flag} {load} is not a Megatron checkpoint directory (no {LATEST_FILE}); convert a "
                             "Hugging Face model with `llamapro convert hf-to-mcore` first")
         tag = latest.read_text().strip()
         path = load / (RELEASE if tag == RELEASE else iteration_dir_name(int(tag)))
@@ -154,8 +156,9 @@ def set_rotary_inv_freq(model, arch: LlamaArch) -> None:
 
 
 def load_model_weights(model, ckpt_dir: str | Path) -> None:
-    """Load this rank's part of a torch_dist checkpoint into a model built at any TP/PP (megatron-core reshards)."""
-    from megatron.core import dist_checkpointing
+    """Load this rank's part of a torch_dist checkpoint into a model built at any TP/PP (megatron-core reshards);
+    a trainable-only save is completed from its base."""
+    from llamapro_megatron.checkpoint import trainable
 
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
+    state = trainable.load({"model": model.sharded_state_dict()}, ckpt_dir, read_meta(ckpt_dir), strict=True)
     model.load_state_dict(state["model"])

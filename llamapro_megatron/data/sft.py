@@ -12,9 +12,18 @@ Without a chat template the plain template below is used (documented here becaus
 
 where only `{reply}<eos>` is trained.
 
-Samples are packed to `seq_length` (whole conversations, in order, several per sample; positions restart
-and attention does not cross conversation boundaries) or padded (one conversation per sample).
-Conversations longer than a sample are truncated (counted).
+Samples are packed to `seq_length` (whole conversations, in order, several per sample; attention does not
+cross conversation boundaries) or padded (one conversation per sample). Conversations longer than a sample are
+truncated (counted).
+
+What packing guarantees in training (`llamapro train --sft`): the block-diagonal `attention_mask` is applied by
+megatron-core's local spec (its softmax takes an explicit mask); Transformer Engine's causal attention ignores
+it, so the trainer refuses packing there. `position_ids` restart per conversation, but megatron-core's GPTModel
+computes RoPE from 0..s-1 whatever the ids: a packed conversation sees shifted positions, which attention does
+not notice (RoPE scores depend on position differences only) - the loss equals the one of each conversation
+alone up to rounding (tests/distributed/test_sft.py: 7e-8 relative). The label that links two conversations
+is the next one's first token, which is never trained (not even when a conversation opens with an assistant
+turn), exactly as in padded samples, where a conversation's first token is never a label.
 """
 
 from __future__ import annotations
@@ -159,6 +168,7 @@ def pack(conversations: list[Conversation], seq_length: int, pad_id: int, packed
             starts.append(at)
             ids[at : at + len(c.ids)] = c.ids
             mask[at : at + len(c.mask)] = c.mask
+            mask[at] = 0  # a conversation's first token has no context of its own: never a label (no leak)
             at += len(c.ids)
         samples.append(PackedSample(ids, mask, starts, at))
         current, used = [], 0

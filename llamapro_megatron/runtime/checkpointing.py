@@ -81,6 +81,8 @@ def _unstack_one(item: Any) -> Any:
             global_offset=tuple(item.global_offset[1:]),
             axis_fragmentations=None if frags is None else tuple(frags[1:]),
             prepend_axis_num=item.prepend_axis_num - 1,
+            # a load/save buffer of another dtype may stand in for the parameter (checkpoints keep their dtype)
+            dtype=item.data.dtype if item.data is not None else item.dtype,
         )
     if isinstance(item, ShardedTensorFactory) and not getattr(item.build_fn, "_llamapro_unstacked", False):
         build_fn = item.build_fn

@@ -9,6 +9,11 @@ Model tensors are stored in the dtype of the weights the run started from (``lla
 the training dtype: frozen tensors are written from their original values, so they stay bit-exact even when the
 originals are fp16 and training runs in bf16 (then their originals are kept in host memory). Optimizer state
 gives each decoder layer its own key (``unstack_layer_keys``): only the trainable layers have any.
+
+``--save-trainable-only``: the model part of a save is the trainable tensors alone (per-layer keys), and
+``llamapro.json`` records the base checkpoint that holds the frozen ones (``checkpoint/trainable.py``): the
+checkpoint this run loaded, or that checkpoint's own base when it was a trainable-only save itself. Loading
+either form goes through ``trainable.load``.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from llamapro_megatron.arch import torch_dtype
+from llamapro_megatron.checkpoint import trainable
 from llamapro_megatron.checkpoint.mcore import (
     LATEST_FILE,
     META_FILE,
@@ -61,6 +67,11 @@ class Checkpointer:
         self.stored_dtype = torch_dtype(meta.dtype)
         self.originals: list[dict[str, torch.Tensor]] = [{} for _ in self.chunks]
         self.last_saved: Path | None = source if source.name != RELEASE else None
+        # where frozen tensors live for a trainable-only save, and what the loaded save had trained
+        if trainable.is_trainable_only(meta):
+            self.base, self.trained_before = trainable.resolve_base(source, meta), set(meta.trainable_only["keys"])
+        else:
+            self.base, self.trained_before = source.resolve(), set()
 
     # ------------------------------------------------------------ state dicts
     def _state(self, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict[str, Any]:
@@ -79,7 +90,11 @@ class Checkpointer:
         if with_rng:
             state["rng_state"] = _rng_sharded_object()
         for i, chunk in enumerate(self.chunks):
-            self._set_stored_tensors(i, chunk, model_sd[self._model_key(i)], is_loading)
+            sd = model_sd[self._model_key(i)]
+            if not is_loading and self.config.checkpointing.save_trainable_only:
+                names = {name for name, p in chunk.named_parameters() if p.requires_grad}
+                sd = state[self._model_key(i)] = trainable.trainable_entries(sd, names)
+            self._set_stored_tensors(i, chunk, sd, is_loading)
         return state
 
     def _model_key(self, i: int) -> str:
@@ -117,7 +132,8 @@ class Checkpointer:
             _warn_rank0(f"{self.source} was written at {saved_layout}, this run is {_layout(self.config)}: RNG "
                         "states are not restored (they are per tensor/pipeline rank)")
         state = self._state(is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng)
-        loaded = dist_checkpointing.load(state, str(self.source))
+        model_keys = [self._model_key(i) for i in range(len(self.chunks))]
+        loaded = trainable.load(state, self.source, self.meta, model_keys=model_keys, strict=True)
         for i, chunk in enumerate(self.chunks):
             self._copy_into_model(i, chunk, loaded[self._model_key(i)])
         if with_optimizer:
@@ -158,6 +174,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         state = self._state(is_loading=False, with_optimizer=True, with_rng=True)
+        trainable_only = self._trainable_only_record(state) if self.config.checkpointing.save_trainable_only else None
         state.update(self._common(iteration, consumed_samples))
         save_sharded(state, str(tmp))
         dist.barrier()  # every rank has written its shards
@@ -165,7 +182,7 @@ class Checkpointer:
             meta = CheckpointMeta(arch=self.meta.arch, padded_vocab_size=self.meta.padded_vocab_size,
                                   dtype=self.meta.dtype, layout=_layout(self.config),
                                   source={"kind": "training", "load": str(self.source)},
-                                  expansion=self.meta.expansion, iteration=iteration)
+                                  expansion=self.meta.expansion, iteration=iteration, trainable_only=trainable_only)
             (tmp / META_FILE).write_text(meta.to_json())
             tokenizer = self.source / TOKENIZER_DIR
             if tokenizer.is_dir():
@@ -178,6 +195,22 @@ class Checkpointer:
         dist.barrier()
         self.last_saved = final
         return final
+
+    def _trainable_only_record(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The base and the stored keys of a trainable-only save (on rank 0; None elsewhere). Collective."""
+        mine = sorted({k for i in range(len(self.chunks)) for entry in state[self._model_key(i)].values()
+                       for k in trainable.stored_keys(entry)})
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        keys = sorted(set().union(*map(set, gathered)))
+        untrained = sorted(self.trained_before - set(keys))
+        if untrained:  # their trained values are in the loaded save, not in the base: a new save would lose them
+            raise UserError(f"--save-trainable-only: {self.source} trained {untrained[:3]}... which this run "
+                            "freezes, so its base lacks their values; save in full (drop --save-trainable-only) "
+                            "or train them")
+        if dist.get_rank() != 0:
+            return None
+        return {"base": str(self.base), "fingerprint": trainable.fingerprint(self.base), "keys": keys}
 
     def _common(self, iteration: int, consumed_samples: int) -> dict[str, Any]:
         return {
@@ -196,7 +229,7 @@ class Checkpointer:
             return
         iters = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and p.is_dir())
         for it in iters[:-keep]:
-            if it != newest:
+            if it != newest and (root / iteration_dir_name(it)).resolve() != self.base:  # a base stays
                 shutil.rmtree(root / iteration_dir_name(it), ignore_errors=True)
 
 

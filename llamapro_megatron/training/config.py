@@ -8,6 +8,18 @@ A recipe groups settings by section; keys are Megatron-LM's flag names with unde
     data: {data_path: [1.0, data/proofpile, 1.5, data/stack_python], split: "969,30,1"}
     checkpointing: {load: ckpt/pro, save: ckpt/pro-trained, save_interval: 500}
 
+The Instruct stage (SFT) reads chat .jsonl files instead of preprocessed corpora:
+
+    data: {sft: true, data_path: [data/corpora/chat/train.jsonl], sft_packing: padded}
+    freeze: {freeze: none}
+
+Each line is ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``; conversations are
+rendered with the tokenizer's chat template (``llamapro_megatron.data.sft``) and the loss is the mean over the
+assistant tokens of the global batch (per-token, not per micro batch). ``sft_packing: packed`` puts several
+conversations in one sample with a block-diagonal attention mask (the local spec applies it; RoPE positions do
+not restart, which attention does not notice since RoPE is relative); ``padded`` gives one conversation per
+sample, padded, and needs no mask (any spec).
+
 Flags use Megatron-LM's names (``--tensor-model-parallel-size``) and win over the recipe. The model's
 architecture and its expansion are *not* configured here: they come from the checkpoint's metadata.
 """
@@ -23,6 +35,7 @@ from llamapro_megatron.errors import UserError
 
 FREEZE_POLICIES = ("llamapro", "none", "layers")
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+SFT_PACKING = ("packed", "padded")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -73,6 +86,8 @@ class DataSection:
     data_cache_path: str | None = None
     tokenizer_model: str | None = None  # default: the tokenizer stored with the checkpoint
     mock_data: bool = False  # seeded random tokens instead of a corpus (benchmarks, smoke tests)
+    sft: bool = False  # data_path lists chat .jsonl files; the loss counts assistant tokens only
+    sft_packing: str = "packed"  # packed: several conversations per sample (block-diagonal attention); padded
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,6 +100,7 @@ class CheckpointingSection:
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = False  # load weights only: iteration 0, fresh optimizer and scheduler
+    save_trainable_only: bool = False  # saves hold the trainable tensors; frozen ones stay in the base checkpoint
 
 
 @dataclass(kw_only=True, slots=True)
@@ -171,6 +187,11 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--data-cache-path": ("data", "data_cache_path", dict()),
     "--tokenizer-model": ("data", "tokenizer_model", dict(help="default: the checkpoint's tokenizer")),
     "--mock-data": ("data", "mock_data", dict(_BOOL, help="seeded random tokens (no corpus)")),
+    "--sft": ("data", "sft", dict(_BOOL, help="Instruct stage: --data-path lists chat .jsonl files "
+                                  "({messages: [{role, content}, ...]} per line); loss over assistant tokens only")),
+    "--sft-packing": ("data", "sft_packing", dict(choices=SFT_PACKING, help="packed: several conversations per "
+                                                  "sample, attention kept within each (local spec); padded: one "
+                                                  "per sample (any spec). Default: packed")),
     "--load": ("checkpointing", "load", dict()),
     "--save": ("checkpointing", "save", dict()),
     "--ckpt-step": ("checkpointing", "ckpt_step", dict(type=int)),
@@ -179,6 +200,10 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--no-load-optim": ("checkpointing", "no_load_optim", _BOOL),
     "--no-load-rng": ("checkpointing", "no_load_rng", _BOOL),
     "--finetune": ("checkpointing", "finetune", dict(_BOOL, help="weights only: iteration 0, new optimizer")),
+    "--save-trainable-only": ("checkpointing", "save_trainable_only",
+                              dict(_BOOL, help="saves hold only the trainable tensors (+ optimizer, scheduler, "
+                                   "RNG); frozen ones are read from the base checkpoint, recorded by path and "
+                                   "fingerprint. `llamapro merge` writes the full checkpoint")),
     "--log-interval": ("logging", "log_interval", dict(type=int)),
     "--eval-interval": ("logging", "eval_interval", dict(type=int)),
     "--eval-iters": ("logging", "eval_iters", dict(type=int)),
@@ -293,8 +318,12 @@ def validate(config: TrainConfig, plan_only: bool = False) -> None:
     if f.trainable_layers and f.freeze != "layers":
         raise UserError(f"--trainable-layers is used with --freeze layers (got --freeze {f.freeze})")
     if not plan_only and not d.mock_data and not d.data_path:
-        raise UserError("--data-path is required (preprocessed PREFIX, or W1 PREFIX1 W2 PREFIX2 ...); "
-                        "or --mock-data for random tokens")
+        raise UserError("--data-path is required (preprocessed PREFIX, or W1 PREFIX1 W2 PREFIX2 ...; with --sft: "
+                        "chat .jsonl files); or --mock-data for random tokens")
+    if d.sft and d.mock_data:
+        raise UserError("--sft trains on chat .jsonl files given with --data-path; it does not go with --mock-data")
+    if d.sft_packing not in SFT_PACKING:
+        raise UserError(f"--sft-packing {d.sft_packing!r}: choose one of {', '.join(SFT_PACKING)}")
     if s.exit_duration_in_mins is not None and s.exit_duration_in_mins <= 0:
         raise UserError(f"--exit-duration-in-mins {s.exit_duration_in_mins}: must be positive")
 

@@ -36,7 +36,10 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
     for vp_stage in range(vpp or 1):
         model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                                 tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
-                                spec=config.model.spec, vp_stage=vp_stage if vpp else None)
+                                spec=config.model.spec, vp_stage=vp_stage if vpp else None,
+                                # SFT: the loss is a mean over the global batch's assistant tokens, not a mean of
+                                # micro-batch means (megatron-core's per-token loss; DDP then sums gradients)
+                                calculate_per_token_loss=config.data.sft)
         chunks.append(model.to(device))
     return chunks
 

@@ -30,6 +30,7 @@ class TrainResult:
     iteration: int = 0
     consumed_samples: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
+    grad_norms: dict[int, float] = field(default_factory=dict)  # iteration -> gradient norm (before clipping)
     eval_losses: dict[int, float] = field(default_factory=dict)
     last_checkpoint: str | None = None
     exit_reason: str = "done"
@@ -78,6 +79,7 @@ class _Run:
         self.data = data.TrainingData(config, self.meta.arch.vocab_size, self.shape, info.dp_rank,
                                       self.steps.train_iters, config.logging.eval_iters, tokenizer)
         self.fwd_bwd = get_forward_backward_func()
+        self.per_token_loss = chunks[0].config.calculate_per_token_loss
         layers = model.trainable_layers(self.meta, config.freeze)
         first_chunk = self.meta.arch.num_layers // (info.pp * (p_vpp(config) or 1)) if info.pp > 1 else 10**9
         self.flops = metrics.flops_per_token(
@@ -120,6 +122,8 @@ class _Run:
             self.scheduler.step(increment=1)
             result.iteration, result.consumed_samples = step, result.consumed_samples + self.shape.global_batch_size
             result.losses[step] = loss
+            if grad_norm is not None:
+                result.grad_norms[step] = float(grad_norm)
             result.seconds_per_step.append(time.time() - t0)  # the step alone: no logging, eval or save
             window_seconds, window_steps = window_seconds + result.seconds_per_step[-1], window_steps + 1
             if on_step is not None:
@@ -158,8 +162,10 @@ class _Run:
         dist.all_reduce(value)
         return int(value.item())
 
-    def _forward_backward(self, batches: list[dict], forward_only: bool) -> float | None:
-        """Mean loss over this rank's micro batches (last pipeline stage), None elsewhere."""
+    def _forward_backward(self, batches: list[dict], forward_only: bool) -> tuple[float, float] | None:
+        """(loss sum, weight) over this rank's micro batches (last pipeline stage), None elsewhere.
+
+        The weight is the number of micro batches, or of loss tokens with the per-token loss (SFT)."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -171,13 +177,16 @@ class _Run:
             micro_batch_size=self.shape.micro_batch_size, forward_only=forward_only)
         if not losses:
             return None
-        return sum(d["lm loss"].item() for d in losses) / len(losses)
+        if self.per_token_loss:  # each micro batch reports [loss sum, loss tokens]
+            return sum(d["lm loss"][0].item() for d in losses), sum(d["lm loss"][1].item() for d in losses)
+        return sum(d["lm loss"].item() for d in losses), float(len(losses))
 
     def _forward_step(self, data_iterator, model):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         batch = {k: v.to(self.info.device) for k, v in next(data_iterator).items()}
-        logits = model(batch["tokens"], batch["position_ids"], attention_mask=None)
+        # packed SFT samples carry a block-diagonal mask (True = masked); otherwise the spec's causal mask applies
+        logits = model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"))
         vocab = self.meta.arch.vocab_size
 
         def loss_func(output: torch.Tensor):
@@ -189,18 +198,23 @@ class _Run:
                 logits = logits.masked_fill(padded, float("-inf"))
             token_losses = vocab_parallel_cross_entropy(logits, batch["labels"])
             mask = batch["loss_mask"].float()
+            if self.per_token_loss:  # megatron-core divides the gradients by the global batch's loss tokens
+                total, count = (token_losses * mask).sum(), mask.sum()
+                return total, count.to(torch.int), {"lm loss": torch.stack([total.detach(), count])}
             loss = (token_losses * mask).sum() / mask.sum().clamp(min=1)
             return loss, {"lm loss": loss.detach().clone()}  # the schedule divides loss in place
 
         return logits, loss_func
 
-    def _agree(self, local_loss: float | None, stop_signal: bool, timed_out: bool) -> tuple[float, bool, bool]:
-        """One all-reduce: the loss (averaged over the data-parallel last-stage ranks), stop flags."""
+    def _agree(self, local_loss: tuple[float, float] | None, stop_signal: bool,
+               timed_out: bool) -> tuple[float, bool, bool]:
+        """One all-reduce: the loss (weighted over the data-parallel last-stage ranks), stop flags."""
         from megatron.core import parallel_state as ps
 
         reports = local_loss is not None and ps.get_tensor_model_parallel_rank() == 0
-        values = torch.tensor([local_loss if reports else 0.0, 1.0 if reports else 0.0, float(stop_signal),
-                               float(timed_out)], dtype=torch.float64, device=self.info.device)
+        total, weight = local_loss if reports else (0.0, 0.0)
+        values = torch.tensor([total, weight, float(stop_signal), float(timed_out)], dtype=torch.float64,
+                              device=self.info.device)
         dist.all_reduce(values)
         loss = (values[0] / values[1]).item() if values[1] > 0 else float("nan")
         return loss, bool(values[2] > 0), bool(values[3] > 0)

@@ -119,3 +119,17 @@ def test_padded_dataset_and_errors(tmp_path: Path):
         SFTDataset([src], tok, seq_length=64, strict=True)
     short = SFTDataset([src], tok, seq_length=8, packed=False, log=lambda m: None)
     assert short.truncated == 5 and np.all([len(s.ids) == 9 for s in short.samples])
+
+
+def test_packed_boundary_label_is_never_trained(tmp_path: Path, smollm2):
+    """The label linking two packed conversations (the next one's first token) is not trained, even when that
+    conversation opens with an assistant turn (then its first token is assistant text)."""
+    src = tmp_path / "chat.jsonl"
+    opening = [{"role": "assistant", "content": "Hello! Ask me a math question."}]
+    src.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": opening}) + "\n")
+    assert encode_conversation(smollm2, opening).mask[0] == 1
+    ds = SFTDataset([src], smollm2, seq_length=256, packed=True)
+    assert len(ds) == 1 and len(ds.samples[0].starts) == 2
+    start = ds.samples[0].starts[1]
+    item = ds[0]
+    assert item["loss_mask"][start - 1] == 0 and item["loss_mask"][start] == 1  # labels: ids[start], ids[start+1]

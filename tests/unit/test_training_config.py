@@ -29,6 +29,7 @@ def test_flags_alone_suffice():
     ([*BASE, "--freeze", "layers"], "--trainable-layers"),
     ([*BASE, "--min-lr", "1", "--lr", "0.1"], "--min-lr"),
     (["--load", "x", "--train-iters", "3"], "--data-path is required"),
+    ([*BASE, "--sft"], "--sft trains on chat .jsonl files"),
 ])
 def test_bad_input_names_the_flag(argv, message):
     with pytest.raises(UserError, match=message):
@@ -59,3 +60,12 @@ def test_counted_flops_below_full_training():
     # full training ~ 6N plus attention; LLaMA Pro skips weight gradients of 32 of 40 blocks and the head's
     assert 1.0 < full.per_token / full.six_n_per_token < 1.5
     assert 0.6 < pro.per_token / full.per_token < 0.75
+
+
+def test_sft_recipe_loads():
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "sft_instruct.yaml"
+    c = config_from_argv(["--config", str(recipe)])
+    assert c.data.sft and c.freeze.freeze == "none" and c.optimizer.lr == 2e-5
+    assert c.schedule.global_batch_size == 128 and c.model.bf16 and c.schedule.lr_decay_style == "cosine"

@@ -1,0 +1,50 @@
+"""`llamapro merge`: a trainable-only training save + its base -> one full Megatron checkpoint.
+
+Streaming, like `expand`: workers each own some layers (and the embedding / output units), read them in rounds
+through `trainable.load` (trained tensors from the save, frozen ones from the base) and the world saves them
+together; no process holds the whole model. It is `expand`'s worker with the identity plan and the save's own
+metadata. The output is a `release` checkpoint of the weights (architecture, expansion and iteration recorded):
+export, expand, verify and `train` (a fresh run) take it like any other. To *resume* the run with its optimizer,
+pass the trainable-only save itself to `train --load`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from llamapro_megatron.checkpoint import trainable
+from llamapro_megatron.checkpoint.convert import ROUND_BYTES, run_job, unit_sizes
+from llamapro_megatron.checkpoint.expand import ExpandJob, _expand_worker
+from llamapro_megatron.checkpoint.mcore import check_output, read_meta, resolve_checkpoint
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.expansion import ExpansionPlan
+
+
+def merge_trainable(base: str | Path | None, save: str | Path, out: str | Path, *, ckpt_step: int | None = None,
+                    tp: int | None = None, pp: int | None = None, vpp: int | None = None, workers: int = 1,
+                    overwrite: bool = False, progress: bool = True, round_bytes: int | None = None) -> Path:
+    """Write the full checkpoint of a trainable-only save at `out`; `base`: its base, if moved (else recorded)."""
+    out = check_output(out, overwrite)
+    save_dir = resolve_checkpoint(save, ckpt_step, flag="--trainable")
+    meta = read_meta(save_dir)
+    if not trainable.is_trainable_only(meta):
+        raise UserError(f"--trainable {save_dir} is a full checkpoint already (its llamapro.json has no "
+                        "trainable_only record): nothing to merge; use it as it is")
+    base_dir = trainable.resolve_base(save_dir, meta, base)
+    layout = {"tp": tp or meta.layout.get("tp", 1), "pp": pp or meta.layout.get("pp", 1),
+              "vpp": vpp if vpp is not None else meta.layout.get("vpp")}
+    meta.arch.validate_layout(layout["tp"], layout["pp"], layout["vpp"])
+    if meta.padded_vocab_size % layout["tp"]:
+        raise UserError(f"--tp {layout['tp']} does not divide the checkpoint's padded vocabulary "
+                        f"{meta.padded_vocab_size}")
+    merged = dataclasses.replace(meta, trainable_only=None, layout=layout,
+                                 source={"kind": "merged", "base": str(base_dir), "trainable": str(save_dir.resolve()),
+                                         "source": meta.source})
+    n = meta.arch.num_layers
+    job = ExpandJob(str(save_dir), str(out), meta.to_json(), merged.to_json(), ExpansionPlan.identity(n), progress,
+                    ROUND_BYTES if round_bytes is None else round_bytes, desc="merge", base=str(base_dir))
+    total = sum(unit_sizes(meta.arch, meta.padded_vocab_size, getattr(torch, meta.dtype).itemsize, n).values())
+    run_job(_expand_worker, job, workers, out, total)
+    return out
