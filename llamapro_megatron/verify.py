@@ -173,7 +173,9 @@ def register(sub) -> None:
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest acceptable max |logit difference| in fp32 (default: 0 for --load-expanded, an "
                    "identity expansion is exact; 1e-3 against --hf-dir)")
-    p.add_argument("--spec", default="auto", choices=["auto", "local", "te"], help="megatron layer spec")
+    from llamapro_megatron.runtime.specs import SPEC_HELP, SPEC_KINDS
+
+    p.add_argument("--spec", default="auto", choices=SPEC_KINDS, help=SPEC_HELP)
     p.set_defaults(func=run)
 
 

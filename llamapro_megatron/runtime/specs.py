@@ -1,11 +1,14 @@
 """Which megatron-core transformer-layer implementation ("spec") to build GPT models with.
 
 - ``te``: Transformer Engine modules (fused LayerNorm+Linear, TE attention); needs CUDA and transformer_engine.
-- ``local``: megatron-core's own modules (torch RMSNorm/LayerNorm, DotProductAttention); runs anywhere.
+- ``sdpa``: the local spec with core attention by torch's ``scaled_dot_product_attention`` (flash /
+  memory-efficient kernels; :mod:`.sdpa`); runs anywhere, fast without Transformer Engine (CPU, AMD, a GPU box
+  without TE). What ``auto`` picks where TE is not usable.
+- ``local``: megatron-core's own modules (torch RMSNorm/LayerNorm, DotProductAttention, which materialises the
+  [b, h, s, s] scores); runs anywhere.
 
-Checkpoints are interchangeable between the two: the local spec maps its norm keys onto TE's fused names
-(``sharded_state_dict_keys_map`` in ``gpt_layer_specs.py``). A future ``sdpa`` kind (local modules with torch
-scaled-dot-product attention) would be added to :data:`_BUILDERS` and :data:`SPEC_KINDS`.
+Checkpoints are interchangeable between all three: the local and sdpa specs map their norm keys onto TE's fused
+names (``sharded_state_dict_keys_map`` in ``gpt_layer_specs.py``), and core attention has no parameters.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any
 
 from ..errors import UserError
 
-SPEC_KINDS = ("auto", "te", "local")
-_PLANNED_KINDS = {"sdpa": "local modules with torch scaled_dot_product_attention"}
+SPEC_KINDS = ("auto", "te", "sdpa", "local")
+SPEC_HELP = ("megatron layer spec: te (Transformer Engine, CUDA), sdpa (torch scaled_dot_product_attention: "
+             "flash/memory-efficient kernels, any device), local (megatron-core's plain modules), or auto (te "
+             "where CUDA and Transformer Engine are usable, else sdpa). Checkpoints work with every spec")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
 
@@ -42,28 +47,25 @@ def _cuda_available() -> bool:
 
 
 def resolve_spec_kind(requested: str = "auto") -> str:
-    """Turn a requested spec kind into the one to build: ``"te"`` or ``"local"``.
+    """Turn a requested spec kind into the one to build: ``"te"``, ``"sdpa"`` or ``"local"``.
 
-    ``"auto"`` gives ``"te"`` when CUDA is available and Transformer Engine imports, else ``"local"``. Asking for
+    ``"auto"`` gives ``"te"`` when CUDA is available and Transformer Engine imports, else ``"sdpa"``. Asking for
     ``"te"`` where that is not the case raises :class:`~llamapro_megatron.errors.UserError`.
     """
     kind = str(requested).strip().lower()
-    if kind in _PLANNED_KINDS:
-        raise UserError(f"layer spec {requested!r} ({_PLANNED_KINDS[kind]}) is not implemented yet; "
-                        "use 'local' or 'te' (or 'auto')")
     if kind not in SPEC_KINDS:
-        raise UserError(f"unknown layer spec {requested!r}; expected one of {', '.join(SPEC_KINDS)}")
-    if kind == "local":
-        return "local"
+        raise UserError(f"unknown layer spec {requested!r} (--spec); expected one of {', '.join(SPEC_KINDS)}")
+    if kind in ("local", "sdpa"):
+        return kind
     te_usable = _cuda_available() and transformer_engine_available()
     if kind == "auto":
-        return "te" if te_usable else "local"
+        return "te" if te_usable else "sdpa"
     if not _cuda_available():
         raise UserError("layer spec 'te' needs CUDA, which is not available here (torch.cuda.is_available() is "
-                        "False); use 'local' or 'auto'")
+                        "False); use --spec sdpa, local or auto")
     if not te_usable:
         raise UserError("layer spec 'te' needs Transformer Engine, which does not import here; install "
-                        "transformer-engine[pytorch] (e.g. use an NGC PyTorch container) or use 'local'/'auto'")
+                        "transformer-engine[pytorch] (e.g. use an NGC PyTorch container) or use --spec sdpa/auto")
     return "te"
 
 
@@ -83,6 +85,14 @@ def _local_spec(normalization: str) -> Any:
     return get_gpt_layer_local_spec(normalization=normalization)
 
 
+def _sdpa_spec(normalization: str) -> Any:
+    from .sdpa import SDPAttention
+
+    spec = _local_spec(normalization)
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
 def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
     # Newer megatron-core wraps spec functions as (*args, **kwargs) forwarding to *_submodules(...).
     try:
@@ -92,13 +102,13 @@ def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-_BUILDERS: dict[str, Callable[[str], Any]] = {"te": _te_spec, "local": _local_spec}
+_BUILDERS: dict[str, Callable[[str], Any]] = {"te": _te_spec, "sdpa": _sdpa_spec, "local": _local_spec}
 
 
 def gpt_layer_spec(kind: str, normalization: str = "RMSNorm") -> Any:
     """megatron-core ``ModuleSpec`` of one GPT decoder layer for ``kind`` (resolved first if ``"auto"``).
 
-    ``normalization`` selects the local spec's norm; the TE spec follows ``TransformerConfig.normalization``,
+    ``normalization`` selects the local and sdpa specs' norm; the TE spec follows ``TransformerConfig.normalization``,
     so set that to the same value in either case.
     """
     if normalization not in NORMALIZATIONS:

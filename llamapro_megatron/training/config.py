@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from llamapro_megatron.errors import UserError
+from llamapro_megatron.runtime.specs import SPEC_HELP, SPEC_KINDS
 
 FREEZE_POLICIES = ("llamapro", "none", "layers")
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
@@ -40,7 +41,7 @@ SFT_PACKING = ("packed", "padded")
 
 @dataclass(kw_only=True, slots=True)
 class ModelSection:
-    spec: str = "auto"  # megatron layer spec: te on GPU (with Transformer Engine), local on CPU
+    spec: str = "auto"  # megatron layer spec: te where CUDA + Transformer Engine work, else sdpa
     bf16: bool = False  # bf16 params and activations with fp32 main params in the optimizer
 
 
@@ -156,7 +157,7 @@ _SECTION_CLASSES = {
 # flag -> (section, field, argparse kwargs). The one place where a flag meets its config field.
 _BOOL = dict(action="store_true")
 FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "--spec": ("model", "spec", dict(choices=["auto", "te", "local"], help="megatron layer spec")),
+    "--spec": ("model", "spec", dict(choices=SPEC_KINDS, help=SPEC_HELP)),
     "--bf16": ("model", "bf16", dict(_BOOL, help="bf16 training with fp32 main params")),
     "--tensor-model-parallel-size": ("parallelism", "tensor_model_parallel_size", dict(type=int)),
     "--pipeline-model-parallel-size": ("parallelism", "pipeline_model_parallel_size", dict(type=int)),

@@ -49,15 +49,14 @@ def _wait_for_files(paths: list[Path], timeout_s: float = 60.0) -> None:
 
 
 @pytest.mark.skipif("_cuda()")
-def test_spec_auto_is_local_and_te_is_refused_without_cuda():
-    assert resolve_spec_kind() == "local"
-    assert resolve_spec_kind("auto") == "local"
+def test_spec_auto_is_sdpa_and_te_is_refused_without_cuda():
+    assert resolve_spec_kind() == "sdpa"
+    assert resolve_spec_kind("auto") == "sdpa"
     assert resolve_spec_kind("LOCAL") == "local"
+    assert resolve_spec_kind("sdpa") == "sdpa"
     with pytest.raises(UserError, match="needs CUDA"):
         resolve_spec_kind("te")
-    with pytest.raises(UserError, match="not implemented yet"):
-        resolve_spec_kind("sdpa")
-    with pytest.raises(UserError, match="unknown layer spec"):
+    with pytest.raises(UserError, match="unknown layer spec 'flash' \\(--spec\\)"):
         resolve_spec_kind("flash")
 
 
@@ -70,6 +69,20 @@ def test_local_spec_uses_rmsnorm_and_maps_keys_to_te_names():
     assert keys_map["pre_mlp_layernorm."] == "mlp.linear_fc1.layer_norm_"
     with pytest.raises(UserError, match="normalization"):
         gpt_layer_spec("local", normalization="BatchNorm")
+
+
+def test_sdpa_spec_is_the_local_spec_with_sdpa_core_attention():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from llamapro_megatron.runtime import gpt_layer_spec
+    from llamapro_megatron.runtime.sdpa import SDPAttention
+
+    local, sdpa = gpt_layer_spec("local"), gpt_layer_spec("sdpa")
+    assert local.submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert sdpa.submodules.self_attention.submodules.core_attention is SDPAttention
+    # everything else (norms, projections, MLP, checkpoint key map) is the local spec's
+    sdpa.submodules.self_attention.submodules.core_attention = DotProductAttention
+    assert sdpa == local
 
 
 # ---- run_workers ---------------------------------------------------------------------------------------------
