@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "llamapro_megatron.verify",  # verify
     "llamapro_megatron.data.cli",  # preprocess
     "llamapro_megatron.training.cli",  # train
+    "llamapro_megatron.evaluate",  # evaluate
 )
 
 
