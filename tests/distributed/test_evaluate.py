@@ -4,6 +4,8 @@ A tiny GQA model (vocabulary 200, padded to 256 at TP2) gets a real BPE tokenize
 converted at TP2 PP2 and evaluated in one 4-rank world at TP2 PP2 and at TP1 PP2 (two data-parallel replicas
 sharing the windows). The reference is transformers' own loss (`labels=`) on the same windows. Domains: a text
 file, a .jsonl file, and the same .jsonl preprocessed into an indexed dataset (must equal the .jsonl's figures).
+The same world also generates greedily at TP2 PP2 (`llamapro generate`): the tokens must be transformers' greedy
+`generate` output on the HF model.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ SEQ = 32  # the held-out streams are not multiples of it: the last window is sho
 MICRO = 3
 MAX_TOKENS = 1500
 REL_TOL = 1e-5  # fp32: the same math through different kernels, summed in float64
+PROMPTS = ["I went to school", "the master said that"]
+NEW_TOKENS = 12
 
 
 def _tiny_tokenizer(hf_dir, text: str) -> None:
@@ -40,6 +44,7 @@ def _world(hf: str, ckpt: str, data: dict) -> dict:
 
     from llamapro_megatron.checkpoint.convert import hf_to_mcore
     from llamapro_megatron.evaluate import evaluate
+    from llamapro_megatron.generate import generate
 
     dist.init_process_group("gloo")
     hf_to_mcore(hf, ckpt, tp=2, pp=2, progress=False)
@@ -48,6 +53,7 @@ def _world(hf: str, ckpt: str, data: dict) -> dict:
         results = evaluate(data, load=ckpt, tp=tp, pp=pp, seq_length=SEQ, max_tokens=MAX_TOKENS,
                            micro_batch_size=MICRO, progress=False)
         out[(tp, pp)] = {r.domain: r for r in results}
+    out["generated"] = generate(PROMPTS, load=ckpt, tp=2, pp=2, max_new_tokens=NEW_TOKENS)
     dist.destroy_process_group()
     return out
 
@@ -122,3 +128,16 @@ def test_hf_path_is_transformers_loss(evaluated):
     for domain, r in results.items():
         assert r.tokens == out[LAYOUTS[0]][domain].tokens
         assert r.loss == pytest.approx(out[LAYOUTS[0]][domain].loss, rel=REL_TOL), domain
+
+
+@pytest.mark.slow
+def test_greedy_generation_equals_transformers(evaluated):
+    from llamapro_megatron.generate import generate
+
+    hf, _, out = evaluated
+    reference = generate(PROMPTS, hf_dir=hf, max_new_tokens=NEW_TOKENS)  # transformers' model.generate
+    assert [p for p, _ in out["generated"]] == [p for p, _ in reference]
+    for (_, megatron), (_, transformers) in zip(out["generated"], reference):
+        assert len(transformers) == NEW_TOKENS or transformers[-1] == 2  # ran to the end, or stopped at </s>
+        assert megatron == transformers
+    assert len({tuple(new) for _, new in reference}) == len(PROMPTS)  # the prompts steer it: not a constant
