@@ -102,7 +102,7 @@ def stages_to_run(settings: Settings, wd: Workdir) -> list[str]:
     todo = []
     for stage, (_, deps) in STAGES.items():
         record = wd.read(stage)
-        ok = (record is not None and record.get("key") == stage_key(settings, stage)
+        ok = (isinstance(record, dict) and "finished" in record and record.get("key") == stage_key(settings, stage)
               and all(d in valid and record.get("deps", {}).get(d) == valid[d]["finished"] for d in deps))
         if ok:
             valid[stage] = record
@@ -183,6 +183,7 @@ def _world(settings: Settings, todo: list[str], hf_dir: str, prefixes: dict[str,
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank0 = dist.get_rank() == 0
+    _quiet(rank0)
     wd = Workdir(settings.workdir)
     pp = dist.get_world_size()
     run = {
@@ -201,6 +202,26 @@ def _world(settings: Settings, todo: list[str], hf_dir: str, prefixes: dict[str,
             wd.finish(settings, stage, time.time() - t0, result)
     dist.destroy_process_group()
     return {}
+
+
+def _quiet(rank0: bool) -> None:
+    """One readable log: rank 0 prints (every rank does the same stages)."""
+    import sys
+
+    if not rank0:
+        sys.stdout = open(os.devnull, "w")  # for the life of this worker process
+    _mute_library_chatter()
+
+
+def _mute_library_chatter() -> None:
+    """Deprecation notices and CPU-fallback notes of the libraries say nothing about the run."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for message in ("The pad token id in the tokenizer collides", "full scope is deprecated",
+                    "Transformer Engine and Apex are not installed"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def _convert(settings: Settings, wd: Workdir, hf_dir: str, pp: int) -> dict:
@@ -290,6 +311,8 @@ def quickstart(settings: Settings) -> dict:
 
     from llamapro_megatron.runtime.launch import WorkerError, run_workers
 
+    t_start = time.time()
+    _mute_library_chatter()
     if settings.heldout_tokens < 1:
         raise UserError(f"--heldout-tokens {settings.heldout_tokens}: must be at least 1")
     if settings.steps < 1 or settings.groups < 1 or settings.groups > 30 or 30 % settings.groups:
@@ -323,7 +346,8 @@ def quickstart(settings: Settings) -> dict:
                "stages": {s: {"seconds": wd.read(s)["seconds"], "cached": s in skipped} for s in STAGES},
                "before": wd.read("eval_before")["result"], "after": wd.read("eval_after")["result"],
                "parameters": wd.read("export")["result"], "tokens_trained": settings.tokens_trained,
-               "train_losses": wd.read("train")["result"]["losses"], "hf_export": str(wd.path("hf_pro"))}
+               "train_losses": wd.read("train")["result"]["losses"], "hf_export": str(wd.path("hf_pro")),
+               "seconds_this_run": time.time() - t_start}
     (wd.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -342,7 +366,8 @@ def format_summary(summary: dict) -> str:
                  f"({100 * p['trained'] / p['total']:.1f}%)")
     stages = summary["stages"]
     lines.append("time per stage: " + ", ".join(
-        f"{k} {v['seconds']:.0f}s{' (cached)' if v['cached'] else ''}" for k, v in stages.items()))
+        f"{k} {v['seconds']:.0f}s{' (cached)' if v['cached'] else ''}" for k, v in stages.items())
+        + f"; this run {summary['seconds_this_run']:.0f}s in all")
     return "\n".join(lines)
 
 
