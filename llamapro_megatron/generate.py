@@ -127,7 +127,8 @@ def run(args) -> int:
                        dtype=canonical_dtype(args.dtype))
     tok = model_tokenizer(args.load, args.hf_dir, args.ckpt_step, args.tokenizer)
     for prompt, (_, new) in zip(args.prompt, results):
-        print(f"--- prompt: {prompt!r}\n{prompt}{tok.detokenize(new)}")
+        text = new[:-1] if new and new[-1] == tok.eod else new  # the end-of-document token ends, it is no text
+        print(f"--- prompt: {prompt!r}\n{prompt}{tok.detokenize(text)}")
         if args.ids:
             print(f"generated ids: {new}")
     return 0

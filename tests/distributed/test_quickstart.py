@@ -118,3 +118,16 @@ def test_changed_settings_rerun_what_depends_on_them(run, tmp_path):
         for k, v in change.items():
             setattr(settings, k, v)
         assert stages_to_run(settings, Workdir(copy.parent)) == expected, change
+
+
+@pytest.mark.slow
+def test_generate_from_the_trained_checkpoint_equals_transformers_on_the_export(run):
+    """`llamapro generate` on real trained weights (36 blocks, tied embeddings split over PP=2)."""
+    from llamapro_megatron.generate import generate
+
+    workdir, summary = run
+    prompts = ["def fibonacci(n):", "Problem: What is 7 times 8?\n\nSolution:"]
+    megatron = generate(prompts, load=workdir / "trained", pp=2, max_new_tokens=8)
+    transformers = generate(prompts, hf_dir=summary["hf_export"], max_new_tokens=8)
+    assert megatron == transformers
+    assert all(len(new) == 8 for _, new in megatron)
