@@ -155,6 +155,7 @@ def _losses_worker(model, meta, info, wins: dict[str, list[list[int]]], micro_ba
             shapes.setdefault((len(b), len(b[0])), []).append(torch.tensor(b))
         for group in shapes.values():
             local += _schedule_losses(model, group, meta.arch.vocab_size, info)
+        local = local.to(info.device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(local)
         total, count = local.tolist()
         results[name] = DomainResult(name, int(count), total / count)

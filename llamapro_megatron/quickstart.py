@@ -315,9 +315,10 @@ def quickstart(settings: Settings) -> dict:
     _mute_library_chatter()
     if settings.heldout_tokens < 1:
         raise UserError(f"--heldout-tokens {settings.heldout_tokens}: must be at least 1")
-    if settings.steps < 1 or settings.groups < 1 or settings.groups > 30 or 30 % settings.groups:
-        raise UserError(f"--steps {settings.steps} --groups {settings.groups}: steps >= 1, and groups must divide "
-                        "SmolLM2's 30 blocks (1, 2, 3, 5, 6, 10, 15 or 30)")
+    if settings.steps < 1:
+        raise UserError(f"--steps {settings.steps}: must be at least 1")
+    if settings.groups < 1 or settings.groups > 30 or 30 % settings.groups:
+        raise UserError(f"--groups {settings.groups}: must divide SmolLM2's 30 blocks (1, 2, 3, 5, 6, 10, 15 or 30)")
     if torch.cuda.is_available():
         settings.nproc = min(2, torch.cuda.device_count())
     wd = Workdir(settings.workdir)
