@@ -149,21 +149,23 @@ def _write_jsonl(path: Path, texts) -> None:
 def _data(settings: Settings, wd: Workdir, hf_dir: str) -> dict:
     from llamapro_megatron.data.preprocess import preprocess
 
-    _header("data", f"held-out sets (~{settings.heldout_tokens:,} tokens each) and tokenized training data")
+    _header("data", "held-out sets and tokenized training data")
     wd.data.mkdir(parents=True, exist_ok=True)
     corpora = wd.path("corpora")
     for domain in DOMAINS:
         # Many short excerpts rather than the first long files: a held-out set that covers the domain.
-        docs = [json.loads(line)["text"][:1500] for line in open(corpora / domain / "heldout.jsonl", encoding="utf-8")]
+        lines = (corpora / domain / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+        docs = [json.loads(line)["text"][:1500] for line in lines]
         _write_jsonl(wd.data / f"heldout_{domain}.jsonl", docs)
     prefixes = {}
     for domain in TRAIN_DOMAINS:
         texts, size = [], 0
-        for line in open(corpora / domain / "train.jsonl", encoding="utf-8"):
-            texts.append(json.loads(line)["text"])
-            size += len(texts[-1])
-            if size >= settings.train_chars:
-                break
+        with open(corpora / domain / "train.jsonl", encoding="utf-8") as f:
+            for line in f:
+                texts.append(json.loads(line)["text"])
+                size += len(texts[-1])
+                if size >= settings.train_chars:
+                    break
         _write_jsonl(wd.data / f"train_{domain}.jsonl", texts)
         stats = preprocess([wd.data / f"train_{domain}.jsonl"], hf_dir, wd.data / f"train_{domain}", append_eod=True,
                            progress=settings.progress, log=_log)
@@ -278,20 +280,19 @@ def _train(settings: Settings, wd: Workdir, prefixes: dict[str, str], pp: int) -
 
 def _export(settings: Settings, wd: Workdir) -> dict:
     from llamapro_megatron.checkpoint.convert import mcore_to_hf
+    from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
 
     _header("export", "trained Megatron checkpoint -> Hugging Face directory")
     mcore_to_hf(wd.path("trained"), wd.path("hf_pro"), overwrite=True, progress=settings.progress)
-    return parameter_counts(wd.path("hf_pro"))
+    new_layers = read_meta(resolve_checkpoint(wd.path("trained"))).expansion["new_layer_indices"]
+    return parameter_counts(wd.path("hf_pro"), new_layers)
 
 
-def parameter_counts(hf_dir: str | Path) -> dict:
-    """Trained (the new blocks) and total parameters, counted from the exported tensors."""
+def parameter_counts(hf_dir: str | Path, new_layers: list[int]) -> dict:
+    """Trained (the new blocks) and total parameters, counted from the exported tensors (tied embeddings once)."""
     from safetensors import safe_open
 
-    from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
-
-    hf_dir = Path(hf_dir)
-    new = set(read_meta(resolve_checkpoint(hf_dir.parent / "trained")).expansion["new_layer_indices"])
+    new = set(new_layers)
     trained = total = 0
     for f in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
