@@ -222,7 +222,7 @@ def _mute_library_chatter() -> None:
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     for message in ("The pad token id in the tokenizer collides", "full scope is deprecated",
-                    "Transformer Engine and Apex are not installed"):
+                    "Transformer Engine and Apex are not installed", "Apex is not installed"):
         warnings.filterwarnings("ignore", message=message)
 
 
