@@ -18,6 +18,9 @@ COMMAND_MODULES = (
     "llamapro_megatron.verify",  # verify
     "llamapro_megatron.data.cli",  # preprocess
     "llamapro_megatron.training.cli",  # train
+    "llamapro_megatron.evaluate",  # evaluate
+    "llamapro_megatron.generate",  # generate
+    "llamapro_megatron.quickstart",  # quickstart
 )
 
 

@@ -64,6 +64,15 @@ def megatron_logits(load: str | Path, tokens: torch.Tensor, *, tp: int = 1, pp: 
 def megatron_logits_many(loads: list[str | Path], tokens: torch.Tensor, *, tp: int = 1, pp: int = 1,
                          dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None) -> list:
     """Logits of several checkpoints, one after the other in the same TP x PP launch."""
+    return run_on_models(loads, _gathered_logits, (tokens,), tp=tp, pp=pp, dtype=dtype, spec=spec,
+                         ckpt_step=ckpt_step)
+
+
+def run_on_models(loads: list[str | Path], fn, fn_args: tuple = (), *, tp: int = 1, pp: int = 1,
+                  dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None) -> list:
+    """``fn(model, meta, info, *fn_args)`` for each checkpoint, built at TP x PP on spawned ranks (or these ranks
+    under a launcher); returns rank 0's results, one per checkpoint. ``fn`` must be a picklable top-level
+    function, called collectively on every rank."""
     from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
     from llamapro_megatron.runtime.launch import inside_launcher, run_workers
 
@@ -73,32 +82,38 @@ def megatron_logits_many(loads: list[str | Path], tokens: torch.Tensor, *, tp: i
         meta.arch.validate_layout(tp, pp)
         if meta.padded_vocab_size % tp:
             raise UserError(f"--tp {tp} does not divide the padded vocabulary {meta.padded_vocab_size} of {ckpt_dir}")
-    args = ([str(d) for d in ckpt_dirs], tokens, tp, pp, dtype, spec)
+    args = ([str(d) for d in ckpt_dirs], tp, pp, dtype, spec, fn, tuple(fn_args))
     if inside_launcher():
-        return _logits_worker(*args)
-    return run_workers(_logits_worker, tp * pp, args=args)[0]
+        return _models_worker(*args)
+    return run_workers(_models_worker, tp * pp, args=args)[0]
 
 
-def _logits_worker(ckpt_dirs: list[str], tokens: torch.Tensor, tp: int, pp: int, dtype: str, spec: str) -> list:
-    import torch
-
+def _models_worker(ckpt_dirs: list[str], tp: int, pp: int, dtype: str, spec: str, fn, fn_args: tuple) -> list:
     from llamapro_megatron.checkpoint.mcore import build_gpt_model, load_model_weights, read_meta
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
 
     info = init_distributed(tp=tp, pp=pp)
     results = []
-    for ckpt_dir in ckpt_dirs:
-        meta = read_meta(ckpt_dir)
-        model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, spec=spec)
-        load_model_weights(model, ckpt_dir)
-        model.to(info.device)
-        logits = forward_logits(model, tokens.to(info.device), hidden_size=meta.arch.hidden_size)
-        gathered = [None] * info.world_size  # every rank returns the logits (under torchrun too)
-        torch.distributed.all_gather_object(gathered, logits)
-        results.append(next(t for t in gathered if t is not None))
-        del model
-    destroy_distributed()
+    try:
+        for ckpt_dir in ckpt_dirs:
+            meta = read_meta(ckpt_dir)
+            model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, spec=spec)
+            load_model_weights(model, ckpt_dir)
+            model.to(info.device)
+            results.append(fn(model, meta, info, *fn_args))
+            del model
+    finally:
+        destroy_distributed()
     return results
+
+
+def _gathered_logits(model, meta, info, tokens: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    logits = forward_logits(model, tokens.to(info.device), hidden_size=meta.arch.hidden_size)
+    gathered = [None] * info.world_size  # every rank returns the logits (under torchrun too)
+    torch.distributed.all_gather_object(gathered, logits)
+    return next(t for t in gathered if t is not None)
 
 
 def forward_logits(model, tokens: torch.Tensor, hidden_size: int) -> torch.Tensor | None:
