@@ -153,9 +153,11 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
         dict(type=int, help="interleaved schedule: layers per model chunk (alternative to "
                             "--virtual-pipeline-model-parallel-size)")),
     "--decoder-first-pipeline-num-layers": ("parallelism", "decoder_first_pipeline_num_layers",
-                                            dict(type=int, help="uneven pipeline: layers on the first stage")),
+                                            dict(type=int, help="uneven pipeline: layers on the first stage (the other "
+                                                               "stages split the rest evenly)")),
     "--decoder-last-pipeline-num-layers": ("parallelism", "decoder_last_pipeline_num_layers",
-                                           dict(type=int, help="uneven pipeline: layers on the last stage")),
+                                           dict(type=int, help="uneven pipeline: layers on the last stage (e.g. when "
+                                                              "the pipeline size does not divide the layers)")),
     "--use-distributed-optimizer": ("parallelism", "use_distributed_optimizer", _BOOL),
     "--overlap-grad-reduce": ("parallelism", "overlap_grad_reduce",
                               dict(_BOOL, help="reduce gradients bucket by bucket during the backward pass")),

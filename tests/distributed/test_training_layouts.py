@@ -133,13 +133,12 @@ def runs(tmp_path_factory):
     with pytest.raises(WorkerError) as killed:
         run_workers(_world_a, 4, args=(str(root), common), timeout_s=900)
     assert killed.value.rank == 1 and killed.value.exitcode == -signal.SIGKILL, killed.value
-    # what the killed run left, before world B resumes it
-    killed_dir = {"latest": (root / "K" / "latest_checkpointed_iteration.txt").read_text(),
-                  "dirs": sorted(p.name for p in (root / "K").iterdir())}
+    # what the stopped runs left, before world B resumes them
+    saves = {name: {"latest": (root / name / "latest_checkpointed_iteration.txt").read_text(),
+                    "dirs": sorted(p.name for p in (root / name).iterdir())} for name in ("K", "S", "T")}
     run_workers(_world_b, 4, args=(str(root), common), timeout_s=600)
     out = {p.stem: json.loads(p.read_text()) for p in root.glob("*.json")}
-    out["killed_dir"] = killed_dir
-    return root, out
+    return root, out, saves
 
 
 def _same_steps(run: dict, ref: dict, tolerance: float = 0.0) -> None:
@@ -157,7 +156,7 @@ def _layer_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_interleaved_schedule_trains_exactly_the_expanded_layers(runs):
-    root, out = runs
+    root, out, _ = runs
     # PP2 x VPP2: rank 0 holds layers 0-1 and 4-5, rank 1 layers 2-3 and 6-7
     assert out["vpp"]["stage_layers"] == {"0": [1, 4], "1": [6, 7]}
     assert out["ref"]["stage_layers"] == {"0": [1], "1": [4, 6, 7]}
@@ -174,7 +173,7 @@ def test_interleaved_schedule_trains_exactly_the_expanded_layers(runs):
 
 @pytest.mark.slow
 def test_interleaved_checkpoint_resumes_at_the_same_and_at_the_plain_layout(runs):
-    root, out = runs
+    root, out, _ = runs
     assert list(out["vpp_resume"]["losses"]) == ["2", "3"]
     _same_steps(out["vpp_resume"], out["vpp"])  # bit for bit
     uninterrupted, resumed = _tensors(root / "vpp" / "iter_0000003"), _tensors(root / "vpp_r" / "iter_0000003")
@@ -186,7 +185,7 @@ def test_interleaved_checkpoint_resumes_at_the_same_and_at_the_plain_layout(runs
 
 @pytest.mark.slow
 def test_uneven_end_stages_train_the_expanded_layers(runs):
-    _, out = runs
+    _, out, _ = runs
     # 6 layers over PP4 as 1 | 2 | 2 | 1: the new layers 1 and 4 sit on stages 1 and 2
     assert out["m6_uneven"]["stage_layers"] == {"0": [], "1": [1], "2": [4], "3": []}
     _same_steps(out["m6_uneven"], out["m6_pp2"], VPP_TOLERANCE)
@@ -195,7 +194,7 @@ def test_uneven_end_stages_train_the_expanded_layers(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["full_uniform", "full_block", "selective"])
 def test_recomputation_gives_the_same_losses_gradients_and_weights(runs, name):
-    root, out = runs
+    root, out, _ = runs
     _same_steps(out[name], out["ref"], RECOMPUTE_TOLERANCE)
     ref, got = _layer_tensors(root / "ref" / "iter_0000003"), _layer_tensors(root / name / "iter_0000003")
     for key, value in ref.items():
@@ -204,7 +203,7 @@ def test_recomputation_gives_the_same_losses_gradients_and_weights(runs, name):
 
 @pytest.mark.slow
 def test_overlapped_gradient_reduction_and_parameter_gathering(runs):
-    root, out = runs
+    root, out, _ = runs
     _same_steps(out["overlap_grad"], out["ref"], RECOMPUTE_TOLERANCE)
     _same_steps(out["overlap_param"], out["dist_opt"], RECOMPUTE_TOLERANCE)
     # the checkpoint holds every rank's last update (the pending all-gather is finished before saving)
@@ -218,27 +217,26 @@ def test_overlapped_gradient_reduction_and_parameter_gathering(runs):
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_and_the_resume_continues(runs):
-    root, out = runs
+    _, out, saves = runs
     run = out["sigterm"]
     assert run["exit_reason"] == "signal" and run["iteration"] == 2  # signalled during step 1, seen in step 2
-    assert (root / "S" / "latest_checkpointed_iteration.txt").read_text() == "2"
-    assert sorted(p.name for p in (root / "S").glob("iter_*")) == ["iter_0000002", "iter_0000003"]
+    _same_steps(run, out["ref"])
+    assert saves["S"] == {"latest": "2", "dirs": ["iter_0000002", "latest_checkpointed_iteration.txt"]}
     assert list(out["signal_resume"]["losses"]) == ["3"]
     _same_steps(out["signal_resume"], out["ref"])
 
 
 @pytest.mark.slow
 def test_exit_duration_saves_and_exits(runs):
-    root, out = runs
+    _, out, saves = runs
     assert out["duration"]["exit_reason"] == "duration" and out["duration"]["iteration"] == 1
-    assert (root / "T" / "latest_checkpointed_iteration.txt").read_text() == "1"
-    assert sorted(p.name for p in (root / "T").glob("iter_*")) == ["iter_0000001"]
+    assert saves["T"] == {"latest": "1", "dirs": ["iter_0000001", "latest_checkpointed_iteration.txt"]}
 
 
 @pytest.mark.slow
 def test_rank_killed_mid_save_leaves_the_previous_checkpoint_in_charge(runs):
-    _, out = runs
-    assert out["killed_dir"] == {"latest": "1", "dirs": ["iter_0000001", "iter_0000002.partial",
-                                                          "latest_checkpointed_iteration.txt"]}
+    _, out, saves = runs
+    assert saves["K"] == {"latest": "1", "dirs": ["iter_0000001", "iter_0000002.partial",
+                                                  "latest_checkpointed_iteration.txt"]}
     assert list(out["killed_resume"]["losses"]) == ["2", "3"]
     _same_steps(out["killed_resume"], out["ref"])  # bit for bit, from the step-1 checkpoint
