@@ -1,22 +1,22 @@
 """Pipeline layouts, memory savers and stopping on a tiny expanded model, in two 4-rank gloo worlds.
 
-Model M8: the tiny GQA model (4 layers) expanded to 8 with new blocks at 1, 4, 6, 7 -- under PP2 x VPP2 the
-chunks hold layers 0-1 | 2-3 (rank 1) | 4-5 (rank 0) | 6-7, so a freeze by chunk-local index would pick others.
+Model M8: the tiny GQA model (4 layers) expanded to 8 with new blocks at 1, 4, 6, 7. Under PP2 x VPP2 rank 0
+holds layers 0-1 and 4-5, rank 1 layers 2-3 and 6-7, so a freeze by chunk-local index would pick other layers.
 Model M6: expanded to 6 (new at 1, 4); 6 layers do not divide over PP4, so it runs with uneven end stages.
 
-World A (PP2 DP2 unless named): the reference run; the interleaved run (--num-layers-per-virtual-pipeline-stage
-2) saving every step, resumed from step 1 at the same and at the plain layout; M6 at PP4 with one layer on each
-end stage, against M6 at PP2; recomputation (full uniform, full block, selective) against the reference;
-overlapped gradient reduction, and parameter gathering with the distributed optimizer; a SIGTERM at step 1
-(--exit-signal-handler), resumed with a tiny --exit-duration-in-mins; last, rank 1 SIGKILLed while the step-2
-checkpoint is being written. World B: resume that run from the checkpoint still in charge.
+World A (M8 at PP2 DP2 unless named): the reference run; the interleaved run (--num-layers-per-virtual-pipeline-
+stage 2) saving every step, resumed from step 1 at the same and at the plain layout; uneven stages with virtual
+ones; M6 at PP4 as 1 | 2 | 2 | 1 layers against M6 at PP2; recomputation (full uniform, full block, selective);
+overlapped gradient reduction, and parameter gathering with the distributed optimizer (also interleaved); a
+SIGTERM to rank 0 (--exit-signal-handler); a tiny --exit-duration-in-mins; last, rank 1 SIGKILLed right after
+writing its part of the step-2 checkpoint. World B resumes the SIGTERMed and the killed runs.
+Every run is compared with the reference (or its own plain twin): losses and gradient norms per step.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -63,19 +63,16 @@ def _world_a(root: str, common: list[str]) -> None:
 
     r = Path(root)
     m8 = [*common, "--load", str(r / "m8")]
-    timings = {}
 
-    def run(name: str, argv: list[str], on_step=None):
-        t0 = time.time()
-        result = _train(argv, on_step)
-        timings[name] = round(time.time() - t0, 1)
-        _record(root, name, result)
-        return result
+    def run(name: str, argv: list[str], on_step=None) -> None:
+        _record(root, name, _train(argv, on_step))
 
     run("ref", [*m8, "--save", str(r / "ref")])
     run("vpp", [*m8, *VPP2, "--save", str(r / "vpp")])
     run("vpp_resume", [*m8, *VPP2, "--load", str(r / "vpp"), "--ckpt-step", "1", "--save", str(r / "vpp_r")])
     run("vpp_to_plain", [*m8, "--load", str(r / "vpp"), "--ckpt-step", "1", "--save", str(r / "vpp_p")])
+    run("vpp_uneven", [*m8, "--decoder-first-pipeline-num-layers", "2", "--virtual-pipeline-model-parallel-size",
+                       "2"])
     m6 = [*common, "--load", str(r / "m6")]
     run("m6_pp2", m6)
     run("m6_uneven", [*m6, "--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "1",
@@ -89,6 +86,7 @@ def _world_a(root: str, common: list[str]) -> None:
     run("dist_opt", [*m8, "--use-distributed-optimizer"])
     run("overlap_param", [*m8, "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
                           "--save", str(r / "overlap_param")])
+    run("vpp_overlap", [*m8, *VPP2, "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"])
 
     once = ["--save-interval", "3"]  # what is saved below is the exit's checkpoint, not an interval's
 
@@ -98,8 +96,6 @@ def _world_a(root: str, common: list[str]) -> None:
 
     run("sigterm", [*m8, *once, "--save", str(r / "S"), "--exit-signal-handler"], sigterm_rank0)
     run("duration", [*m8, *once, "--save", str(r / "T"), "--exit-duration-in-mins", "1e-6"])
-    if int(os.environ["RANK"]) == 0:
-        Path(root, "timings.json").write_text(json.dumps(timings))
 
     original = dist_checkpointing.save
 
@@ -189,6 +185,9 @@ def test_uneven_end_stages_train_the_expanded_layers(runs):
     # 6 layers over PP4 as 1 | 2 | 2 | 1: the new layers 1 and 4 sit on stages 1 and 2
     assert out["m6_uneven"]["stage_layers"] == {"0": [], "1": [1], "2": [4], "3": []}
     _same_steps(out["m6_uneven"], out["m6_pp2"], VPP_TOLERANCE)
+    # with virtual stages: 8 layers as 2 | 6 over PP2, each stage in two chunks: rank 0 holds 0 and 4
+    assert out["vpp_uneven"]["stage_layers"] == {"0": [4], "1": [1, 6, 7]}
+    _same_steps(out["vpp_uneven"], out["ref"], VPP_TOLERANCE)
 
 
 @pytest.mark.slow
@@ -206,6 +205,7 @@ def test_overlapped_gradient_reduction_and_parameter_gathering(runs):
     root, out, _ = runs
     _same_steps(out["overlap_grad"], out["ref"], RECOMPUTE_TOLERANCE)
     _same_steps(out["overlap_param"], out["dist_opt"], RECOMPUTE_TOLERANCE)
+    _same_steps(out["vpp_overlap"], out["dist_opt"], VPP_TOLERANCE)  # each chunk's buckets, interleaved
     # the checkpoint holds every rank's last update (the pending all-gather is finished before saving)
     ref3, ref2 = _layer_tensors(root / "ref" / "iter_0000003"), _layer_tensors(root / "ref" / "iter_0000002")
     got = _layer_tensors(root / "overlap_param" / "iter_0000003")
