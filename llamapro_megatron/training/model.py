@@ -113,12 +113,13 @@ class StageCounts:
     trainable: int
     frozen: int
     trainable_layers: list[int]
+    layers: list[int]  # every decoder layer of the stage, chunk by chunk
 
 
 def stage_counts(chunks: list[torch.nn.Module], pp_rank: int) -> StageCounts:
     """Parameters of this rank's shard (TP-local); a tied output layer on the last stage counts as frozen copy."""
     trainable = frozen = 0
-    layers = []
+    layers, every_layer = [], []
     for chunk in chunks:
         for param in chunk.parameters():
             if param.requires_grad:
@@ -127,7 +128,8 @@ def stage_counts(chunks: list[torch.nn.Module], pp_rank: int) -> StageCounts:
                 frozen += param.numel()
         layers += [global_layer_index(layer) for layer in decoder_layers(chunk)
                    if any(p.requires_grad for p in layer.parameters())]
-    return StageCounts(pp_rank, trainable, frozen, sorted(layers))
+        every_layer += [global_layer_index(layer) for layer in decoder_layers(chunk)]
+    return StageCounts(pp_rank, trainable, frozen, sorted(layers), every_layer)
 
 
 def ensure_stage_output_requires_grad(chunk: torch.nn.Module) -> None:

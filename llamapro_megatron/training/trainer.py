@@ -294,8 +294,8 @@ class _Run:
             t = sum(c.trainable for c in by_stage[stage])
             f = sum(c.frozen for c in by_stage[stage])
             total_t, total_f = total_t + t, total_f + f
-            layers = by_stage[stage][0].trainable_layers
-            lines.append(f"  stage {stage}: trainable {t:>14,}  frozen {f:>14,}  trainable layers {layers}")
+            layers, held = by_stage[stage][0].trainable_layers, _ranges(by_stage[stage][0].layers)
+            lines.append(f"  stage {stage}: trainable {t:>14,}  frozen {f:>14,}  layers {held}, trainable {layers}")
         lines.append(f"  total  : trainable {total_t:>14,}  frozen {total_f:>14,}  "
                      f"({100 * total_t / max(total_t + total_f, 1):.1f}% trains)")
         print("\n".join(lines), flush=True)
@@ -303,6 +303,17 @@ class _Run:
     def _log(self, message: str) -> None:
         if self.rank0:
             print(message, flush=True)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 4, 5] -> "0-1, 4-5" (a stage's layers, chunk by chunk under virtual pipeline stages)."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "none"
 
 
 def _tokenizer_dir(source: Path) -> str | None:
