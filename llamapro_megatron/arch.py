@@ -197,8 +197,13 @@ class LlamaArch:
         return config
 
     # ----------------------------------------------------------- validation
-    def validate_layout(self, tp: int, pp: int, vpp: int | None = None, num_layers: int | None = None) -> None:
-        """Refuse a TP/PP/VPP layout megatron-core cannot run this model at, saying what would work."""
+    def validate_layout(self, tp: int, pp: int, vpp: int | None = None, num_layers: int | None = None,
+                        first: int | None = None, last: int | None = None) -> None:
+        """Refuse a TP/PP/VPP layout megatron-core cannot run this model at, saying what would work.
+
+        ``first``/``last``: layers on the first/last pipeline stage when they differ from the rest (Megatron-LM's
+        --decoder-first/last-pipeline-num-layers); the other stages split the remaining layers evenly.
+        """
         layers = num_layers if num_layers is not None else self.num_layers
         if tp < 1 or pp < 1:
             raise UserError(f"--tp {tp} --pp {pp}: both must be at least 1")
@@ -213,13 +218,14 @@ class LlamaArch:
             raise UserError(f"--tp {tp} does not divide the FFN size {self.ffn_hidden_size}")
         if pp > layers:
             raise UserError(f"--pp {pp} is larger than the {layers} layers; use at most --pp {layers}")
-        if layers % pp:
-            raise UserError(f"--pp {pp} does not divide {layers} layers; choose one of {_divisors(layers)}")
+        stages = pipeline_stage_layers(layers, pp, first, last)
         if vpp is not None and vpp > 1:
             if pp < 2:
                 raise UserError(f"--vpp {vpp} needs --pp of at least 2 (virtual stages interleave pipeline stages)")
-            if (layers // pp) % vpp:
-                raise UserError(f"--vpp {vpp} does not divide the {layers // pp} layers per pipeline stage")
+            bad = sorted({n for n in stages if n % vpp})
+            if bad:
+                raise UserError(f"--vpp {vpp} does not divide the {bad[0]} layers of a pipeline stage (stages hold "
+                                f"{stages}); every stage's layers are split into {vpp} chunks")
 
     def padded_vocab_size(self, tp: int = 1, divisible_by: int = 128) -> int:
         """Megatron-LM's padding: a multiple of divisible_by x TP (extra rows are excluded from loss and export)."""
@@ -268,9 +274,18 @@ class LlamaArch:
             persist_layer_norm=fused_kernels,
             use_cpu_initialization=not torch.cuda.is_available(),
             sequence_parallel=False,
+            window_size=self.attention_window(),
         )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+    def attention_window(self) -> tuple[int, int] | None:
+        """megatron-core's (left, right) window for Mistral's sliding window, None for full causal attention.
+
+        transformers lets query i see keys i-W+1..i (``kv_idx > q_idx - sliding_window``): W keys including itself,
+        so the left window is W-1. megatron-core applies it in TE attention and in the local spec's softmax.
+        """
+        return None if self.sliding_window is None else (self.sliding_window - 1, 0)
 
     def gpt_model_kwargs(self, padded_vocab_size: int) -> dict[str, Any]:
         """Arguments of megatron-core's GPTModel besides config, layer spec and pre/post process."""
@@ -328,6 +343,38 @@ def _read_rope(config: dict[str, Any], source: str) -> tuple[float, Llama3RopeSc
         )
     except KeyError as e:
         raise UserError(f"{source}: llama3 rope scaling is missing {e.args[0]!r}") from e
+
+
+def pipeline_stage_layers(num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Decoder layers of each pipeline stage, as megatron-core splits them: ``first``/``last`` on the end stages
+    when given, the remaining layers evenly over the other stages. Refuses splits it cannot make."""
+    flags = "--decoder-first-pipeline-num-layers/--decoder-last-pipeline-num-layers"
+    if first is None and last is None:
+        if num_layers % pp:
+            raise UserError(f"--pp {pp} does not divide {num_layers} layers; choose one of {_divisors(num_layers)}, "
+                            f"or (training) put the remainder on the end stages with {flags}")
+        return [num_layers // pp] * pp
+    if pp < 2:
+        raise UserError(f"{flags} need pipeline parallelism (--pp 2 or more)")
+    for name, value in (("first", first), ("last", last)):
+        if value is not None and value < 1:
+            raise UserError(f"--decoder-{name}-pipeline-num-layers {value}: must be at least 1")
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    if middle < 0 or bool(middle) != bool(middle_stages) or (middle_stages and middle % middle_stages):
+        given = " ".join(f"--decoder-{n}-pipeline-num-layers {v}" for n, v in (("first", first), ("last", last))
+                         if v is not None)
+        raise UserError(f"{given} with --pp {pp}: the other {middle_stages} stage(s) would share {middle} of the "
+                        f"{num_layers} layers; they must split evenly (and every stage needs a layer)")
+    each = middle // middle_stages if middle_stages else 0
+    if middle_stages and each < 1:
+        raise UserError(f"{flags}: the middle pipeline stages would hold no layer")
+    stages = [each] * pp
+    if first is not None:
+        stages[0] = first
+    if last is not None:
+        stages[-1] = last
+    return stages
 
 
 def _divisors(n: int) -> list[int]:

@@ -143,6 +143,22 @@ class _DropCpuRngWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+def _patch_recompute(function: Any) -> None:
+    """Activation recomputation (``tensor_parallel.checkpoint``) re-runs megatron forward code inside the backward
+    pass, which the schedule starts with ``torch.autograd.backward`` -- and a torch-function mode is switched off
+    while it handles a call (this one, too). Re-enter the thread's mode around the recomputation."""
+    original = function.backward
+
+    def backward(ctx: Any, *grads: Any) -> Any:
+        mode = getattr(_THREAD, "mode", None)
+        if mode is None:
+            return original(ctx, *grads)
+        with mode:
+            return original(ctx, *grads)
+
+    function.backward = staticmethod(backward)
+
+
 def _patch_rng_tracker() -> None:
     import megatron.core.tensor_parallel.random as mrandom
 
@@ -155,6 +171,7 @@ def _patch_rng_tracker() -> None:
             original_add(self, name, seed)
 
     mrandom.CudaRNGStatesTracker.add = add
+    _patch_recompute(mrandom.CheckpointFunction)
     logging.getLogger(mrandom.__name__).addFilter(_DropCpuRngWarning())
 
 

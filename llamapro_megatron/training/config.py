@@ -35,6 +35,8 @@ from llamapro_megatron.errors import UserError
 from llamapro_megatron.runtime.specs import SPEC_HELP, SPEC_KINDS
 
 FREEZE_POLICIES = ("llamapro", "none", "layers")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 SFT_PACKING = ("packed", "padded")
 
@@ -43,6 +45,9 @@ SFT_PACKING = ("packed", "padded")
 class ModelSection:
     spec: str = "auto"  # megatron layer spec: te where CUDA + Transformer Engine work, else sdpa
     bf16: bool = False  # bf16 params and activations with fp32 main params in the optimizer
+    recompute_granularity: str | None = None  # full: whole layers; selective: the attention core only
+    recompute_method: str | None = None  # with full: uniform (groups of N layers) or block (first N per stage)
+    recompute_num_layers: int | None = None  # with full: the N of --recompute-method
 
 
 @dataclass(kw_only=True, slots=True)
@@ -50,7 +55,13 @@ class ParallelismSection:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None  # model chunks per pipeline rank (interleaved)
+    num_layers_per_virtual_pipeline_stage: int | None = None  # alternative to the above: layers per chunk
+    decoder_first_pipeline_num_layers: int | None = None  # uneven stages: layers on the first stage
+    decoder_last_pipeline_num_layers: int | None = None  # ... and on the last; the rest split evenly
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward pass
+    overlap_param_gather: bool = False  # all-gather updated params during the forward (distributed optimizer)
+    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP (TE spec)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -163,7 +174,31 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--pipeline-model-parallel-size": ("parallelism", "pipeline_model_parallel_size", dict(type=int)),
     "--virtual-pipeline-model-parallel-size": ("parallelism", "virtual_pipeline_model_parallel_size",
                                                dict(type=int, help="model chunks per pipeline rank")),
+    "--num-layers-per-virtual-pipeline-stage": (
+        "parallelism", "num_layers_per_virtual_pipeline_stage",
+        dict(type=int, help="interleaved schedule: layers per model chunk (alternative to "
+                            "--virtual-pipeline-model-parallel-size)")),
+    "--decoder-first-pipeline-num-layers": ("parallelism", "decoder_first_pipeline_num_layers",
+                                            dict(type=int, help="uneven pipeline: layers on the first stage (the other "
+                                                               "stages split the rest evenly)")),
+    "--decoder-last-pipeline-num-layers": ("parallelism", "decoder_last_pipeline_num_layers",
+                                           dict(type=int, help="uneven pipeline: layers on the last stage (e.g. when "
+                                                              "the pipeline size does not divide the layers)")),
     "--use-distributed-optimizer": ("parallelism", "use_distributed_optimizer", _BOOL),
+    "--overlap-grad-reduce": ("parallelism", "overlap_grad_reduce",
+                              dict(_BOOL, help="reduce gradients bucket by bucket during the backward pass")),
+    "--overlap-param-gather": ("parallelism", "overlap_param_gather",
+                               dict(_BOOL, help="all-gather updated params during the next forward (needs "
+                                                "--use-distributed-optimizer and --overlap-grad-reduce)")),
+    "--sequence-parallel": ("parallelism", "sequence_parallel",
+                            dict(_BOOL, help="sequence-parallel activations over TP (TE spec, TP > 1)")),
+    "--recompute-granularity": ("model", "recompute_granularity",
+                                dict(choices=RECOMPUTE_GRANULARITIES,
+                                     help="activation recomputation: full layers, or only the attention core")),
+    "--recompute-method": ("model", "recompute_method",
+                           dict(choices=RECOMPUTE_METHODS, help="with full: uniform groups or the first N layers")),
+    "--recompute-num-layers": ("model", "recompute_num_layers",
+                               dict(type=int, help="with full: layers per group (uniform) or per stage (block)")),
     "--lr": ("optimizer", "lr", dict(type=float)),
     "--min-lr": ("optimizer", "min_lr", dict(type=float)),
     "--weight-decay": ("optimizer", "weight_decay", dict(type=float)),
@@ -327,6 +362,55 @@ def validate(config: TrainConfig, plan_only: bool = False) -> None:
         raise UserError(f"--sft-packing {d.sft_packing!r}: choose one of {', '.join(SFT_PACKING)}")
     if s.exit_duration_in_mins is not None and s.exit_duration_in_mins <= 0:
         raise UserError(f"--exit-duration-in-mins {s.exit_duration_in_mins}: must be positive")
+    _validate_parallelism(config.parallelism)
+    _validate_recompute(config.model)
+
+
+def _validate_parallelism(p: ParallelismSection) -> None:
+    vpp, per_chunk = p.virtual_pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    if vpp is not None and per_chunk is not None:
+        raise UserError(f"--virtual-pipeline-model-parallel-size {vpp} and --num-layers-per-virtual-pipeline-stage "
+                        f"{per_chunk} are alternatives (chunks per rank, or layers per chunk); give one")
+    for flag, value in (("--virtual-pipeline-model-parallel-size", vpp),
+                        ("--num-layers-per-virtual-pipeline-stage", per_chunk),
+                        ("--decoder-first-pipeline-num-layers", first), ("--decoder-last-pipeline-num-layers", last)):
+        if value is None:
+            continue
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+        if p.pipeline_model_parallel_size < 2:
+            raise UserError(f"{flag} {value} needs pipeline parallelism (--pipeline-model-parallel-size 2 or more)")
+    if per_chunk is not None and (first is not None or last is not None):
+        raise UserError("with uneven pipeline stages (--decoder-first/last-pipeline-num-layers) give the virtual "
+                        "stages as --virtual-pipeline-model-parallel-size (chunks per rank), not "
+                        f"--num-layers-per-virtual-pipeline-stage {per_chunk} (stages hold different layer counts)")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise UserError("--overlap-param-gather needs --use-distributed-optimizer (only sharded params are "
+                        "all-gathered)")
+    if p.overlap_param_gather and not p.overlap_grad_reduce:
+        raise UserError("--overlap-param-gather needs --overlap-grad-reduce too (as in Megatron-LM)")
+    if p.sequence_parallel and p.tensor_model_parallel_size < 2:
+        raise UserError("--sequence-parallel splits activations over tensor-parallel ranks: it needs "
+                        f"--tensor-model-parallel-size 2 or more (got {p.tensor_model_parallel_size})")
+
+
+def _validate_recompute(m: ModelSection) -> None:
+    g, method, n = m.recompute_granularity, m.recompute_method, m.recompute_num_layers
+    if g is not None and g not in RECOMPUTE_GRANULARITIES:
+        raise UserError(f"--recompute-granularity {g!r}: choose one of {', '.join(RECOMPUTE_GRANULARITIES)}")
+    if method is not None and method not in RECOMPUTE_METHODS:
+        raise UserError(f"--recompute-method {method!r}: choose one of {', '.join(RECOMPUTE_METHODS)}")
+    if g is None and (method is not None or n is not None):
+        raise UserError("--recompute-method/--recompute-num-layers need --recompute-granularity full")
+    if g == "full" and (method is None or n is None):
+        raise UserError("--recompute-granularity full needs --recompute-method uniform|block and "
+                        "--recompute-num-layers N")
+    if g == "selective" and (method is not None or n is not None):
+        raise UserError("--recompute-granularity selective recomputes the attention core of every layer; it takes "
+                        "no --recompute-method/--recompute-num-layers")
+    if n is not None and n < 1:
+        raise UserError(f"--recompute-num-layers {n}: must be at least 1")
 
 
 def parse_data_path(data_path: list[str]) -> list[tuple[float, str]]:

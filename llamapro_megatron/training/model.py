@@ -24,22 +24,31 @@ def train_dtype(config: TrainConfig) -> str:
 
 
 def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.nn.Module]:
-    """This rank's GPTModel chunks (one, or one per virtual stage), unwrapped, on this rank's device."""
+    """This rank's GPTModel chunks (one, or one per virtual stage), unwrapped, on this rank's device.
+
+    ``config`` has its pipeline layout resolved (:func:`~llamapro_megatron.training.layout.resolve_pipeline`).
+    """
+    from llamapro_megatron.runtime.specs import resolve_spec_kind
+    from llamapro_megatron.training.layout import transformer_overrides
+
     p = config.parallelism
     vpp = p.virtual_pipeline_model_parallel_size if (p.virtual_pipeline_model_parallel_size or 1) > 1 else None
-    meta.arch.validate_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vpp)
+    meta.arch.validate_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vpp,
+                              first=p.decoder_first_pipeline_num_layers, last=p.decoder_last_pipeline_num_layers)
     if meta.padded_vocab_size % p.tensor_model_parallel_size:
         raise UserError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size} does not divide the "
                         f"checkpoint's padded vocabulary {meta.padded_vocab_size}; reconvert with that --tp")
+    kind = resolve_spec_kind(config.model.spec)
+    overrides = transformer_overrides(config, meta.arch, kind)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chunks = []
     for vp_stage in range(vpp or 1):
         model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                                 tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
-                                spec=config.model.spec, vp_stage=vp_stage if vpp else None,
+                                spec=kind, vp_stage=vp_stage if vpp else None,
                                 # SFT: the loss is a mean over the global batch's assistant tokens, not a mean of
                                 # micro-batch means (megatron-core's per-token loss; DDP then sums gradients)
-                                calculate_per_token_loss=config.data.sft)
+                                calculate_per_token_loss=config.data.sft, **overrides)
         chunks.append(model.to(device))
     return chunks
 
@@ -107,12 +116,13 @@ class StageCounts:
     trainable: int
     frozen: int
     trainable_layers: list[int]
+    layers: list[int]  # every decoder layer of the stage, chunk by chunk
 
 
 def stage_counts(chunks: list[torch.nn.Module], pp_rank: int) -> StageCounts:
     """Parameters of this rank's shard (TP-local); a tied output layer on the last stage counts as frozen copy."""
     trainable = frozen = 0
-    layers = []
+    layers, every_layer = [], []
     for chunk in chunks:
         for param in chunk.parameters():
             if param.requires_grad:
@@ -121,7 +131,8 @@ def stage_counts(chunks: list[torch.nn.Module], pp_rank: int) -> StageCounts:
                 frozen += param.numel()
         layers += [global_layer_index(layer) for layer in decoder_layers(chunk)
                    if any(p.requires_grad for p in layer.parameters())]
-    return StageCounts(pp_rank, trainable, frozen, sorted(layers))
+        every_layer += [global_layer_index(layer) for layer in decoder_layers(chunk)]
+    return StageCounts(pp_rank, trainable, frozen, sorted(layers), every_layer)
 
 
 def ensure_stage_output_requires_grad(chunk: torch.nn.Module) -> None:
@@ -139,25 +150,77 @@ def ensure_stage_output_requires_grad(chunk: torch.nn.Module) -> None:
     chunk.register_forward_hook(hook)
 
 
+def ensure_recompute_input_requires_grad(chunk: torch.nn.Module) -> None:
+    """Full recomputation: make the decoder input require grad so trainable layers inside a recomputed group
+    get their gradients.
+
+    megatron-core recomputes groups of layers through an autograd Function whose only tensor input is the
+    group's input hidden state; the weights are not inputs. Below a frozen embedding that input does not require
+    grad, so a group holding frozen and new layers (e.g. layers 0-1 of LLaMA Pro) would produce an output outside
+    the autograd graph and its new layer would silently never train. Cost: input gradients of the frozen layers
+    below the first trainable one on the first chunk (counted in the FLOPs).
+    """
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states")
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and not hidden.requires_grad:
+            kwargs["hidden_states"] = hidden.detach().requires_grad_()
+        return args, kwargs
+
+    chunk.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def wrap_for_training(chunks: list[torch.nn.Module], config: TrainConfig) -> list[torch.nn.Module]:
     """Float16Module (bf16) and megatron-core DDP around each chunk; call after :func:`apply_freeze`."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
+    p = config.parallelism
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,  # reduce once per step in finalize_model_grads (simple, exact on CPU)
-        use_distributed_optimizer=config.parallelism.use_distributed_optimizer,
+        # Off: one reduction per step in finalize_model_grads. On: bucket by bucket as the backward fills them.
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        # Interleaved: the schedule starts each chunk's gather (param_sync_func); else the forward hooks chain.
+        align_param_gather=p.overlap_param_gather and p.virtual_pipeline_model_parallel_size is not None,
+        use_distributed_optimizer=p.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # the trainer checks the loss and the grad norm itself
     )
     wrapped = []
     for i, chunk in enumerate(chunks):
         ensure_stage_output_requires_grad(chunk)
+        if config.model.recompute_granularity == "full":
+            ensure_recompute_input_requires_grad(chunk)
         module = Float16Module(chunk.config, chunk) if config.model.bf16 else chunk
         # Megatron-LM: only the first chunk's buffers may be bucketed lazily; each chunk gets its own DDP.
         wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=module,
                                                disable_bucketing=i > 0))
     return wrapped
+
+
+def configure_overlap(wrapped: list[torch.nn.Module], config: TrainConfig) -> None:
+    """Hand the schedule the DDP hooks that overlap communication with compute (as Megatron-LM's trainer does).
+
+    Gradient reduction: no_sync holds the reduction back until the last micro batch, then each bucket is reduced
+    as soon as its gradients are complete. Parameter gathering (distributed optimizer): the forward pre-hooks
+    wait for each bucket's all-gather; the interleaved schedule starts them chunk by chunk.
+    """
+    p = config.parallelism
+    for chunk in wrapped:
+        c = chunk.config
+        if p.overlap_grad_reduce:
+            c.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+            c.grad_sync_func = ([m.start_grad_sync for m in wrapped] if len(wrapped) > 1
+                                else wrapped[0].start_grad_sync)
+        if p.overlap_param_gather and len(wrapped) > 1:
+            c.param_sync_func = [m.start_param_sync for m in wrapped]
+
+
+def sync_params(wrapped: list[torch.nn.Module], config: TrainConfig) -> None:
+    """Finish every pending parameter all-gather (--overlap-param-gather): before a checkpoint is written, each
+    rank's model must hold the whole updated model, not only its own optimizer shard."""
+    if config.parallelism.overlap_param_gather:
+        for chunk in wrapped:
+            chunk.start_param_sync(force_sync=True)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

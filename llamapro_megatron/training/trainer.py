@@ -30,7 +30,8 @@ class TrainResult:
     iteration: int = 0
     consumed_samples: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
-    grad_norms: dict[int, float] = field(default_factory=dict)  # iteration -> gradient norm (before clipping)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # iteration -> gradient norm before clipping
+    stage_layers: dict[int, list[int]] = field(default_factory=dict)  # pipeline stage -> its trainable layers
     eval_losses: dict[int, float] = field(default_factory=dict)
     last_checkpoint: str | None = None
     exit_reason: str = "done"
@@ -41,7 +42,10 @@ class TrainResult:
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Run (or resume) training as configured; returns what happened, on every rank."""
     from llamapro_megatron.runtime import destroy_distributed, init_distributed
+    from llamapro_megatron.training.checkpointing import resolve_load
+    from llamapro_megatron.training.layout import resolve_pipeline
 
+    config = resolve_pipeline(config, resolve_load(config)[1].arch)  # virtual stages need the layer count
     p = config.parallelism
     info = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                             p.virtual_pipeline_model_parallel_size, seed=config.seed)
@@ -56,7 +60,7 @@ class _Run:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from llamapro_megatron.training import checkpointing, data, metrics, model, optimizer
+        from llamapro_megatron.training import checkpointing, data, layout, metrics, model, optimizer
 
         self.config, self.info = config, info
         self.rank0 = info.rank == 0
@@ -67,7 +71,9 @@ class _Run:
         self.model = model.wrap_for_training(chunks, config)
         for chunk in chunks:
             chunk.config.finalize_model_grads_func = finalize_model_grads
+        model.configure_overlap(self.model, config)
         self.shape = data.batch_shape(config, info.dp)
+        layout.check_microbatches(config, self.shape.num_microbatches)
         self.steps = optimizer.resolve_steps(config, self.shape.global_batch_size)
         self.optimizer = optimizer.build_optimizer(self.model, config)
         optimizer.check_checkpointable(self.optimizer, config)
@@ -81,10 +87,12 @@ class _Run:
         self.fwd_bwd = get_forward_backward_func()
         self.per_token_loss = chunks[0].config.calculate_per_token_loss
         layers = model.trainable_layers(self.meta, config.freeze)
-        first_chunk = self.meta.arch.num_layers // (info.pp * (p_vpp(config) or 1)) if info.pp > 1 else 10**9
+        first_chunk = layout.first_chunk_layers(config, self.meta.arch) if info.pp > 1 else 10**9
         self.flops = metrics.flops_per_token(
             self.meta.arch, self.meta.padded_vocab_size, config.schedule.seq_length, layers,
-            config.freeze.train_embeddings, config.freeze.train_output_layer, first_chunk)
+            # full recomputation back-propagates from the bottom of the first chunk (see model.py)
+            config.freeze.train_embeddings or config.model.recompute_granularity == "full",
+            config.freeze.train_output_layer, first_chunk)
         self.peak = metrics.peak_tflops(config.logging.peak_tflops)
         self.writer = metrics.ScalarWriter(config.logging.tensorboard_dir if self.rank0 else None)
         self.stop_signal = False
@@ -94,7 +102,7 @@ class _Run:
     # ------------------------------------------------------------------ loop
     def run(self, on_step: Callable[[int, float], None] | None) -> TrainResult:
         config, s = self.config, self.config.schedule
-        result = TrainResult(self.start.iteration, self.start.consumed_samples)
+        result = TrainResult(self.start.iteration, self.start.consumed_samples, stage_layers=self.stage_layers)
         self._log(f"training iterations {result.iteration} -> {self.steps.train_iters} (global batch "
                   f"{self.shape.global_batch_size} = micro {self.shape.micro_batch_size} x "
                   f"{self.shape.num_microbatches} micro batches x DP {self.info.dp}), from {self.source}")
@@ -135,16 +143,22 @@ class _Run:
                 self._evaluate(step, result)
             interval = config.checkpointing.save_interval
             if config.checkpointing.save and interval and step % interval == 0:
-                result.last_checkpoint = str(self.checkpointer.save(step, result.consumed_samples))
+                result.last_checkpoint = self._save(step, result.consumed_samples)
             if stop_signal or timed_out:
                 result.exit_reason = "signal" if stop_signal else "duration"
                 self._log(f"exiting at step {step} ({'SIGTERM' if stop_signal else '--exit-duration-in-mins'})")
                 break
         if config.checkpointing.save and str(self.checkpointer.last_saved or "") != _iter_dir(config, result):
-            result.last_checkpoint = str(self.checkpointer.save(result.iteration, result.consumed_samples))
+            result.last_checkpoint = self._save(result.iteration, result.consumed_samples)
         self.writer.close()
         result.optimizer_state_bytes = self._optimizer_state_bytes()
         return result
+
+    def _save(self, iteration: int, consumed_samples: int) -> str:
+        from llamapro_megatron.training.model import sync_params
+
+        sync_params(self.model, self.config)
+        return str(self.checkpointer.save(iteration, consumed_samples))
 
     def _optimizer_state_bytes(self) -> int:
         seen, total = set(), 0
@@ -273,6 +287,10 @@ class _Run:
 
         gathered = [None] * self.info.world_size
         dist.all_gather_object(gathered, (ps.get_data_parallel_rank(), counts))
+        self.stage_layers = {}
+        for _, c in gathered:
+            self.stage_layers.setdefault(c.pp_rank, set()).update(c.trainable_layers)
+        self.stage_layers = {stage: sorted(layers) for stage, layers in sorted(self.stage_layers.items())}
         if not any(c.trainable for _, c in gathered):  # every rank sees the same list: all raise together
             raise UserError(f"nothing to train: --freeze {self.config.freeze.freeze} leaves no trainable parameter")
         if not self.rank0:
@@ -287,8 +305,8 @@ class _Run:
             t = sum(c.trainable for c in by_stage[stage])
             f = sum(c.frozen for c in by_stage[stage])
             total_t, total_f = total_t + t, total_f + f
-            layers = by_stage[stage][0].trainable_layers
-            lines.append(f"  stage {stage}: trainable {t:>14,}  frozen {f:>14,}  trainable layers {layers}")
+            layers, held = by_stage[stage][0].trainable_layers, _ranges(by_stage[stage][0].layers)
+            lines.append(f"  stage {stage}: trainable {t:>14,}  frozen {f:>14,}  layers {held}, trainable {layers}")
         lines.append(f"  total  : trainable {total_t:>14,}  frozen {total_f:>14,}  "
                      f"({100 * total_t / max(total_t + total_f, 1):.1f}% trains)")
         print("\n".join(lines), flush=True)
@@ -298,8 +316,15 @@ class _Run:
             print(message, flush=True)
 
 
-def p_vpp(config: TrainConfig) -> int | None:
-    return config.parallelism.virtual_pipeline_model_parallel_size
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 4, 5] -> "0-1, 4-5" (a stage's layers, chunk by chunk under virtual pipeline stages)."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "none"
 
 
 def _tokenizer_dir(source: Path) -> str | None:

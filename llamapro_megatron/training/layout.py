@@ -1,0 +1,95 @@
+"""How the model is laid out and executed: pipeline split (virtual chunks, uneven end stages), activation
+recomputation, sequence parallelism, the attention window. Resolved once the checkpoint's layer count is known.
+
+Everything here ends up as megatron-core TransformerConfig fields, so every chunk of every rank is built from
+the same decisions; the freeze policy does not depend on them (it reads each layer's global ``layer_number``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from llamapro_megatron.arch import LlamaArch, pipeline_stage_layers
+from llamapro_megatron.errors import UserError
+from llamapro_megatron.training.config import TrainConfig
+
+# Specs whose attention applies TransformerConfig.window_size (megatron-core 0.16: TE attention, and the local
+# spec's FusedScaleMaskSoftmax torch path). A spec without window support must refuse longer sequences.
+WINDOWED_SPECS = ("te", "local")
+
+
+def resolve_pipeline(config: TrainConfig, arch: LlamaArch) -> TrainConfig:
+    """A copy of ``config`` whose virtual pipeline size is set (from --num-layers-per-virtual-pipeline-stage when
+    that was given) and whose pipeline split has been checked against the model's layers."""
+    p = config.parallelism
+    stages = pipeline_stage_layers(arch.num_layers, p.pipeline_model_parallel_size,
+                                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+    vpp = p.virtual_pipeline_model_parallel_size
+    per_chunk = p.num_layers_per_virtual_pipeline_stage
+    if per_chunk is not None:
+        if stages[0] % per_chunk:
+            raise UserError(f"--num-layers-per-virtual-pipeline-stage {per_chunk} does not divide the {stages[0]} "
+                            f"layers of a pipeline stage ({arch.num_layers} layers / PP "
+                            f"{p.pipeline_model_parallel_size})")
+        vpp = stages[0] // per_chunk
+    if vpp is not None and vpp > 1:
+        if p.pipeline_model_parallel_size == 2 and None not in (p.decoder_first_pipeline_num_layers,
+                                                                p.decoder_last_pipeline_num_layers):
+            # megatron-core 0.16 divides by the (zero) middle stages here; the first stage's count says it all
+            raise UserError("with --pipeline-model-parallel-size 2 and virtual stages give only "
+                            "--decoder-first-pipeline-num-layers (the last stage holds the rest)")
+        bad = sorted({n for n in stages if n % vpp})
+        if bad:
+            raise UserError(f"--virtual-pipeline-model-parallel-size {vpp} does not divide the {bad[0]} layers of "
+                            f"a pipeline stage (stages hold {stages} layers)")
+    out = copy.deepcopy(config)
+    out.parallelism.virtual_pipeline_model_parallel_size = vpp if vpp and vpp > 1 else None
+    out.parallelism.num_layers_per_virtual_pipeline_stage = None  # resolved into the above
+    return out
+
+
+def first_chunk_layers(config: TrainConfig, arch: LlamaArch) -> int:
+    """Layers of pipeline chunk 0 (rank 0, virtual stage 0): all of them without pipeline parallelism."""
+    p = config.parallelism
+    if p.pipeline_model_parallel_size < 2:
+        return arch.num_layers
+    stages = pipeline_stage_layers(arch.num_layers, p.pipeline_model_parallel_size,
+                                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+    return stages[0] // (p.virtual_pipeline_model_parallel_size or 1)
+
+
+def check_microbatches(config: TrainConfig, num_microbatches: int) -> None:
+    """The interleaved schedule runs micro batches in groups of PP per chunk (megatron-core's default group)."""
+    p = config.parallelism
+    if p.virtual_pipeline_model_parallel_size and num_microbatches % p.pipeline_model_parallel_size:
+        raise UserError(f"the interleaved pipeline schedule (virtual stages) needs the micro batches per step "
+                        f"({num_microbatches} = global batch / (micro batch x data-parallel size)) to be a multiple "
+                        f"of --pipeline-model-parallel-size {p.pipeline_model_parallel_size}; change "
+                        "--global-batch-size or --micro-batch-size")
+
+
+def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) -> dict[str, Any]:
+    """TransformerConfig fields for the pipeline split, recomputation, sequence parallel and the window."""
+    p, m = config.parallelism, config.model
+    if p.sequence_parallel and spec_kind != "te":
+        raise UserError(f"--sequence-parallel needs the TE layer spec (--spec te, on a GPU with Transformer "
+                        f"Engine); the {spec_kind} spec's torch norms cannot split activations along the sequence")
+    seq = config.schedule.seq_length
+    if arch.sliding_window is not None and seq > arch.sliding_window and spec_kind not in WINDOWED_SPECS:
+        raise UserError(f"--seq-length {seq} is longer than the model's sliding attention window "
+                        f"({arch.sliding_window}), which the {spec_kind} spec cannot apply; use --seq-length "
+                        f"{arch.sliding_window} or less, or the {' / '.join(WINDOWED_SPECS)} spec")
+    overrides: dict[str, Any] = {
+        "num_layers_in_first_pipeline_stage": p.decoder_first_pipeline_num_layers,
+        "num_layers_in_last_pipeline_stage": p.decoder_last_pipeline_num_layers,
+        "sequence_parallel": p.sequence_parallel,
+    }
+    if p.virtual_pipeline_model_parallel_size:
+        # Megatron-LM's interleaved defaults. They also keep the two directions apart: with batched p2p at PP 2
+        # both neighbours are the same rank, and gloo pairs an activation send with a gradient receive (same
+        # shape, silently wrong); the unbatched ops order sends/receives by rank parity over two groups.
+        overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    if m.recompute_granularity is not None:
+        overrides.update(recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
+                         recompute_num_layers=m.recompute_num_layers)
+    return overrides
