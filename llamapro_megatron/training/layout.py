@@ -14,8 +14,9 @@ from llamapro_megatron.errors import UserError
 from llamapro_megatron.training.config import TrainConfig
 
 # Specs whose attention applies TransformerConfig.window_size (megatron-core 0.16: TE attention, and the local
-# spec's FusedScaleMaskSoftmax torch path). A spec without window support must refuse longer sequences.
-WINDOWED_SPECS = ("te", "local")
+# spec's FusedScaleMaskSoftmax torch path; runtime/sdpa.py applies it as a banded mask). A spec added without
+# window support must refuse longer sequences.
+WINDOWED_SPECS = ("te", "local", "sdpa")
 
 
 def resolve_pipeline(config: TrainConfig, arch: LlamaArch) -> TrainConfig:

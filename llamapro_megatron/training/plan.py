@@ -217,23 +217,32 @@ def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None):
 def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None):
     """This (simulated or real) rank's model chunks on the meta device with the freeze policy applied."""
     from llamapro_megatron.checkpoint.mcore import build_gpt_model
+    from llamapro_megatron.training.layout import transformer_overrides
     from llamapro_megatron.training.model import apply_freeze, train_dtype
 
     p = config.parallelism
+    # the plan is for the spec the run will use (TE on GPUs unless forced); the local spec builds the same
+    # parameters on the meta device, without sequence parallel (its torch norms refuse it; the parameters are the
+    # same, and the activation estimate accounts for it)
+    kind = config.model.spec if config.model.spec in ("local", "sdpa") else "te"
+    overrides = {**transformer_overrides(config, meta.arch, kind), "sequence_parallel": False}
     chunks = [build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                               tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
-                              spec="local", meta_device=True, vp_stage=v if vpp else None)
+                              spec="local", meta_device=True, vp_stage=v if vpp else None, **overrides)
               for v in range(vpp or 1)]
     apply_freeze(chunks, meta, config.freeze)
     return chunks
 
 
 def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source: str) -> Plan:
+    from llamapro_megatron.training.layout import resolve_pipeline
     from llamapro_megatron.training.model import decoder_layers, global_layer_index
 
+    config = resolve_pipeline(config, meta.arch)  # --num-layers-per-virtual-pipeline-stage, uneven end stages
     p, s = config.parallelism, config.schedule
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, _vpp(config)
-    meta.arch.validate_layout(tp, pp, vpp)
+    meta.arch.validate_layout(tp, pp, vpp, first=p.decoder_first_pipeline_num_layers,
+                              last=p.decoder_last_pipeline_num_layers)
     if meta.padded_vocab_size % tp:
         raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary "
                         f"{meta.padded_vocab_size}")

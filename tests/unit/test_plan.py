@@ -142,3 +142,25 @@ def test_dry_run_without_a_model_is_refused(capsys):
 
     assert main(["train", "--dry-run", "--world-size", "1"]) == 2
     assert "--dry-run needs the model" in capsys.readouterr().err
+
+
+def test_virtual_and_uneven_stages_are_planned_as_the_trainer_builds_them():
+    """--num-layers-per-virtual-pipeline-stage and uneven end stages reach the planned layout: each rank holds the
+    layers megatron-core's split gives it (arch.pipeline_stage_layers is tested against get_num_layers_to_build)."""
+    from llamapro_megatron.training.plan import dry_run
+
+    def plan(*flags):
+        args = build_parser().parse_args(["train", "--dry-run", "--config", "examples/llama2_7b_pro.yaml",
+                                          *DEFAULT_MODEL, "--tensor-model-parallel-size", "1", *flags])
+        return dry_run(config_from_args(args, plan_only=True), args.world_size, args.hf_config, args.groups)
+
+    interleaved = plan("--world-size", "4", "--pipeline-model-parallel-size", "4",
+                       "--num-layers-per-virtual-pipeline-stage", "5", "--global-batch-size", "8")
+    assert interleaved.config.parallelism.virtual_pipeline_model_parallel_size == 2
+    # 40 layers, 4 stages x 2 chunks of 5: rank 0 holds chunks 0 and 4 of the 8
+    assert interleaved.ranks[0].layers == [*range(0, 5), *range(20, 25)]
+    uneven = plan("--world-size", "3", "--pipeline-model-parallel-size", "3", "--global-batch-size", "6",
+                  "--decoder-first-pipeline-num-layers", "12", "--decoder-last-pipeline-num-layers", "14")
+    assert [len(r.layers) for r in uneven.ranks] == [12, 14, 14]
+    assert uneven.ranks[0].layers == list(range(12)) and uneven.ranks[2].layers == list(range(26, 40))
+    assert sum(r.trainable for r in uneven.ranks) == uneven.trainable_parameters  # every new block, once

@@ -96,7 +96,7 @@ def test_recompute_and_uneven_stages_reach_the_transformer_config():
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 2)
 
 
-def test_sliding_window_reaches_the_config_and_unwindowed_specs_refuse_longer_sequences():
+def test_sliding_window_reaches_the_config_and_unwindowed_specs_refuse_longer_sequences(monkeypatch):
     mistral = dict(TINY, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16)
     arch = LlamaArch.from_hf_config(mistral)
     # transformers: query i sees keys i-15..i; megatron-core's (left, right) window counts the others
@@ -104,6 +104,9 @@ def test_sliding_window_reaches_the_config_and_unwindowed_specs_refuse_longer_se
     assert arch.transformer_config(tp=1, pp=1, dtype="float32").window_size == (15, 0)
     long = config_from_argv([*BASE_ARGV, "--seq-length", "32"])
     transformer_overrides(long, arch, "local")  # the local spec's softmax applies the window
+    transformer_overrides(long, arch, "sdpa")  # a banded mask (tests/unit/test_sdpa_attention.py)
+    # a spec without window support (as sdpa was before it had the band) refuses the longer sequence only
+    monkeypatch.setattr("llamapro_megatron.training.layout.WINDOWED_SPECS", ("te", "local"))
     with pytest.raises(UserError, match="--seq-length 32 is longer than the model's sliding attention window"):
         transformer_overrides(long, arch, "sdpa")
     transformer_overrides(config_from_argv([*BASE_ARGV, "--seq-length", "16"]), arch, "sdpa")
