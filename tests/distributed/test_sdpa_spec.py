@@ -96,7 +96,7 @@ def _cross_spec_checkpoint(meta, ckpt_dir: Path, cross: Path, tokens, labels, co
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from llamapro_megatron.checkpoint.mcore import build_gpt_model, load_model_weights
+    from llamapro_megatron.checkpoint.mcore import META_FILE, build_gpt_model, load_model_weights
     from llamapro_megatron.runtime import destroy_distributed, init_distributed
 
     init_distributed(tp=2, pp=1, seed=5)
@@ -111,6 +111,9 @@ def _cross_spec_checkpoint(meta, ckpt_dir: Path, cross: Path, tokens, labels, co
         cross.mkdir()
     dist.barrier()
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(cross))
+    if dist.get_rank() == 0:
+        (cross / META_FILE).write_text(meta.to_json())  # load_model_weights reads what the checkpoint holds
+    dist.barrier()
     destroy_distributed()
     init_distributed(tp=1, pp=2, seed=5)
     model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype="float32", pp=2, spec="local")
