@@ -47,6 +47,7 @@ not, so the sdpa spec runs there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -69,6 +70,7 @@ LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 @dataclass
 class Side:
     seconds: list[float]  # per step, warm-up excluded
+    cpu_seconds: list[float]  # the same steps' process CPU time (all threads): what load on a shared box inflates less
     first_loss: float
     peak_bytes: int | None = None  # CUDA only: torch.cuda.max_memory_allocated
     peak_rss: int = 0  # the side's own process (imports, model, optimizer, activations): ru_maxrss
@@ -76,6 +78,10 @@ class Side:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_seconds)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -99,7 +105,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hf-precision", choices=["autocast", "bf16"], default="autocast",
                     help="CUDA only: HF weights fp32 under bf16 autocast, or bf16 weights")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--workdir", default=None, help="keep the prepared models here and reuse them when present "
+                    "(default: a temporary directory, removed)")
     args = ap.parse_args(argv)
     defaults = CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -136,6 +143,11 @@ def prepare_models(args, work: Path):
         plans["plan"] = interleave(n, args.groups)
         return plans["plan"]
 
+    if (work / "pro_hf" / "config.json").exists():
+        from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
+
+        print(f"reusing the prepared models in {work}", flush=True)
+        return work / "pro", work / "pro_hf", plan_fn(read_meta(resolve_checkpoint(work / "base")).arch.num_layers)
     print("converting, expanding and exporting the model (untimed)", flush=True)
     hf_to_mcore(hf, work / "base", progress=False, workers=1)
     expand_mcore(work / "base", work / "pro", plan_fn, progress=False, workers=1)
@@ -157,14 +169,14 @@ def run_llamapro(pro: Path, args) -> Side:
         argv.append("--bf16")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = train(config_from_argv(argv))
+    cpu_at_step = []  # process CPU time when each step ends (on_step runs right after the step's timer)
+    result = train(config_from_argv(argv), on_step=lambda step, loss: cpu_at_step.append(time.process_time()))
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
-    return Side(result.seconds_per_step[args.warmup:], result.losses[1], peak)
+    cpu = [b - a for a, b in zip(cpu_at_step, cpu_at_step[1:])][args.warmup - 1:] if args.warmup else []
+    return Side(result.seconds_per_step[args.warmup:], cpu, result.losses[1], peak)
 
 
 def run_hf(pro_hf: Path, new_layers: tuple[int, ...], args) -> Side:
-    import contextlib
-
     from transformers import AutoModelForCausalLM
 
     device = torch.device(args.device)
@@ -183,13 +195,13 @@ def run_hf(pro_hf: Path, new_layers: tuple[int, ...], args) -> Side:
                 else contextlib.nullcontext())
     g = torch.Generator().manual_seed(1234)
     vocab = model.config.vocab_size
-    seconds, first_loss = [], None
+    seconds, cpu_seconds, first_loss = [], [], None
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup + args.steps):
         tokens = torch.randint(0, vocab, (args.micro_batch_size, args.seq_length), generator=g).to(device)
         _sync(args.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = model(input_ids=tokens, labels=tokens).loss
@@ -199,10 +211,11 @@ def run_hf(pro_hf: Path, new_layers: tuple[int, ...], args) -> Side:
         value = loss.item()  # the trainer reads its loss every step too
         _sync(args.device)
         seconds.append(time.perf_counter() - t0)
+        cpu_seconds.append(time.process_time() - c0)
         first_loss = value if first_loss is None else first_loss
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     del model, optimizer, trainable, groups
-    return Side(seconds[args.warmup:], first_loss, peak)
+    return Side(seconds[args.warmup:], cpu_seconds[args.warmup:], first_loss, peak)
 
 
 def _side_in_child(side: str, path: str, new_layers: tuple[int, ...], args) -> Side:
@@ -238,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare()
     spec = resolve_spec_kind(args.spec)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+    with contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory() as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         pro, pro_hf, plan = prepare_models(args, Path(tmp))
         arch = LlamaArch.from_hf_dir(pro_hf)
         runs: dict[str, list[Side]] = {"llamapro": [], "hf": []}
@@ -248,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"repeat {r + 1}/{args.repeats}: {side} (load average {os.getloadavg()[0]:.1f})", flush=True)
                 run = run_side(side, pro if side == "llamapro" else pro_hf, tuple(plan.new_indices), args)
                 runs[side].append(run)
-                print(f"  {side}: median {run.median:.3f} s/step over {len(run.seconds)} steps, first loss "
-                      f"{run.first_loss:.3f}, peak RSS {run.peak_rss / 2**30:.2f} GiB", flush=True)
+                print(f"  {side}: median {run.median:.3f} s/step over {len(run.seconds)} steps "
+                      f"({run.cpu_median:.3f} CPU s), first loss {run.first_loss:.3f}, peak RSS "
+                      f"{run.peak_rss / 2**30:.2f} GiB", flush=True)
     flops = metrics.flops_per_token(arch, arch.vocab_size, args.seq_length, set(plan.new_indices),
                                     train_embeddings=False, train_output=False, first_chunk_layers=arch.num_layers)
     peak = metrics.peak_tflops(args.peak_tflops) if args.device == "cuda" else args.peak_tflops
@@ -260,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
 def report(args, spec: str, arch, plan, flops, peak: float | None, runs: dict) -> None:
     tokens = args.micro_batch_size * args.seq_length
     medians = {side: statistics.median(s.median for s in sides) for side, sides in runs.items()}
+    cpu_medians = {side: statistics.median(s.cpu_median for s in sides) for side, sides in runs.items()}
     ratio = statistics.median(h.median / m.median for m, h in zip(runs["llamapro"], runs["hf"]))
+    cpu_ratio = statistics.median(h.cpu_median / m.cpu_median for m, h in zip(runs["llamapro"], runs["hf"]))
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     print(f"\ncommand: {threads}python {' '.join(sys.argv)}")
     if args.device == "cuda":
@@ -283,20 +300,21 @@ def report(args, spec: str, arch, plan, flops, peak: float | None, runs: dict) -
     print(f"FLOPs/token: counted {flops.per_token / 1e9:.3f} G, 6N {flops.six_n_per_token / 1e9:.3f} G")
     gpu = args.device == "cuda"
     print("per repeat, s/step (median of its steps): " + "; ".join(
-        f"{side} " + ", ".join(f"{s.median:.3f}" for s in sides) for side, sides in runs.items()))
-    print(f"| run | s/step | tokens/s | TFLOP/s counted | TFLOP/s 6N | MFU counted | MFU 6N | peak RSS |"
+        f"{side} " + ", ".join(f"{s.median:.3f} ({s.cpu_median:.3f} CPU)" for s in sides)
+        for side, sides in runs.items()))
+    print(f"| run | s/step | CPU s/step | tokens/s | TFLOP/s counted | TFLOP/s 6N | MFU counted | MFU 6N | peak RSS |"
           f"{' peak GPU memory |' if gpu else ''}")
-    print(f"|---|---:|---:|---:|---:|---:|---:|---:|{'---:|' if gpu else ''}")
+    print(f"|---|---:|---:|---:|---:|---:|---:|---:|---:|{'---:|' if gpu else ''}")
     for side, label in (("llamapro", f"llamapro (megatron-core, {spec} spec)"), ("hf", "HF transformers + AdamW")):
         tps = tokens / medians[side]
         counted, six_n = flops.per_token * tps / 1e12, flops.six_n_per_token * tps / 1e12
         mfu = (f"{100 * counted / peak:.1f}% | {100 * six_n / peak:.1f}%" if peak else "n/a | n/a")
         rss = statistics.median(s.peak_rss for s in runs[side]) / 2**30
         extra = f" {max(s.peak_bytes for s in runs[side]) / 2**30:.1f} GiB |" if gpu else ""
-        print(f"| {label} | {medians[side]:.3f} | {tps:,.0f} | {counted:.4g} | {six_n:.4g} | {mfu} | "
-              f"{rss:.2f} GiB |{extra}")
-    print(f"| ratio llamapro / HF, tokens/s (median of per-repeat ratios) | | {ratio:.2f}x | | | | | |"
-          f"{' |' if gpu else ''}")
+        print(f"| {label} | {medians[side]:.3f} | {cpu_medians[side]:.3f} | {tps:,.0f} | {counted:.4g} | "
+              f"{six_n:.4g} | {mfu} | {rss:.2f} GiB |{extra}")
+    print(f"| ratio llamapro / HF, speed (median of per-repeat ratios) | | {cpu_ratio:.2f}x | {ratio:.2f}x | | | | "
+          f"| |{' |' if gpu else ''}")
 
 if __name__ == "__main__":
     sys.exit(main())
