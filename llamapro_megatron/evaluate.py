@@ -294,9 +294,9 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="Megatron checkpoint or training save directory (latest iteration)")
     src.add_argument("--hf-dir", help="Hugging Face model directory (run by transformers)")
-    p.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH",
+    p.add_argument("--data", nargs="+", action="extend", required=True, metavar="NAME=PATH",
                    help="held-out sets: a text file, a .jsonl(.gz) file with a text key, or a preprocessed "
-                   "indexed-dataset prefix (PATH.bin/PATH.idx)")
+                   "indexed-dataset prefix (PATH.bin/PATH.idx); several after one --data, or --data repeated")
     p.add_argument("--ckpt-step", type=int, default=None, help="iteration of a training save (default: latest)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to run --load at")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to run --load at")

@@ -27,3 +27,9 @@ def test_tools_scripts_forward(script, words):
     out = subprocess.run([sys.executable, str(ROOT / "tools" / script), "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert words in out
+
+
+def test_evaluate_data_sets_add_up_whether_listed_or_repeated():
+    listed = build_parser().parse_args(["evaluate", "--load", "c", "--data", "code=a", "math=b"])
+    repeated = build_parser().parse_args(["evaluate", "--load", "c", "--data", "code=a", "--data", "math=b"])
+    assert listed.data == repeated.data == ["code=a", "math=b"]
