@@ -9,12 +9,17 @@
 # Finished stages are cached in the workdir: running it again prints the table without redoing them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# "installed" = pip's record of the package (its dependencies came with it); from this directory a bare
+# `import llamapro_megatron` would succeed without them.
+installed() { "$1" -c "import importlib.metadata as m; m.distribution('llamapro-megatron')" 2>/dev/null; }
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import llamapro_megatron" 2>/dev/null; then
-  echo "== installing llamapro-megatron into .venv (torch CPU build; a few minutes, once)"
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -c constraints-cpu.txt -e .
+if ! installed "$PY"; then
   PY=.venv/bin/python
+  if ! installed "$PY"; then
+    echo "== installing llamapro-megatron into .venv (torch CPU build; a few minutes, once)"
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/pip install -q torch==2.13.0
+    .venv/bin/pip install -q -c constraints-cpu.txt -e .
+  fi
 fi
 exec "$PY" -m llamapro_megatron.cli quickstart "$@"
