@@ -37,7 +37,8 @@ def _tensors(hf_dir) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart")
-    return workdir, quickstart(_settings(workdir))
+    yield workdir, quickstart(_settings(workdir))
+    shutil.rmtree(workdir, ignore_errors=True)  # ~2.5 GB: keep the suite's disk peak low
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ transformers and the paper's algorithm on the HF weights are the references.
 """
 from __future__ import annotations
 
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def smollm2_run(tmp_path_factory):
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()(input_ids=tokens).logits
     logits, expanded = run_workers(_world, 2, args=(str(hf), str(root / "mcore"), str(root / "hf"), tokens))[0]
-    return hf, root / "hf", tokens, reference, logits, expanded
+    yield hf, root / "hf", tokens, reference, logits, expanded
+    shutil.rmtree(root, ignore_errors=True)  # ~2 GB of checkpoints: keep the suite's disk peak low
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,8 @@ def sft_runs(tmp_path_factory):
     chat = _write(root / "chat.jsonl", [e[1] for e in encoded])
     recipe_chat = _write(root / "champ_chat.jsonl", champ[:40])
     out = run_workers(_world, 2, args=(str(root), chat, recipe_chat, str(tokenizer_dir)), timeout_s=900)[0]
-    return root, out, conversations
+    yield root, out, conversations
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow

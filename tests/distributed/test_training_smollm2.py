@@ -9,6 +9,7 @@ SmolLM2's own weights.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def trained(tmp_path_factory):
     (root / "code.jsonl").write_text("".join(json.dumps({"text": p.read_text()}) + "\n" for p in files))
     preprocess([root / "code.jsonl"], hf, root / "code", append_eod=True, progress=False)
     out = run_workers(_world, 2, args=(str(hf), str(root), str(root / "code_text_document")), timeout_s=1500)[0]
-    return hf, root, out
+    yield hf, root, out
+    shutil.rmtree(root, ignore_errors=True)  # ~2.5 GB of checkpoints: keep the suite's disk peak low
 
 
 @pytest.mark.slow
