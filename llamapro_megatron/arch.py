@@ -36,6 +36,11 @@ def canonical_dtype(name: str) -> str:
     return DTYPES[key]
 
 
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a supported dtype (without importing torch)."""
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[canonical_dtype(name)]
+
+
 def torch_dtype(name: str):
     import torch
 

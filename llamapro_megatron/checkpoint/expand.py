@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-import torch
-
-from llamapro_megatron.arch import LlamaArch, canonical_dtype
+from llamapro_megatron.arch import LlamaArch, canonical_dtype, dtype_bytes
 from llamapro_megatron.checkpoint import hf as hfio
 from llamapro_megatron.checkpoint import mapping, st_copy, trainable
 from llamapro_megatron.checkpoint.convert import (
@@ -102,15 +100,16 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
     job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress,
                     ROUND_BYTES if round_bytes is None else round_bytes)
     run_job(_expand_worker, job, workers, out,
-            sum(_source_unit_sizes(src.arch, src.padded_vocab_size, getattr(torch, src.dtype).itemsize, plan).values()))
+            sum(_source_unit_sizes(src.arch, src.padded_vocab_size, dtype_bytes(src.dtype), plan).values()))
     return out
 
 
 def _expand_worker(job: ExpandJob) -> None:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    import torch
 
     out = Path(job.out)
-    info, tmp = start_release_output(out)
+    info, tmp = start_release_output(out)  # prepares megatron-core: import it only after this
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     src, dst, plan = CheckpointMeta.from_json(job.src_meta_json), CheckpointMeta.from_json(job.meta_json), job.plan
     src_dtype, dst_dtype = getattr(torch, src.dtype), getattr(torch, dst.dtype)
@@ -182,14 +181,14 @@ def expand_hf(hf_dir: str | Path, out: str | Path, plan_fn, *, dtype: str | None
         raise UserError(f"--workers {workers}: need at least 1")
     out_dtype = canonical_dtype(dtype or arch.dtype)
     units = [EMBED_UNIT, HEAD_UNIT] + [f"layer{i}" for i in range(plan.num_layers)]
-    itemsize = getattr(torch, out_dtype).itemsize
+    itemsize = dtype_bytes(out_dtype)
     sizes = unit_sizes(arch, arch.vocab_size, itemsize, plan.num_layers)
     owner = assign_units(units, sizes, workers)
     tmp = partial_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {u: _unit_tensors(u, arch, plan) for u in units}
-    if all(reader.dtype(src) == getattr(torch, out_dtype) for ts in tensors.values() for _, src, _ in ts):
+    if all(reader.dtype(src) == out_dtype for ts in tensors.values() for _, src, _ in ts):
         # no dtype changes: copy byte ranges file to file in workers that never import torch
         worker = st_copy.write_shards
         jobs = [([(hfio.shard_name(i, len(units)),
@@ -245,6 +244,8 @@ def _unit_tensors(unit: str, arch: LlamaArch, plan: ExpansionPlan) -> list[tuple
 def _expand_hf_worker(hf_dir: str, tmp: str, arch_dict: dict, plan: ExpansionPlan, dtype: str, my_units: list[str],
                       units: list[str], rank: int, world: int, progress: bool) -> dict[str, str]:
     """A worker for expansions that change the dtype (the others copy bytes: `st_copy.write_shards`)."""
+    import torch
+
     arch = LlamaArch.from_dict(arch_dict)
     reader = hfio.HFReader(hf_dir)
     out_dtype = getattr(torch, dtype)

@@ -7,11 +7,10 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from llamapro_megatron.errors import UserError
+
+# torch and safetensors' torch API are imported where tensors are read or written: the conversion's parent
+# process only reads safetensors headers, and starting its workers need not wait for torch's import (~1.5 s).
 
 INDEX_NAME = "model.safetensors.index.json"
 # Tokenizer and chat files copied between HF and Megatron directories when present (none is required).
@@ -19,17 +18,23 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
 class HFReader:
-    """Reads single tensors (or their headers) from a HF directory's safetensors files, never the whole model."""
+    """Reads single tensors (or their headers) from a HF directory's safetensors files, never the whole model.
+
+    Shapes and dtypes come from the files' JSON headers (no torch needed); tensors are read through
+    safetensors' memory-mapped `safe_open` on first `get`.
+    """
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
         if not self.dir.is_dir():
             raise UserError(f"--hf-dir {hf_dir} is not a directory")
         self._handles: dict[str, object] = {}
+        self._headers: dict[str, dict] = {}
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:
@@ -42,27 +47,32 @@ class HFReader:
                 bins = sorted(p.name for p in self.dir.glob("*.bin"))
                 hint = f" (found {bins}: re-save the model with safe_serialization=True)" if bins else ""
                 raise UserError(f"{hf_dir} has no *.safetensors weights{hint}")
-            weight_map = {}
-            for f in files:
-                for name in self._open(f.name).keys():
-                    weight_map[name] = f.name
+            weight_map = {name: f.name for f in files for name in self._header(f.name) if name != "__metadata__"}
         self.weight_map: dict[str, str] = weight_map
         for fname in sorted(set(weight_map.values())):
-            self._open(fname)  # fail early on a missing or truncated file
+            self._header(fname)  # fail early on a missing, corrupt or truncated file
+        for name, fname in weight_map.items():
+            if name not in self._headers[fname]:
+                raise UserError(f"{self.dir / fname} lacks {name}, which {INDEX_NAME} places there; "
+                                "re-download the checkpoint")
 
-    def _open(self, fname: str):
-        if fname not in self._handles:
+    def _header(self, fname: str) -> dict:
+        if fname not in self._headers:
             path = self.dir / fname
             if not path.is_file():
                 raise UserError(f"{path} is listed in {INDEX_NAME} but missing; re-download the checkpoint")
+            self._headers[fname] = read_header(path)
+        return self._headers[fname]
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            from safetensors import safe_open
+
+            path = self.dir / fname
             try:
-                handle = safe_open(str(path), framework="pt")
-                _check_complete(path)
-            except UserError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                self._handles[fname] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt files
                 raise UserError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
-            self._handles[fname] = handle
         return self._handles[fname]
 
     def release(self) -> None:
@@ -72,30 +82,44 @@ class HFReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+    def _entry(self, name: str) -> dict:
+        if name not in self.weight_map:
+            raise UserError(f"{self.dir} has no tensor {name!r}")
+        return self._header(self.weight_map[name])[name]
 
-    def dtype(self, name: str) -> torch.dtype:
-        st = self._open(self.weight_map[name]).get_slice(name).get_dtype()
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype's torch name ('bfloat16', 'float16', 'float32', 'float64')."""
+        st = self._entry(name)["dtype"]
         if st not in _ST_DTYPES:
             raise UserError(f"{name} in {self.dir} has dtype {st}; only floating-point weights are supported")
         return _ST_DTYPES[st]
 
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise UserError(f"{self.dir} has no tensor {name!r}")
+    def get(self, name: str):
+        """The tensor (a view of the memory-mapped file)."""
+        self._entry(name)
         return self._open(self.weight_map[name]).get_tensor(name)
 
 
-def _check_complete(path: Path) -> None:
-    """A safetensors file whose data ends before its header says it should is truncated."""
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+def read_header(path: Path) -> dict:
+    """A safetensors file's JSON header ({name: {dtype, shape, data_offsets}}); refuses corrupt or truncated files."""
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if not 0 < header_len <= _MAX_HEADER:
+                raise ValueError(f"header length {header_len}")
+            header = json.loads(fh.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
     size = path.stat().st_size
     if size < 8 + header_len + end:
         raise UserError(f"{path} is truncated ({size} bytes, header promises {8 + header_len + end}); re-download it")
+    return header
 
 
 def validate_hf_tensors(reader: HFReader, expected: dict[str, tuple[int, ...]]) -> None:
@@ -115,7 +139,9 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_shard(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from llamapro_megatron.arch import LlamaArch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ def expected_hf_shapes(arch: LlamaArch, num_layers: int | None = None) -> dict[s
 # ------------------------------------------------------------------ transforms
 def to_mcore(t: TensorMap, hf: Sequence[torch.Tensor], arch: LlamaArch, padded_vocab: int) -> torch.Tensor:
     """HF tensor(s) -> the global megatron tensor."""
+    import torch  # here, not at the top: the mapping tables serve processes that never import torch
+
     if t.kind == "copy":
         return hf[0]
     if t.kind == "qkv":
@@ -121,6 +125,8 @@ def to_mcore(t: TensorMap, hf: Sequence[torch.Tensor], arch: LlamaArch, padded_v
 
 def to_hf(t: TensorMap, tensor: torch.Tensor | list[torch.Tensor], arch: LlamaArch) -> list[torch.Tensor]:
     """The global megatron tensor -> HF tensor(s), in the order of `t.hf`. fc1 may come as its stored halves."""
+    import torch
+
     if t.kind == "copy":
         return [tensor]
     if t.kind == "qkv":

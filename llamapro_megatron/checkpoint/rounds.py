@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import pickle
@@ -75,11 +76,16 @@ def _partial_rounds_allowed():
     def validate(global_plan, metadata):
         return [e for e in original(global_plan, metadata) if "invalid fill" not in e]
 
+    # the planner also logs each such error as a warning: expected here, so not shown while a round saves
+    log = logging.getLogger(planner.__name__)
+    level = log.level
     planner._validate_global_plan = validate
+    log.setLevel(logging.ERROR)
     try:
         yield
     finally:
         planner._validate_global_plan = original
+        log.setLevel(level)
 
 
 def merge_rounds(round_dirs: list[Path], out_dir: Path) -> None:

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from llamapro_megatron.errors import UserError
+from llamapro_megatron.runtime.compat import load_megatron_core
 
+# a bare megatron-core import would compile its fusion helpers (TorchDynamo: ~3 s per preprocessing worker)
+load_megatron_core()
 try:  # megatron-core >= 0.14: GPTDatasetConfig.tokenizer is typed as this base class.
     from megatron.core.tokenizers import MegatronTokenizerBase as _Base
 except ImportError:  # pragma: no cover - older or newer layouts: duck typing is all GPTDataset needs

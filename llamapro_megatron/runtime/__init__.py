@@ -60,14 +60,14 @@ assert set(__all__) == {"prepare", *_EXPORTS}
 def prepare() -> bool:
     """Make megatron-core importable and usable here; call before anything imports ``megatron.core``.
 
-    Idempotent. Installs the no-triton import shim (megatron-core 0.19+ without triton), enables CPU support when
-    CUDA is not available and fixes DistributedOptimizer's torch-Adam fallback (needed on GPUs without TE/Apex
-    too). Returns True when CPU support is active.
+    Idempotent. Mutes megatron-core's fallback notes (no TE/Apex), installs the no-triton import shim
+    (megatron-core 0.19+ without triton), enables CPU support when CUDA is not available and fixes
+    DistributedOptimizer's torch-Adam fallback (needed on GPUs without TE/Apex too). Returns True when CPU support
+    is active.
     """
-    from .compat import import_megatron_core, install_no_triton_shim
+    from .compat import load_megatron_core
 
-    install_no_triton_shim()
-    import_megatron_core()
+    load_megatron_core()
     from .cpu import enable_cpu_support, fix_torch_adam_fallback
 
     on_cpu = enable_cpu_support()

@@ -64,6 +64,25 @@ def install_no_triton_shim() -> bool:
     return True
 
 
+# megatron-core's notes at import/config time that say nothing a user can act on here: the layer spec (TE or not)
+# is chosen and reported by this project (`runtime/specs.py`), and "full scope" is megatron-core's own default.
+_MEGATRON_NOTES = ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                   "full scope is deprecated")
+# PyTorch deprecations of APIs that megatron-core's checkpointing calls (`strategies/torch.py`)
+_MEGATRON_TORCH_DEPRECATIONS = ("`load_state_dict` is deprecated", "Please use DTensor instead and we are deprecating "
+                                "ShardedTensor")
+
+
+def mute_megatron_notes() -> None:
+    """Hide megatron-core's fallback notes (one per module and process: a 2-worker conversion printed 18 lines)."""
+    import warnings
+
+    for message in _MEGATRON_NOTES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    for message in _MEGATRON_TORCH_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def import_megatron_core() -> None:
     """Import megatron.core with `torch.compile` deferred to each decorated function's first call.
 
@@ -99,3 +118,14 @@ def import_megatron_core() -> None:
         import megatron.core  # noqa: F401
     finally:
         torch.compile = real_compile
+
+
+def load_megatron_core() -> None:
+    """Everything megatron-core needs before its first import here (notes muted, no-triton shim, deferred compile).
+
+    `runtime.prepare` calls this; modules that need megatron-core at import time (the tokenizer's base class) call
+    it directly. Idempotent.
+    """
+    mute_megatron_notes()
+    install_no_triton_shim()
+    import_megatron_core()

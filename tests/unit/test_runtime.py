@@ -89,12 +89,13 @@ def test_sdpa_spec_is_the_local_spec_with_sdpa_core_attention():
 
 
 def _report_env(tag: str) -> dict:
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE")
     return {"tag": tag, **{k: os.environ.get(k) for k in keys}, "pid": os.getpid()}
 
 
 def test_run_workers_returns_values_by_rank_with_launch_env(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     out = run_workers(_report_env, 2, args=("x",), timeout_s=120)
     assert [o["RANK"] for o in out] == ["0", "1"]
     assert [o["LOCAL_RANK"] for o in out] == ["0", "1"]
@@ -102,6 +103,7 @@ def test_run_workers_returns_values_by_rank_with_launch_env(monkeypatch):
     assert {o["MASTER_ADDR"] for o in out} == {"127.0.0.1"}
     assert len({o["MASTER_PORT"] for o in out}) == 1 and out[0]["MASTER_PORT"].isdigit()
     assert {o["OMP_NUM_THREADS"] for o in out} == {"1"}
+    assert {o["THP_MEM_ALLOC_ENABLE"] for o in out} == {"1"}
     assert {o["tag"] for o in out} == {"x"}
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # the parent's env is restored
     assert not any(_alive(o["pid"]) for o in out)
