@@ -152,6 +152,7 @@ def main() -> None:
         os.sync()
         wall, cpu_s = copy_floor(hf, work / "copy")
         floor.append(wall)
+        shutil.rmtree(work / "copy")  # disk: the copy, the checkpoint and the export would coexist
         cpu["copy"].append(cpu_s)
         wall, peaks, cpu_s = run_measured([*llamapro, "convert", "hf-to-mcore", "--hf-dir", str(hf), "--out",
                                     str(work / "mcore"), "--workers", str(args.workers), "--no-progress"])

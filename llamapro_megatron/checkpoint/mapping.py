@@ -134,7 +134,7 @@ def to_hf(t: TensorMap, tensor: torch.Tensor | list[torch.Tensor], arch: LlamaAr
         per_group_q = arch.num_attention_heads // g * d
         grouped = tensor.reshape(g, per_group_q + 2 * d, -1)
         q, k, v = torch.split(grouped, [per_group_q, d, d], dim=1)
-        return [x.reshape(-1, tensor.shape[-1]).clone() for x in (q, k, v)]  # own storage: safetensors refuses views
+        return [_own_storage(x.reshape(-1, tensor.shape[-1]), tensor) for x in (q, k, v)]
     if t.kind == "gate_up":
         if isinstance(tensor, (list, tuple)):  # already [gate, up], each with its own storage
             return list(tensor)
@@ -143,3 +143,8 @@ def to_hf(t: TensorMap, tensor: torch.Tensor | list[torch.Tensor], arch: LlamaAr
         return [tensor[: arch.vocab_size]]
     raise ValueError(t.kind)
 
+
+def _own_storage(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """`x` with storage of its own (safetensors refuses views). Reshaping a strided slice already copied it; a
+    contiguous slice (one query group) is still a view of `base` and is cloned."""
+    return x.clone() if x.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() else x

@@ -1,6 +1,7 @@
 """The HF <-> Megatron tensor map against an independent, per-head statement of Megatron's layouts."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llamapro_megatron.arch import LlamaArch
@@ -52,3 +53,22 @@ def test_names_and_zeroed_projections():
     tied = ARCH.replace(tie_word_embeddings=True)
     assert "output_layer.weight" not in {t.mcore for t in mapping.global_tensors(tied)}
     assert "lm_head.weight" not in mapping.expected_hf_shapes(tied)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 6])  # MQA (the q slice is contiguous), GQA, MHA
+def test_qkv_export_tensors_own_their_storage(kv_heads, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    arch = LlamaArch.from_hf_config(dict(BASE, hidden_size=24, intermediate_size=10, num_attention_heads=6,
+                                         num_key_value_heads=kv_heads, vocab_size=50))
+    d, h = arch.head_dim, arch.hidden_size
+    q, k, v = torch.randn(6 * d, h), torch.randn(kv_heads * d, h), torch.randn(kv_heads * d, h)
+    t = _by_name("self_attention.linear_qkv.weight")
+    fused = mapping.to_mcore(t, [q, k, v], arch, 128)
+    back = mapping.to_hf(t, fused, arch)
+    assert all(torch.equal(a, b) for a, b in zip(back, [q, k, v]))
+    storages = {x.untyped_storage().data_ptr() for x in [fused, *back]}
+    assert len(storages) == 4  # none shares the fused tensor's storage or another's
+    save_file(dict(zip("qkv", back)), str(tmp_path / "x.safetensors"))  # safetensors refuses shared storage
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(loaded[name], x) for name, x in zip("qkv", back))
