@@ -141,12 +141,19 @@ class StageCounts:
     layers: list[int]  # every decoder layer of the stage, chunk by chunk
 
 
-def stage_counts(chunks: list[torch.nn.Module], pp_rank: int) -> StageCounts:
-    """Parameters of this rank's shard (TP-local); a tied output layer on the last stage counts as frozen copy."""
+def stage_counts(chunks: list[torch.nn.Module], pp_rank: int, tp_rank: int = 0) -> StageCounts:
+    """This rank's share of the model's parameters, so that summing over the TP ranks and pipeline stages (of one
+    data-parallel replica) counts every parameter once: tensor-parallel shards count on their rank, replicated
+    parameters (norms) on TP rank 0 only, and the tied embedding's copy on the last pipeline stage not at all
+    (megatron-core marks that copy ``shared``; `LanguageModule.setup_embeddings_and_output_layer`)."""
     trainable = frozen = 0
     layers, every_layer = [], []
     for chunk in chunks:
         for param in chunk.parameters():
+            if getattr(param, "shared", False) and getattr(param, "shared_embedding", False):
+                continue
+            if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
+                continue
             if param.requires_grad:
                 trainable += param.numel()
             else:

@@ -32,6 +32,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
     grad_norms: dict[int, float] = field(default_factory=dict)  # iteration -> gradient norm before clipping
     stage_layers: dict[int, list[int]] = field(default_factory=dict)  # pipeline stage -> its trainable layers
+    parameter_counts: dict[str, int] = field(default_factory=dict)  # trainable / frozen, each parameter once
     eval_losses: dict[int, float] = field(default_factory=dict)
     last_checkpoint: str | None = None
     exit_reason: str = "done"
@@ -67,7 +68,7 @@ class _Run:
         self.source, self.meta = checkpointing.resolve_load(config)
         chunks = model.build_model_chunks(self.meta, config)
         model.apply_freeze(chunks, self.meta, config.freeze)
-        self._report_parameters(model.stage_counts(chunks, info.pp_rank))
+        self._report_parameters(model.stage_counts(chunks, info.pp_rank, info.tp_rank))
         self.model = model.wrap_for_training(chunks, config)
         for chunk in chunks:
             chunk.config.finalize_model_grads_func = finalize_model_grads
@@ -102,7 +103,8 @@ class _Run:
     # ------------------------------------------------------------------ loop
     def run(self, on_step: Callable[[int, float], None] | None) -> TrainResult:
         config, s = self.config, self.config.schedule
-        result = TrainResult(self.start.iteration, self.start.consumed_samples, stage_layers=self.stage_layers)
+        result = TrainResult(self.start.iteration, self.start.consumed_samples, stage_layers=self.stage_layers,
+                             parameter_counts=self.parameter_counts)
         self._log(f"training iterations {result.iteration} -> {self.steps.train_iters} (global batch "
                   f"{self.shape.global_batch_size} = micro {self.shape.micro_batch_size} x "
                   f"{self.shape.num_microbatches} micro batches x DP {self.info.dp}), from {self.source}")
@@ -293,12 +295,14 @@ class _Run:
         self.stage_layers = {stage: sorted(layers) for stage, layers in sorted(self.stage_layers.items())}
         if not any(c.trainable for _, c in gathered):  # every rank sees the same list: all raise together
             raise UserError(f"nothing to train: --freeze {self.config.freeze.freeze} leaves no trainable parameter")
-        if not self.rank0:
-            return
         by_stage: dict[int, list] = {}
         for dp_rank, c in gathered:
             if dp_rank == 0:
                 by_stage.setdefault(c.pp_rank, []).append(c)
+        self.parameter_counts = {"trainable": sum(c.trainable for cs in by_stage.values() for c in cs),
+                           "frozen": sum(c.frozen for cs in by_stage.values() for c in cs)}
+        if not self.rank0:
+            return
         lines = [f"parameters per pipeline stage (policy --freeze {self.config.freeze.freeze}):"]
         total_t = total_f = 0
         for stage in sorted(by_stage):

@@ -83,7 +83,7 @@ def _world_a(root: str, data: list[str], common: list[str]) -> None:
     expand_mcore(r / "base", r / "pro", lambda n: interleave(n, 2), tp=2, pp=2, progress=False)
     base = [*common, *TP2PP2, "--load", str(r / "pro"), "--data-path", "0.7", data[0], "0.3", data[1]]
     plain = _train([*base, "--save", str(r / "P"), "--tensorboard-dir", str(r / "tb")])
-    _save(root, "plain", {"losses": plain.losses, "eval": plain.eval_losses})
+    _save(root, "plain", {"losses": plain.losses, "eval": plain.eval_losses, "parameters": plain.parameter_counts})
     dist_opt = _train([*base, "--save", str(r / "D"), "--use-distributed-optimizer"])
     _save(root, "dist", {"losses": dist_opt.losses, "eval": dist_opt.eval_losses})
     try:
@@ -172,6 +172,24 @@ def test_only_new_blocks_change_and_frozen_stay_bit_exact(runs):
     losses = _after(a["plain"]["losses"], 0)
     assert len(losses) == 2 * N and all(4 < x < 7 for x in losses)  # random tokens over 200 ids: ~ln(200)
     assert sorted(a["plain"]["eval"], key=int) == [str(N), str(2 * N)]
+
+
+@pytest.mark.slow
+def test_reported_parameter_counts_at_tp2_pp2_count_each_parameter_once(runs):
+    """Norms are replicated over TP ranks and must count once; the padded vocabulary rows are real parameters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamapro_megatron.checkpoint.mcore import read_meta
+
+    root, a, _ = runs
+    meta = read_meta(root / "pro" / "release")
+    config = LlamaConfig(**{k: v for k, v in meta.arch.to_hf_config("float32").items() if k != "architectures"})
+    hf = LlamaForCausalLM(config)
+    padding = (meta.padded_vocab_size - config.vocab_size) * config.hidden_size * 2  # untied: embedding + output
+    per_layer = sum(p.numel() for p in hf.model.layers[0].parameters())
+    counts = a["plain"]["parameters"]
+    assert counts["trainable"] == len(NEW_LAYERS) * per_layer
+    assert counts["trainable"] + counts["frozen"] == hf.num_parameters() + padding
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def _world(hf: str, root: str, prefix: str) -> dict:
         "--eval-iters", "2", "--log-interval", "4"]))
     mcore_to_hf(r / "trained", r / "export", progress=False)
     dist.destroy_process_group()
-    return {"losses": result.losses, "eval": result.eval_losses}
+    return {"losses": result.losses, "eval": result.eval_losses, "parameters": result.parameter_counts}
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,15 @@ def test_export_loads_in_transformers_with_frozen_weights_bit_exact(trained):
     changed = [i for i in NEW if not torch.equal(exported[f"model.layers.{i}.mlp.down_proj.weight"],
                                                  torch.zeros_like(exported[f"model.layers.{i}.mlp.down_proj.weight"]))]
     assert changed == NEW  # the identity copies' zeroed projections trained
+
+
+@pytest.mark.slow
+def test_reported_parameter_counts_equal_transformers(trained):
+    """At PP2 the tied embedding has a copy on the last stage: it is counted once, as transformers counts it."""
+    from transformers import AutoModelForCausalLM
+
+    _, root, out = trained
+    model = AutoModelForCausalLM.from_pretrained(root / "export", dtype=torch.float32)
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert out["parameters"]["trainable"] == len(NEW) * per_layer
+    assert out["parameters"]["trainable"] + out["parameters"]["frozen"] == model.num_parameters()

@@ -156,6 +156,9 @@ def _sleep(tmp: str) -> None:
 
 
 def test_run_workers_cleans_up_on_keyboard_interrupt(tmp_path):
+    # A shell's background job (`cmd &` without job control, as CI harnesses start it) inherits SIGINT ignored,
+    # and Python then never installs its KeyboardInterrupt handler: install it for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     files = [tmp_path / "rank0", tmp_path / "rank1"]
 
     def interrupt_when_started():
@@ -163,8 +166,11 @@ def test_run_workers_cleans_up_on_keyboard_interrupt(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_when_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_workers(_sleep, 2, args=(str(tmp_path),), timeout_s=300)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_workers(_sleep, 2, args=(str(tmp_path),), timeout_s=300)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not any(_alive(int(f.read_text())) for f in files)
 
 
