@@ -24,6 +24,9 @@ _UNSUPPORTED_TRUTHY = {
     "num_experts": "mixture of experts",
     "moe_intermediate_size": "mixture of experts",
 }
+# validate_layout's flag names as `llamapro train` (Megatron-LM) spells them
+TRAIN_LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                      "--virtual-pipeline-model-parallel-size")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 
@@ -203,33 +206,36 @@ class LlamaArch:
 
     # ----------------------------------------------------------- validation
     def validate_layout(self, tp: int, pp: int, vpp: int | None = None, num_layers: int | None = None,
-                        first: int | None = None, last: int | None = None) -> None:
+                        first: int | None = None, last: int | None = None,
+                        flags: tuple[str, str, str] = ("--tp", "--pp", "--vpp")) -> None:
         """Refuse a TP/PP/VPP layout megatron-core cannot run this model at, saying what would work.
 
         ``first``/``last``: layers on the first/last pipeline stage when they differ from the rest (Megatron-LM's
-        --decoder-first/last-pipeline-num-layers); the other stages split the remaining layers evenly.
+        --decoder-first/last-pipeline-num-layers); the other stages split the remaining layers evenly. ``flags``:
+        the command's names for TP / PP / VPP, used in the messages (train takes Megatron-LM's long names).
         """
+        T, P, V = flags
         layers = num_layers if num_layers is not None else self.num_layers
         if tp < 1 or pp < 1:
-            raise UserError(f"--tp {tp} --pp {pp}: both must be at least 1")
+            raise UserError(f"{T} {tp} {P} {pp}: both must be at least 1")
         if self.num_attention_heads % tp:
-            raise UserError(f"--tp {tp} does not divide {self.num_attention_heads} attention heads; choose one of "
+            raise UserError(f"{T} {tp} does not divide {self.num_attention_heads} attention heads; choose one of "
                             f"{_divisors(math.gcd(self.num_attention_heads, self.num_query_groups))}")
         if tp > self.num_query_groups or self.num_query_groups % tp:
-            raise UserError(f"--tp {tp} must divide the {self.num_query_groups} KV groups (query groups are split "
+            raise UserError(f"{T} {tp} must divide the {self.num_query_groups} KV groups (query groups are split "
                             f"across TP ranks, never a group itself); choose one of "
                             f"{_divisors(math.gcd(self.num_attention_heads, self.num_query_groups))}")
         if self.ffn_hidden_size % tp:
-            raise UserError(f"--tp {tp} does not divide the FFN size {self.ffn_hidden_size}")
+            raise UserError(f"{T} {tp} does not divide the FFN size {self.ffn_hidden_size}")
         if pp > layers:
-            raise UserError(f"--pp {pp} is larger than the {layers} layers; use at most --pp {layers}")
-        stages = pipeline_stage_layers(layers, pp, first, last)
+            raise UserError(f"{P} {pp} is larger than the {layers} layers; use at most {P} {layers}")
+        stages = pipeline_stage_layers(layers, pp, first, last, pp_flag=P)
         if vpp is not None and vpp > 1:
             if pp < 2:
-                raise UserError(f"--vpp {vpp} needs --pp of at least 2 (virtual stages interleave pipeline stages)")
+                raise UserError(f"{V} {vpp} needs {P} of at least 2 (virtual stages interleave pipeline stages)")
             bad = sorted({n for n in stages if n % vpp})
             if bad:
-                raise UserError(f"--vpp {vpp} does not divide the {bad[0]} layers of a pipeline stage (stages hold "
+                raise UserError(f"{V} {vpp} does not divide the {bad[0]} layers of a pipeline stage (stages hold "
                                 f"{stages}); every stage's layers are split into {vpp} chunks")
 
     def padded_vocab_size(self, tp: int = 1, divisible_by: int = 128) -> int:
@@ -350,17 +356,19 @@ def _read_rope(config: dict[str, Any], source: str) -> tuple[float, Llama3RopeSc
         raise UserError(f"{source}: llama3 rope scaling is missing {e.args[0]!r}") from e
 
 
-def pipeline_stage_layers(num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+def pipeline_stage_layers(num_layers: int, pp: int, first: int | None = None, last: int | None = None,
+                          pp_flag: str = "--pp") -> list[int]:
     """Decoder layers of each pipeline stage, as megatron-core splits them: ``first``/``last`` on the end stages
-    when given, the remaining layers evenly over the other stages. Refuses splits it cannot make."""
+    when given, the remaining layers evenly over the other stages. Refuses splits it cannot make (naming the
+    pipeline size as ``pp_flag``)."""
     flags = "--decoder-first-pipeline-num-layers/--decoder-last-pipeline-num-layers"
     if first is None and last is None:
         if num_layers % pp:
-            raise UserError(f"--pp {pp} does not divide {num_layers} layers; choose one of {_divisors(num_layers)}, "
-                            f"or (training) put the remainder on the end stages with {flags}")
+            raise UserError(f"{pp_flag} {pp} does not divide {num_layers} layers; choose one of "
+                            f"{_divisors(num_layers)}, or (training) put the remainder on the end stages with {flags}")
         return [num_layers // pp] * pp
     if pp < 2:
-        raise UserError(f"{flags} need pipeline parallelism (--pp 2 or more)")
+        raise UserError(f"{flags} need pipeline parallelism ({pp_flag} 2 or more)")
     for name, value in (("first", first), ("last", last)):
         if value is not None and value < 1:
             raise UserError(f"--decoder-{name}-pipeline-num-layers {value}: must be at least 1")

@@ -24,7 +24,8 @@ def resolve_pipeline(config: TrainConfig, arch: LlamaArch) -> TrainConfig:
     that was given) and whose pipeline split has been checked against the model's layers."""
     p = config.parallelism
     stages = pipeline_stage_layers(arch.num_layers, p.pipeline_model_parallel_size,
-                                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+                                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
+                                   pp_flag="--pipeline-model-parallel-size")
     vpp = p.virtual_pipeline_model_parallel_size
     per_chunk = p.num_layers_per_virtual_pipeline_stage
     if per_chunk is not None:
@@ -55,7 +56,8 @@ def first_chunk_layers(config: TrainConfig, arch: LlamaArch) -> int:
     if p.pipeline_model_parallel_size < 2:
         return arch.num_layers
     stages = pipeline_stage_layers(arch.num_layers, p.pipeline_model_parallel_size,
-                                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+                                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
+                                   pp_flag="--pipeline-model-parallel-size")
     return stages[0] // (p.virtual_pipeline_model_parallel_size or 1)
 
 

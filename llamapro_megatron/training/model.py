@@ -28,13 +28,15 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
 
     ``config`` has its pipeline layout resolved (:func:`~llamapro_megatron.training.layout.resolve_pipeline`).
     """
+    from llamapro_megatron.arch import TRAIN_LAYOUT_FLAGS
     from llamapro_megatron.runtime.specs import resolve_spec_kind
     from llamapro_megatron.training.layout import transformer_overrides
 
     p = config.parallelism
     vpp = p.virtual_pipeline_model_parallel_size if (p.virtual_pipeline_model_parallel_size or 1) > 1 else None
     meta.arch.validate_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vpp,
-                              first=p.decoder_first_pipeline_num_layers, last=p.decoder_last_pipeline_num_layers)
+                              first=p.decoder_first_pipeline_num_layers, last=p.decoder_last_pipeline_num_layers,
+                              flags=TRAIN_LAYOUT_FLAGS)
     if meta.padded_vocab_size % p.tensor_model_parallel_size:
         raise UserError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size} does not divide the "
                         f"checkpoint's padded vocabulary {meta.padded_vocab_size}; reconvert with that --tp")

@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llamapro_megatron.arch import TRAIN_LAYOUT_FLAGS
 from llamapro_megatron.checkpoint.mcore import CheckpointMeta
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.training.config import TrainConfig
@@ -242,7 +243,7 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
     p, s = config.parallelism, config.schedule
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, _vpp(config)
     meta.arch.validate_layout(tp, pp, vpp, first=p.decoder_first_pipeline_num_layers,
-                              last=p.decoder_last_pipeline_num_layers)
+                              last=p.decoder_last_pipeline_num_layers, flags=TRAIN_LAYOUT_FLAGS)
     if meta.padded_vocab_size % tp:
         raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary "
                         f"{meta.padded_vocab_size}")

@@ -123,6 +123,10 @@ def test_memory_figures_follow_the_stated_formulas(tmp_path):
     (["--world-size", "6"], "--world-size 6 is not a multiple of TP x PP = 4"),
     (["--world-size", "8", "--global-batch-size", "5"], "--global-batch-size 5 is not a multiple"),
     (["--world-size", "4", "--freeze", "llamapro", "--no-groups"], "give --groups N"),
+    (["--world-size", "6", "--tensor-model-parallel-size", "3"],
+     "--tensor-model-parallel-size 3 does not divide 4 attention heads"),
+    (["--world-size", "16", "--pipeline-model-parallel-size", "8"],
+     "--pipeline-model-parallel-size 8 does not divide 6 layers"),
 ])
 def test_bad_layouts_name_the_flag(argv, message, tmp_path, monkeypatch):
     from llamapro_megatron.training.plan import dry_run

@@ -44,7 +44,8 @@ def test_layers_per_virtual_stage_becomes_the_chunk_count():
 
 
 @pytest.mark.parametrize("argv, layers, message", [
-    (["--pipeline-model-parallel-size", "4"], 10, "--pp 4 does not divide 10 layers.*--decoder-first-pipeline"),
+    (["--pipeline-model-parallel-size", "4"], 10,
+     "--pipeline-model-parallel-size 4 does not divide 10 layers.*--decoder-first-pipeline"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"], 10,
      "--num-layers-per-virtual-pipeline-stage 2 does not divide the 5 layers"),
     (["--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "1",
