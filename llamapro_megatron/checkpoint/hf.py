@@ -61,7 +61,7 @@ class HFReader:
             path = self.dir / fname
             if not path.is_file():
                 raise UserError(f"{path} is listed in {INDEX_NAME} but missing; re-download the checkpoint")
-            self._headers[fname] = read_header(path)
+            self._headers[fname] = read_header(path)[1]
         return self._headers[fname]
 
     def _open(self, fname: str):
@@ -103,8 +103,10 @@ class HFReader:
         return self._open(self.weight_map[name]).get_tensor(name)
 
 
-def read_header(path: Path) -> dict:
-    """A safetensors file's JSON header ({name: {dtype, shape, data_offsets}}); refuses corrupt or truncated files."""
+def read_header(path: str | Path) -> tuple[int, dict]:
+    """(offset of the data section, JSON header {name: {dtype, shape, data_offsets}}) of a safetensors file;
+    refuses corrupt or truncated files. Torch-free: `st_copy`'s byte-copying workers use it too."""
+    path = Path(path)
     try:
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
@@ -119,7 +121,7 @@ def read_header(path: Path) -> dict:
     size = path.stat().st_size
     if size < 8 + header_len + end:
         raise UserError(f"{path} is truncated ({size} bytes, header promises {8 + header_len + end}); re-download it")
-    return header
+    return 8 + header_len, header
 
 
 def validate_hf_tensors(reader: HFReader, expected: dict[str, tuple[int, ...]]) -> None:

@@ -7,7 +7,8 @@ byte-for-byte what `safetensors.torch.save_file(tensors, path, metadata)` writes
 tensors: an 8-byte little-endian header length, the compact JSON header (metadata first, then the tensors by
 name), space-padded to a multiple of 8, then the data in header order.
 
-Stdlib only: this module is what the spawned `expand-hf` workers import.
+No torch: this module (with the torch-free `checkpoint.hf` and `progress`) is what the spawned `expand-hf`
+workers import.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamapro_megatron.checkpoint.hf import read_header
 from llamapro_megatron.progress import SharedProgress
 
 _CHUNK = 16 << 20
@@ -28,13 +30,6 @@ class TensorCopy:
     src_file: str
     src_name: str
     zero: bool = False
-
-
-def read_header(path: str | Path) -> tuple[int, dict]:
-    """(offset of the data section, header) of a safetensors file."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return 8 + n, json.loads(fh.read(n))
 
 
 def write_shard(path: str | Path, tensors: list[TensorCopy], metadata: dict[str, str] | None = None,
