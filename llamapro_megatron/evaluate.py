@@ -291,24 +291,29 @@ def register(sub) -> None:
                        "model's own tokenizer, concatenated and cut into --seq-length windows (the same windows for "
                        "--load and --hf-dir, so both give the same figures; padded vocabulary rows are excluded). "
                        "Prints a table (domain, tokens, loss, perplexity).")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="Megatron checkpoint or training save directory (latest iteration)")
-    src.add_argument("--hf-dir", help="Hugging Face model directory (run by transformers)")
+    add_model_args(p)
     p.add_argument("--data", nargs="+", action="extend", required=True, metavar="NAME=PATH",
                    help="held-out sets: a text file, a .jsonl(.gz) file with a text key, or a preprocessed "
                    "indexed-dataset prefix (PATH.bin/PATH.idx); several after one --data, or --data repeated")
-    p.add_argument("--ckpt-step", type=int, default=None, help="iteration of a training save (default: latest)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to run --load at")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to run --load at")
     p.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH,
                    help="tokens of context per window (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens per domain")
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's own")
     p.add_argument("--json-key", default="text", help="key of the text in .jsonl files (default: text)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results as JSON")
     p.set_defaults(func=run)
+
+
+def add_model_args(p) -> None:
+    """The model to run, as `evaluate` and `generate` take it: a Megatron checkpoint at --tp/--pp, or a HF model."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load", help="Megatron checkpoint or training save directory (latest iteration)")
+    src.add_argument("--hf-dir", help="Hugging Face model directory (run by transformers)")
+    p.add_argument("--ckpt-step", type=int, default=None, help="iteration of a training save (default: latest)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to run --load at")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to run --load at")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's own")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
 
 
 def run(args) -> int:

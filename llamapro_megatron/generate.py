@@ -98,22 +98,17 @@ def generate(prompts: list[str], *, load: str | Path | None = None, hf_dir: str 
 
 
 def register(sub) -> None:
+    from llamapro_megatron.evaluate import add_model_args
+
     p = sub.add_parser("generate", help="greedy generation from a Megatron checkpoint or a Hugging Face model",
                        description="Greedy continuation of each --prompt, tokenized with the model's own tokenizer "
                        "(BOS when it adds one). --load runs the Megatron checkpoint at --tp/--pp (the whole sequence "
                        "again for every new token: a check of the model, not a server); --hf-dir runs transformers. "
                        "On the same weights both give the same tokens.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="Megatron checkpoint or training save directory (latest iteration)")
-    src.add_argument("--hf-dir", help="Hugging Face model directory (run by transformers)")
+    add_model_args(p)
     p.add_argument("--prompt", nargs="+", required=True, help="one or more prompts (each quoted)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="stop after this many new tokens (or at end-of-document; default %(default)s)")
-    p.add_argument("--ckpt-step", type=int, default=None, help="iteration of a training save (default: latest)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to run --load at")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to run --load at")
-    p.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's own")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
     p.add_argument("--ids", action="store_true", help="also print the generated token ids")
     p.set_defaults(func=run)
 
