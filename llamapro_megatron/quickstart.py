@@ -219,11 +219,12 @@ def _mute_library_chatter() -> None:
     """Deprecation notices and CPU-fallback notes of the libraries say nothing about the run."""
     import warnings
 
+    from llamapro_megatron.runtime.compat import mute_megatron_notes
+
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
-    for message in ("The pad token id in the tokenizer collides", "full scope is deprecated",
-                    "Transformer Engine and Apex are not installed", "Apex is not installed"):
-        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
+    mute_megatron_notes()
 
 
 def _convert(settings: Settings, wd: Workdir, hf_dir: str, pp: int) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from llamapro_megatron.arch import LlamaArch, pipeline_stage_layers
+from llamapro_megatron.arch import TRAIN_LAYOUT_FLAGS, LlamaArch, pipeline_stage_layers
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.training.config import TrainConfig
 
@@ -25,7 +25,7 @@ def resolve_pipeline(config: TrainConfig, arch: LlamaArch) -> TrainConfig:
     p = config.parallelism
     stages = pipeline_stage_layers(arch.num_layers, p.pipeline_model_parallel_size,
                                    p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
-                                   pp_flag="--pipeline-model-parallel-size")
+                                   pp_flag=TRAIN_LAYOUT_FLAGS[1])
     vpp = p.virtual_pipeline_model_parallel_size
     per_chunk = p.num_layers_per_virtual_pipeline_stage
     if per_chunk is not None:
@@ -57,7 +57,7 @@ def first_chunk_layers(config: TrainConfig, arch: LlamaArch) -> int:
         return arch.num_layers
     stages = pipeline_stage_layers(arch.num_layers, p.pipeline_model_parallel_size,
                                    p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
-                                   pp_flag="--pipeline-model-parallel-size")
+                                   pp_flag=TRAIN_LAYOUT_FLAGS[1])
     return stages[0] // (p.virtual_pipeline_model_parallel_size or 1)
 
 
