@@ -96,7 +96,7 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
                    "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                    # PyTorch's CPU allocator madvises transparent huge pages for allocations >= 2 MB: filling a
-                   # fresh 1 GiB tensor then takes 35x fewer page faults and half the time (conversion buffers)
+                   # fresh 1 GiB tensor then took 0.3x the time here (benchmarks/thp_alloc.py; conversion buffers)
                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
             with _environ(env):  # read at interpreter start (e.g. OMP_NUM_THREADS by torch's OpenMP runtime)
                 proc.start()
