@@ -50,6 +50,7 @@ import argparse
 import contextlib
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -104,6 +105,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="bf16 training (llamapro --bf16; HF per --hf-precision); CUDA only, CPU runs fp32")
     ap.add_argument("--hf-precision", choices=["autocast", "bf16"], default="autocast",
                     help="CUDA only: HF weights fp32 under bf16 autocast, or bf16 weights")
+    ap.add_argument("--no-bias-swiglu-fusion", action="store_true",
+                    help="llamapro: separate torch ops for SwiGLU instead of the fused kernel (CUDA default)")
+    ap.add_argument("--no-rope-fusion", action="store_true",
+                    help="llamapro: megatron-core's unfused RoPE instead of the compiled one (CUDA default)")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: run only the llamapro side once under torch.profiler and print its top GPU kernels")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     ap.add_argument("--workdir", default=None, help="keep the prepared models here and reuse them when present "
                     "(default: a temporary directory, removed)")
@@ -114,6 +121,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.bf16 and args.device != "cuda":
         ap.error("--bf16 needs --device cuda (the CPU comparison is fp32)")
+    if args.profile and args.device != "cuda":
+        ap.error("--profile reads GPU kernels: it needs --device cuda")
     args.layers = args.layers or 24  # the shape flags' default
     if args.model is None:
         args.model = "random" if args.device == "cuda" else "smollm2"
@@ -134,9 +143,11 @@ def prepare_models(args, work: Path):
         hf = Path(smollm2_hf_dir())
     else:
         hf = work / "hf"
-        print(f"writing a random LLaMA ({args.layers} layers, hidden {args.hidden}) to {hf}", flush=True)
-        make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab,
-                          getattr(torch, args.dtype))
+        if not (hf / "config.json").exists():  # written last: its presence means a complete model
+            shutil.rmtree(hf, ignore_errors=True)
+            print(f"writing a random LLaMA ({args.layers} layers, hidden {args.hidden}) to {hf}", flush=True)
+            make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab,
+                              getattr(torch, args.dtype))
     plans = {}
 
     def plan_fn(n: int):
@@ -149,9 +160,10 @@ def prepare_models(args, work: Path):
         print(f"reusing the prepared models in {work}", flush=True)
         return work / "pro", work / "pro_hf", plan_fn(read_meta(resolve_checkpoint(work / "base")).arch.num_layers)
     print("converting, expanding and exporting the model (untimed)", flush=True)
-    hf_to_mcore(hf, work / "base", progress=False, workers=1)
-    expand_mcore(work / "base", work / "pro", plan_fn, progress=False, workers=1)
-    mcore_to_hf(work / "pro", work / "pro_hf", progress=False, workers=1)
+    # overwrite: a kept --workdir may hold an interrupted earlier preparation
+    hf_to_mcore(hf, work / "base", progress=False, workers=1, overwrite=True)
+    expand_mcore(work / "base", work / "pro", plan_fn, progress=False, workers=1, overwrite=True)
+    mcore_to_hf(work / "pro", work / "pro_hf", progress=False, workers=1, overwrite=True)
     return work / "pro", work / "pro_hf", plans["plan"]
 
 
@@ -167,9 +179,22 @@ def run_llamapro(pro: Path, args) -> Side:
             "--clip-grad", str(CLIP), "--log-interval", str(args.warmup + args.steps), "--eval-iters", "0"]
     if args.bf16:
         argv.append("--bf16")
+    if args.no_bias_swiglu_fusion:
+        argv.append("--no-bias-swiglu-fusion")
+    if args.no_rope_fusion:
+        argv.append("--no-rope-fusion")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cpu_at_step = []  # process CPU time when each step ends (on_step runs right after the step's timer)
+    if args.profile:  # the timed steps' GPU kernels (the profiler slows the steps: no timing comparison then)
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        with profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=args.warmup, warmup=0,
+                                                                           active=args.steps)) as prof:
+            result = train(config_from_argv(argv), on_step=lambda step, loss: prof.step())
+        print(f"llamapro's GPU kernels over {args.steps} steps after {args.warmup} warm-up (self time, all steps):")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
+        return Side(result.seconds_per_step[args.warmup:], [0.0], result.losses[1], None)
     result = train(config_from_argv(argv), on_step=lambda step, loss: cpu_at_step.append(time.process_time()))
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     cpu = [b - a for a, b in zip(cpu_at_step, cpu_at_step[1:])][args.warmup - 1:] if args.warmup else []
@@ -255,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(tmp).mkdir(parents=True, exist_ok=True)
         pro, pro_hf, plan = prepare_models(args, Path(tmp))
         arch = LlamaArch.from_hf_dir(pro_hf)
+        if args.profile:
+            run_side("llamapro", pro, tuple(plan.new_indices), args)
+            return 0
         runs: dict[str, list[Side]] = {"llamapro": [], "hf": []}
         for r in range(args.repeats):
             order = ("llamapro", "hf") if r % 2 == 0 else ("hf", "llamapro")
@@ -292,9 +320,14 @@ def report(args, spec: str, arch, plan, flops, peak: float | None, runs: dict) -
     dtype = "bf16" if args.bf16 else "fp32"
     hf_prec = {"autocast": "fp32 weights + bf16 autocast", "bf16": "bf16 weights"}[args.hf_precision] \
         if args.bf16 else "fp32"
+    swiglu = ("" if args.device != "cuda" else (", unfused SwiGLU" if args.no_bias_swiglu_fusion
+              else ", fused SwiGLU") + (", unfused RoPE" if args.no_rope_fusion else ", fused RoPE"))
+    if spec == "sdpa" and args.device == "cuda":  # which SDPA kernels the llamapro side was steered to
+        swiglu += f", LLAMAPRO_SDPA_BACKEND={os.environ.get('LLAMAPRO_SDPA_BACKEND', 'auto')}"
+
     print(f"model: {arch.num_layers} blocks ({plan.source_num_layers} + {len(plan.new_indices)} new at "
           f"{list(plan.new_indices)}), hidden {arch.hidden_size}, {flops.num_parameters / 1e6:,.1f}M parameters; "
-          f"micro batch {args.micro_batch_size} x seq {args.seq_length}; llamapro: spec {spec}, {dtype}; HF: "
+          f"micro batch {args.micro_batch_size} x seq {args.seq_length}; llamapro: spec {spec}, {dtype}{swiglu}; HF: "
           f"sdpa attention, {hf_prec}; medians of {args.steps} steps after {args.warmup} warm-up, "
           f"{args.repeats} repeats")
     print(f"FLOPs/token: counted {flops.per_token / 1e9:.3f} G, 6N {flops.six_n_per_token / 1e9:.3f} G")

@@ -139,7 +139,9 @@ def run_job(worker, job, workers: int, out: Path, total_bytes: int = 0) -> None:
     if workers == 1 and total_bytes > job.round_bytes:
         workers = 2  # a single rank cannot work in rounds (see worker_rounds); two keep memory bounded
     try:
-        run_workers(worker, workers, args=(job,))
+        # Conversion is host work: spawned workers see no GPU, so any number of them runs on a box of any GPU count
+        # (NCCL would pin worker i to GPU i) and a training job's GPUs stay untouched.
+        run_workers(worker, workers, args=(job,), env={"CUDA_VISIBLE_DEVICES": ""})
     except WorkerError as e:
         shutil.rmtree(partial_dir(out), ignore_errors=True)
         lines = (e.remote_traceback or str(e)).strip().splitlines()

@@ -73,19 +73,39 @@ def _partial_rounds_allowed():
         yield
         return
 
-    def validate(global_plan, metadata):
-        return [e for e in original(global_plan, metadata) if "invalid fill" not in e]
-
-    # the planner also logs each such error as a warning: expected here, so not shown while a round saves
+    # the planner logs each error as a warning: captured here, not shown (the fill errors are expected)
     log = logging.getLogger(planner.__name__)
-    level = log.level
+    saved = log.level, log.propagate
+
+    def validate(global_plan, metadata):
+        capture = _Capture()
+        log.addHandler(capture)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
+        try:
+            result = original(global_plan, metadata)
+        finally:
+            log.removeHandler(capture)
+        if isinstance(result, bool):  # torch 2.11 (seen) and older: True when valid, the reasons only logged
+            return result or bool(capture.messages) and all("invalid fill" in m for m in capture.messages)
+        return [e for e in result if "invalid fill" not in e]  # newer torch: the list of errors
+
     planner._validate_global_plan = validate
-    log.setLevel(logging.ERROR)
     try:
         yield
     finally:
         planner._validate_global_plan = original
-        log.setLevel(level)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def merge_rounds(round_dirs: list[Path], out_dir: Path) -> None:

@@ -125,6 +125,11 @@ def init_distributed(
     use_cuda = torch.cuda.is_available()
     local_rank = _env_int("LOCAL_RANK") or 0
     if use_cuda:
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise UserError(f"LOCAL_RANK {local_rank} has no GPU: {visible} CUDA device(s) visible on this node. "
+                            "Launch at most one process per GPU (--nproc-per-node), or hide the GPUs "
+                            "(CUDA_VISIBLE_DEVICES=) to run on CPU")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -171,6 +176,13 @@ def init_distributed(
     torch.manual_seed(stage_seed)
     model_parallel_cuda_manual_seed(seed)
     return info
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must live to take part in this process group's collectives: NCCL reduces CUDA tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def destroy_distributed() -> None:

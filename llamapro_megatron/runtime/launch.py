@@ -52,12 +52,12 @@ def free_port() -> int:
 
 
 def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
-                timeout_s: float | None = None) -> list[Any]:
+                timeout_s: float | None = None, env: dict[str, str] | None = None) -> list[Any]:
     """Call ``fn(*args)`` on ``world_size`` ranks and return the ranks' return values, ordered by rank.
 
     Outside a launcher, spawns ``world_size`` processes with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
     MASTER_ADDR=127.0.0.1, MASTER_PORT (a free port), OMP_NUM_THREADS=1 and THP_MEM_ALLOC_ENABLE=1 (each unless
-    set) in their environment.
+    set) in their environment, plus ``env`` (which overrides them).
     ``fn`` must be picklable (a top-level function of an importable module; a script defining it needs an
     ``if __name__ == "__main__":`` guard) and so must ``args`` and the return values.
 
@@ -92,13 +92,13 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
             recv_end, send_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main, args=(fn, args, rank, send_end, os.getpid()),
                                name=f"llamapro-rank{rank}", daemon=False)
-            env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                   "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                   # PyTorch's CPU allocator madvises transparent huge pages for allocations >= 2 MB: filling a
-                   # fresh 1 GiB tensor then took 0.3x the time here (benchmarks/thp_alloc.py; conversion buffers)
-                   "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
-            with _environ(env):  # read at interpreter start (e.g. OMP_NUM_THREADS by torch's OpenMP runtime)
+            rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                        # PyTorch's CPU allocator madvises transparent huge pages for allocations >= 2 MB: filling a
+                        # fresh 1 GiB tensor then took 0.3x the time here (benchmarks/thp_alloc.py; conversion buffers)
+                        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"), **(env or {})}
+            with _environ(rank_env):  # read at interpreter start (e.g. OMP_NUM_THREADS by torch's OpenMP runtime)
                 proc.start()
             send_end.close()  # the worker holds the only write end: EOF means it is gone
             procs.append(proc)

@@ -6,6 +6,12 @@ the [b, h, s, s] score matrix, SDPA picks a fused kernel: FlashAttention or memo
 CUDA (and ROCm), a flash-style kernel on CPU. Training without Transformer Engine stays fast and long
 sequences fit.
 
+Kernel choice, ``LLAMAPRO_SDPA_BACKEND`` (read when the model is built; like Transformer Engine's ``NVTE_*``
+attention switches): ``auto`` (default) prefers cuDNN attention on Hopper and newer GPUs wherever torch says it
+takes the inputs (grouped K/V as they are, else repeated), and otherwise leaves the choice to PyTorch (FlashAttention
+first); ``cudnn``, ``flash``, ``efficient`` or ``math`` force that kernel on CUDA (an error if it cannot run).
+``benchmarks/attention.py`` times the kernels at a shape.
+
 Masks follow the local module's rules: an explicit boolean ``attention_mask`` (True = masked) wins; otherwise
 ``AttnMaskType.causal`` is causal and ``padding``/``no_mask`` attend everywhere. A sliding window
 (``config.window_size``, for the layers ``window_attn_skip_freq`` selects) is applied as a banded mask. A
@@ -16,8 +22,10 @@ parallelism, softmax variants other than vanilla.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
+import os
 from typing import Any
 
 import torch
@@ -31,11 +39,36 @@ from megatron.core.utils import divide
 from ..errors import UserError
 
 _UNMASKED = (AttnMaskType.padding, AttnMaskType.no_mask)
+BACKEND_ENV = "LLAMAPRO_SDPA_BACKEND"
+BACKEND_CHOICES = ("auto", "cudnn", "flash", "efficient", "math")
 
 
 def _refuse(what: str) -> UserError:
     return UserError(f"the 'sdpa' layer spec does not handle {what}; use --spec te (Transformer Engine) "
                      "or --spec local")
+
+
+def backend_choice() -> str:
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in BACKEND_CHOICES:
+        raise UserError(f"{BACKEND_ENV}={value!r}: choose one of {', '.join(BACKEND_CHOICES)}")
+    return value
+
+
+@functools.cache
+def _prefers_cudnn(device_index: int) -> bool:
+    # Hopper and newer: cuDNN's fused attention beat FlashAttention-2 (torch's flash kernel) in
+    # benchmarks/attention.py on an H200 (BENCHMARKS.md); older GPUs keep torch's own order.
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def _cudnn_takes(q, k, v, allowed, dropout: float, is_causal: bool, gqa: bool) -> bool:
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
+
+        return bool(can_use_cudnn_attention(SDPAParams(q, k, v, allowed, dropout, is_causal, gqa)))
+    except (ImportError, TypeError, RuntimeError):  # an older torch without these checks or arguments
+        return False
 
 
 def _has_enable_gqa() -> bool:
@@ -75,6 +108,7 @@ class SDPAttention(MegatronModule):
         self.window = config.window_size if is_layer_window_attention(
             config.window_size, config.window_attn_skip_freq, layer_number) else None
         self.enable_gqa = _has_enable_gqa()
+        self.backend = backend_choice()
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -92,18 +126,19 @@ class SDPAttention(MegatronModule):
         allowed, is_causal = self._mask(attention_mask, mask_type, sq, sk, query.device)
         # [s, b, h, d] -> [b, h, s, d]: a view, last dimension contiguous as the fused kernels need.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout = self.dropout_p if self.training else 0.0
+        kernel, grouped = self._kernel(q, k, v, allowed, dropout, is_causal)
         kwargs = {}
         if self.heads != self.groups:
-            if self._use_enable_gqa(q, allowed):
+            if grouped:
                 kwargs["enable_gqa"] = True
-            else:  # the memory-efficient and CPU kernels take equal head counts: repeat K/V as the local module
+            else:  # kernels that take equal head counts only: repeat K/V as the local module does
                 k = k.repeat_interleave(self.heads // self.groups, dim=1)
                 v = v.repeat_interleave(self.heads // self.groups, dim=1)
-        dropout = self.dropout_p if self.training else 0.0
         # Dropout under megatron's model-parallel RNG, as the local module does.
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 and not self.config.sequence_parallel \
             else contextlib.nullcontext()
-        with rng:
+        with rng, kernel:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
                                                      is_causal=is_causal, scale=self.softmax_scale, **kwargs)
         # [b, h, sq, d] -> [sq, b, h*d]
@@ -130,6 +165,29 @@ class SDPAttention(MegatronModule):
             band = _band(sq, sk, self.window[0], self.window[1], device)
             allowed = band if allowed is None else allowed & band
         return allowed, False
+
+    def _kernel(self, q, k, v, allowed, dropout: float, is_causal: bool):
+        """(context choosing the SDPA kernel, whether grouped K/V go in as they are) per LLAMAPRO_SDPA_BACKEND."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        choice = self.backend
+        if not q.is_cuda:  # the switch is about CUDA kernels
+            return contextlib.nullcontext(), self._use_enable_gqa(q, allowed)
+        if choice == "cudnn" or (choice == "auto" and _prefers_cudnn(q.device.index or 0)):
+            gqa = self.heads != self.groups and self.enable_gqa
+            if _cudnn_takes(q, k, v, allowed, dropout, is_causal, gqa):
+                return sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), gqa
+            if _cudnn_takes(q, q, q, allowed, dropout, is_causal, False):  # K/V repeated to the query's shape
+                return sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), False
+            if choice == "cudnn":
+                raise UserError(f"{BACKEND_ENV}=cudnn: cuDNN attention does not take these inputs here ({q.dtype}, "
+                                f"head dim {q.shape[-1]}, {'a mask' if allowed is not None else 'no mask'}); "
+                                "unset it to let PyTorch choose")
+        if choice in ("auto", "cudnn"):
+            return contextlib.nullcontext(), self._use_enable_gqa(q, allowed)
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "math": SDPBackend.MATH}[choice]
+        return sdpa_kernel([backend]), choice == "flash" and self.enable_gqa
 
     def _use_enable_gqa(self, q: torch.Tensor, allowed: torch.Tensor | None) -> bool:
         # FlashAttention reads grouped K/V directly; the memory-efficient kernel (fp32, or a mask) and the CPU

@@ -273,7 +273,9 @@ def _rank_independent_common(optim_sd: dict, is_loading: bool) -> dict:
     state = inner.get("state") if isinstance(inner, dict) else None
     if not is_loading and isinstance(state, dict) and "param_groups" in inner:
         mine = state.get("common_step")
-        step = torch.tensor([0.0 if mine is None else float(mine)], dtype=torch.float64)
+        from llamapro_megatron.runtime.distributed import collective_device
+
+        step = torch.tensor([0.0 if mine is None else float(mine)], dtype=torch.float64, device=collective_device())
         dist.all_reduce(step, op=dist.ReduceOp.MAX)
         if mine is None and step.item() > 0:
             state["common_step"] = torch.tensor(step.item(), dtype=torch.float32)  # torch Adam's step dtype

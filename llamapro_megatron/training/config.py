@@ -48,6 +48,8 @@ class ModelSection:
     recompute_granularity: str | None = None  # full: whole layers; selective: the attention core only
     recompute_method: str | None = None  # with full: uniform (groups of N layers) or block (first N per stage)
     recompute_num_layers: int | None = None  # with full: the N of --recompute-method
+    no_bias_swiglu_fusion: bool = False  # on CUDA the SwiGLU is one torch.compile'd kernel unless this is set
+    no_rope_fusion: bool = False  # on CUDA RoPE is fused (TE's kernel, else torch.compile) unless this is set
 
 
 @dataclass(kw_only=True, slots=True)
@@ -192,6 +194,12 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                 "--use-distributed-optimizer and --overlap-grad-reduce)")),
     "--sequence-parallel": ("parallelism", "sequence_parallel",
                             dict(_BOOL, help="sequence-parallel activations over TP (TE spec, TP > 1)")),
+    "--no-bias-swiglu-fusion": ("model", "no_bias_swiglu_fusion",
+                                dict(_BOOL, help="on CUDA, run the SwiGLU activation as separate torch ops instead "
+                                                 "of megatron-core's fused (torch.compile) kernel")),
+    "--no-rope-fusion": ("model", "no_rope_fusion",
+                         dict(_BOOL, help="on CUDA, run RoPE as megatron-core's separate torch ops instead of a fused "
+                                          "kernel (Transformer Engine's on the te spec, torch.compile's otherwise)")),
     "--recompute-granularity": ("model", "recompute_granularity",
                                 dict(choices=RECOMPUTE_GRANULARITIES,
                                      help="activation recomputation: full layers, or only the attention core")),

@@ -71,6 +71,12 @@ def check_microbatches(config: TrainConfig, num_microbatches: int) -> None:
                         "--global-batch-size or --micro-batch-size")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) -> dict[str, Any]:
     """TransformerConfig fields for the pipeline split, recomputation, sequence parallel and the window."""
     p, m = config.parallelism, config.model
@@ -83,6 +89,9 @@ def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) 
                         f"({arch.sliding_window}), which the {spec_kind} spec cannot apply; use --seq-length "
                         f"{arch.sliding_window} or less, or the {' / '.join(WINDOWED_SPECS)} spec")
     overrides: dict[str, Any] = {
+        # megatron-core's fused SwiGLU is pure torch (torch.compile): on GPUs with or without TE/Apex. On CPU its
+        # compile costs more than it saves, and the CPU tests compare the unfused ops against transformers.
+        "bias_activation_fusion": not m.no_bias_swiglu_fusion and _cuda_available(),
         "num_layers_in_first_pipeline_stage": p.decoder_first_pipeline_num_layers,
         "num_layers_in_last_pipeline_stage": p.decoder_last_pipeline_num_layers,
         "sequence_parallel": p.sequence_parallel,

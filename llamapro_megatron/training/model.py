@@ -48,6 +48,7 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
         model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                                 tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
                                 spec=kind, vp_stage=vp_stage if vpp else None,
+                                rope_fusion=not config.model.no_rope_fusion,
                                 # SFT: the loss is a mean over the global batch's assistant tokens, not a mean of
                                 # micro-batch means (megatron-core's per-token loss; DDP then sums gradients)
                                 calculate_per_token_loss=config.data.sft, **overrides)

@@ -89,8 +89,10 @@ def check_checkpointable(optimizer, config: TrainConfig) -> None:
 
     if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
         return
+    from llamapro_megatron.runtime.distributed import collective_device
+
     owns = sum(len(g["params"]) for g in optimizer.param_groups)
-    empty = torch.tensor([0.0 if owns else 1.0])
+    empty = torch.tensor([0.0 if owns else 1.0], device=collective_device())
     dist.all_reduce(empty)
     if empty.item() > 0:
         raise UserError(f"--use-distributed-optimizer: {int(empty.item())} rank(s) own no trainable parameter (a "

@@ -109,6 +109,19 @@ def test_run_workers_returns_values_by_rank_with_launch_env(monkeypatch):
     assert not any(_alive(o["pid"]) for o in out)
 
 
+def _visible_cuda() -> tuple[str | None, bool]:
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available()
+
+
+def test_run_workers_env_overrides_and_hides_gpus(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    out = run_workers(_report_env, 2, args=("y",), timeout_s=120, env={"OMP_NUM_THREADS": "2"})
+    assert {o["OMP_NUM_THREADS"] for o in out} == {"2"}  # env wins over the inherited value
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    # what conversion's run_job passes: the workers see no GPU whatever the host has
+    assert run_workers(_visible_cuda, 1, timeout_s=120, env={"CUDA_VISIBLE_DEVICES": ""}) == [("", False)]
+
+
 def _tensor_of_rank() -> torch.Tensor:
     return torch.full((1000,), float(os.environ["RANK"]))
 
@@ -369,3 +382,25 @@ def test_unstack_layer_keys_gives_each_layer_its_own_key():
         (prefix + "layers.3.mlp.linear_fc1.weight", (16, 8), (0, 0), 0),
         (prefix + "layers.3.mlp.linear_fc1.weight", (16, 8), (8, 0), 0),
     ]
+
+
+@pytest.mark.skipif("_cuda()")
+def test_rope_route_installs_removes_and_leaves_cpu_tensors_to_megatron():
+    from llamapro_megatron.runtime import prepare
+
+    prepare()
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from llamapro_megatron.runtime.rope import set_rope_fusion
+
+    megatron_rope = rope_utils._apply_rotary_pos_emb_bshd
+    t, freqs = torch.randn(6, 2, 4, 8), torch.randn(6, 1, 1, 8)
+    expected = megatron_rope(t, freqs)
+    try:
+        assert set_rope_fusion(True) and set_rope_fusion(True)  # idempotent: one route, not a route of a route
+        route = rope_utils._apply_rotary_pos_emb_bshd
+        assert route is not megatron_rope and route._llamapro_original is megatron_rope
+        assert torch.equal(route(t, freqs), expected)  # CPU tensors: megatron's eager function
+    finally:
+        assert set_rope_fusion(False) is False
+    assert rope_utils._apply_rotary_pos_emb_bshd is megatron_rope

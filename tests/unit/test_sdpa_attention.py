@@ -118,3 +118,13 @@ def test_refusals_name_the_spec(world_of_1):
         sdpa(q, k, v, None, new_option=True)
     # unset extra arguments (a newer megatron-core's defaults) are accepted
     assert sdpa(q, k, v, None, new_option=None).shape == (SEQ, BATCH, 4 * HEAD_DIM)
+
+
+def test_backend_switch_is_checked_and_only_steers_cuda_kernels(world_of_1, monkeypatch):
+    q, k, v = _qkv(4, 2)
+    monkeypatch.setenv("LLAMAPRO_SDPA_BACKEND", "fastest")
+    with pytest.raises(UserError, match="LLAMAPRO_SDPA_BACKEND='fastest': choose one of auto, cudnn, flash"):
+        _pair(_config(4, 2))
+    for choice in ("cudnn", "math", " Flash "):  # CPU tensors: the choice is about CUDA kernels, results unchanged
+        monkeypatch.setenv("LLAMAPRO_SDPA_BACKEND", choice)
+        _assert_same(_config(4, 2), q, k, v)

@@ -88,6 +88,17 @@ def test_sequence_parallel_needs_the_te_spec():
     assert transformer_overrides(config, arch, "te")["sequence_parallel"] is True
 
 
+def test_swiglu_fusion_only_on_cuda_and_only_unless_disabled(monkeypatch):
+    from llamapro_megatron.training import layout
+
+    config, arch = _resolve()
+    assert transformer_overrides(config, arch, "sdpa")["bias_activation_fusion"] is False  # CPU: unfused ops
+    monkeypatch.setattr(layout, "_cuda_available", lambda: True)
+    assert transformer_overrides(config, arch, "sdpa")["bias_activation_fusion"] is True
+    config, arch = _resolve("--no-bias-swiglu-fusion")
+    assert transformer_overrides(config, arch, "te")["bias_activation_fusion"] is False
+
+
 def test_recompute_and_uneven_stages_reach_the_transformer_config():
     config, arch = _resolve("--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "1",
                             "--decoder-last-pipeline-num-layers", "3", "--recompute-granularity", "full",

@@ -1,0 +1,170 @@
+"""The GPU path without Transformer Engine: the sdpa spec's kernels and the trainer on CUDA (NCCL, bf16).
+
+On a CUDA machine with or without TE. Checked: the sdpa spec equals the local spec on CUDA with each attention
+kernel (fp32 within 1e-5 relative; bf16 within 1e-2 of the fp32 reference, the bf16 rounding range); conversion
+with 2 workers on a host of any GPU count (its workers see no GPU); LLaMA Pro training in bf16 on the GPU with the
+distributed optimizer: frozen tensors bit-identical, every new-block tensor changed, a checkpointed resume
+reproduces the uninterrupted losses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+FP32_TOL = 1e-5  # sdpa vs local, fp32 on CUDA, relative Frobenius norm (TF32 off)
+BF16_TOL = 1e-2  # bf16 logits vs the fp32 reference, relative Frobenius norm (bf16 has 8 mantissa bits)
+RESUME_TOL = 1e-3  # resumed vs uninterrupted losses (~5.3), bf16 on a GPU: kernels may reduce in another order
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture
+def world_of_1():
+    from llamapro_megatron.runtime import destroy_distributed, init_distributed
+
+    info = init_distributed(tp=1, pp=1)
+    yield info
+    destroy_distributed()
+
+
+def _gpt(kind: str, dtype: torch.dtype):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from llamapro_megatron.runtime import gpt_layer_spec
+
+    # head dim 64 and a bf16 sequence of 512: the shapes where the sdpa spec takes the flash kernel
+    config = TransformerConfig(
+        num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
+        normalization="RMSNorm", layernorm_epsilon=1e-5, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+    )
+    model = GPTModel(config=config, transformer_layer_spec=gpt_layer_spec(kind), vocab_size=384,
+                     max_sequence_length=512, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False)
+    return model.cuda().eval()
+
+
+@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn", "efficient"])
+def test_sdpa_spec_matches_local_spec_on_cuda(world_of_1, monkeypatch, backend):
+    """Every LLAMAPRO_SDPA_BACKEND kernel in bf16 (and auto in fp32, where flash/cuDNN do not run) against the
+    local spec's fp32 logits."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 means fp32 here
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    reference = _gpt("local", torch.float32)
+    weights = {k: v for k, v in reference.state_dict().items() if not k.endswith("_extra_state")}
+    tokens = torch.randint(0, 384, (2, 512), device="cuda")
+    positions = torch.arange(512, device="cuda").unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        ref = reference(tokens, positions, attention_mask=None).float()
+    assert torch.isfinite(ref).all()
+    monkeypatch.setenv("LLAMAPRO_SDPA_BACKEND", backend)
+    dtypes = (torch.bfloat16, torch.float32) if backend in ("auto", "efficient") else (torch.bfloat16,)
+    for dtype in dtypes:
+        model = _gpt("sdpa", dtype)
+        model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
+        with torch.no_grad():
+            logits = model(tokens, positions, attention_mask=None).float()
+        assert _rel(logits, ref) < (FP32_TOL if dtype == torch.float32 else BF16_TOL), (backend, dtype)
+
+
+def test_auto_backend_takes_cudnn_attention_on_hopper():
+    from llamapro_megatron.runtime.sdpa import _cudnn_takes, _prefers_cudnn
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("auto prefers cuDNN attention on Hopper and newer only")
+    assert _prefers_cudnn(torch.cuda.current_device())
+    q = torch.randn(2, 4, 512, 64, device="cuda", dtype=torch.bfloat16)  # [b, h, s, d], 2 KV groups below
+    kv = torch.randn(2, 2, 512, 64, device="cuda", dtype=torch.bfloat16)
+    assert _cudnn_takes(q, kv, kv, None, 0.0, True, True) or _cudnn_takes(q, q, q, None, 0.0, True, False)
+
+
+def _tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt_dir.parent / f"{ckpt_dir.parent.name}_{ckpt_dir.name}.pt"
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+    return {k: v for k, v in torch.load(out, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+def test_llamapro_training_on_cuda_bf16(tmp_path):
+    from llamapro_megatron.checkpoint.convert import hf_to_mcore
+    from llamapro_megatron.checkpoint.expand import expand_mcore
+    from llamapro_megatron.expansion import interleave
+    from llamapro_megatron.runtime import resolve_spec_kind
+    from llamapro_megatron.runtime.specs import transformer_engine_available
+    from llamapro_megatron.training.config import config_from_argv
+    from llamapro_megatron.training.trainer import train
+    from tests.tiny_models import make_tiny_hf
+
+    assert resolve_spec_kind("auto") == ("te" if transformer_engine_available() else "sdpa")
+    make_tiny_hf(tmp_path / "hf", "gqa", dtype=torch.float16)
+    # two conversion workers on a host with one GPU: they must not claim GPUs (LOCAL_RANK 1 has none)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "base", progress=False, workers=2)
+    expand_mcore(tmp_path / "base", tmp_path / "pro", lambda n: interleave(n, 2), progress=False, workers=2)
+    common = ["--mock-data", "--freeze", "llamapro", "--bf16", "--use-distributed-optimizer", "--micro-batch-size",
+              "2", "--global-batch-size", "4", "--seq-length", "64", "--train-iters", "4", "--lr", "5e-3",
+              "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-iters", "0", "--save-interval", "2",
+              "--seed", "7"]
+    torch.cuda.reset_peak_memory_stats()
+    full = train(config_from_argv([*common, "--load", str(tmp_path / "pro"), "--save", str(tmp_path / "A")]))
+    assert torch.cuda.max_memory_allocated() > 0  # the model lived on the GPU
+    resumed = train(config_from_argv([*common, "--load", str(tmp_path / "A"), "--ckpt-step", "2",
+                                      "--save", str(tmp_path / "B")]))
+    assert sorted(full.losses) == [1, 2, 3, 4] and sorted(resumed.losses) == [3, 4]
+    assert all(4 < full.losses[i] < 7 for i in full.losses)  # random tokens over 200 ids: ~ln(200)
+    for step in (3, 4):
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=RESUME_TOL)
+    assert full.parameter_counts["trainable"] > 0
+
+    start, end = _tensors(tmp_path / "pro" / "release"), _tensors(tmp_path / "A" / "iter_0000004")
+    model_keys = [k for k in start if not k.startswith("optimizer")]
+    assert model_keys and set(model_keys) <= set(end)
+    for key in model_keys:
+        before, after = start[key], end[key]
+        assert after.dtype == torch.float16, key
+        if key.startswith("decoder.layers."):  # stacked: [layer, ...]
+            for layer in range(before.shape[0]):
+                assert torch.equal(before[layer], after[layer]) == (layer not in (2, 5)), (key, layer)
+        else:
+            assert torch.equal(before, after), key
+
+
+def test_compiled_rope_matches_megatrons_unfused_rope(world_of_1, monkeypatch):
+    """The route runs megatron's own RoPE function compiled: logits and gradients as the eager ops give them."""
+    from llamapro_megatron.runtime.rope import set_rope_fusion
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    tokens = torch.randint(0, 384, (2, 512), device="cuda")
+    positions = torch.arange(512, device="cuda").unsqueeze(0).expand(2, -1)
+    # gradients: a reduction over batch and sequence, so more rounding than the logits
+    for dtype, tol, grad_tol in ((torch.float32, FP32_TOL, 1e-4), (torch.bfloat16, BF16_TOL, 5e-2)):
+        torch.manual_seed(0)
+        model = _gpt("sdpa", dtype).train()
+        results = []
+        try:
+            for fused in (False, True):
+                set_rope_fusion(fused)
+                model.zero_grad(set_to_none=True)
+                logits = model(tokens, positions, attention_mask=None)
+                logits.float().square().mean().backward()
+                grad = model.decoder.layers[0].self_attention.linear_qkv.weight.grad.float()
+                results.append((logits.detach().float(), grad))
+        finally:
+            set_rope_fusion(False)
+        (eager_logits, eager_grad), (fused_logits, fused_grad) = results
+        assert _rel(fused_logits, eager_logits) < tol, dtype
+        assert _rel(fused_grad, eager_grad) < grad_tol, dtype
