@@ -237,12 +237,18 @@ def hf_domain_losses(hf_dir: str | Path, domains: dict[str, list[int]], *, seq_l
 
 
 # ---------------------------------------------------------------- the API
+def require_one_model(load: str | Path | None, hf_dir: str | Path | None) -> None:
+    if (load is None) == (hf_dir is None):
+        raise UserError("give exactly one of --load (Megatron checkpoint) and --hf-dir (Hugging Face directory)")
+
+
 def model_tokenizer(load: str | Path | None = None, hf_dir: str | Path | None = None, ckpt_step: int | None = None,
                     tokenizer: str | Path | None = None):
     """The tokenizer stored with the model: a checkpoint's tokenizer/ directory, or the HF directory's files."""
     from llamapro_megatron.checkpoint.mcore import TOKENIZER_DIR, resolve_checkpoint
     from llamapro_megatron.data.tokenizer import load_tokenizer
 
+    require_one_model(load, hf_dir)
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
     if hf_dir is not None:
@@ -261,8 +267,7 @@ def evaluate(data: dict[str, str | Path], *, load: str | Path | None = None, hf_
 
     `data` maps a domain name to a text file, a .jsonl(.gz) file (`json_key`) or an indexed-dataset prefix.
     """
-    if (load is None) == (hf_dir is None):
-        raise UserError("give exactly one of --load (Megatron checkpoint) and --hf-dir (Hugging Face directory)")
+    require_one_model(load, hf_dir)
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: must be at least 1")
     tok = model_tokenizer(load, hf_dir, ckpt_step, tokenizer)

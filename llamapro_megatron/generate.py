@@ -75,15 +75,18 @@ def hf_generate(hf_dir: str | Path, prompts: list[list[int]], *, max_new_tokens:
 
 def generate(prompts: list[str], *, load: str | Path | None = None, hf_dir: str | Path | None = None,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, tp: int = 1, pp: int = 1, ckpt_step: int | None = None,
-             tokenizer: str | Path | None = None, dtype: str = "float32") -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, generated ids) of each prompt, from a Megatron checkpoint or a Hugging Face directory."""
-    from llamapro_megatron.evaluate import model_tokenizer
+             tokenizer: str | Path | None = None, dtype: str = "float32",
+             tok=None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, generated ids) of each prompt, from a Megatron checkpoint or a Hugging Face directory.
 
-    if (load is None) == (hf_dir is None):
-        raise UserError("give exactly one of --load (Megatron checkpoint) and --hf-dir (Hugging Face directory)")
+    `tok`: the model's tokenizer already loaded (``evaluate.model_tokenizer``); loaded here when None."""
+    from llamapro_megatron.evaluate import model_tokenizer, require_one_model
+
+    require_one_model(load, hf_dir)
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    tok = model_tokenizer(load, hf_dir, ckpt_step, tokenizer)
+    if tok is None:
+        tok = model_tokenizer(load, hf_dir, ckpt_step, tokenizer)
     bos = [tok.bos] if tok.add_bos_token and tok.bos >= 0 else []
     ids = [bos + tok.tokenize(p) for p in prompts]
     if any(not p for p in ids):
@@ -117,10 +120,9 @@ def run(args) -> int:
     from llamapro_megatron.arch import canonical_dtype
     from llamapro_megatron.evaluate import model_tokenizer
 
-    results = generate(args.prompt, load=args.load, hf_dir=args.hf_dir, max_new_tokens=args.max_new_tokens,
-                       tp=args.tp, pp=args.pp, ckpt_step=args.ckpt_step, tokenizer=args.tokenizer,
-                       dtype=canonical_dtype(args.dtype))
     tok = model_tokenizer(args.load, args.hf_dir, args.ckpt_step, args.tokenizer)
+    results = generate(args.prompt, load=args.load, hf_dir=args.hf_dir, max_new_tokens=args.max_new_tokens,
+                       tp=args.tp, pp=args.pp, ckpt_step=args.ckpt_step, dtype=canonical_dtype(args.dtype), tok=tok)
     for prompt, (_, new) in zip(args.prompt, results):
         text = new[:-1] if new and new[-1] == tok.eod else new  # the end-of-document token ends, it is no text
         print(f"--- prompt: {prompt!r}\n{prompt}{tok.detokenize(text)}")

@@ -134,10 +134,10 @@ def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: 
         overrides.update(use_cpu_initialization=True, perform_initialization=False)
     if kind == "te" and not rope_fusion:
         overrides.setdefault("apply_rope_fusion", False)
-    elif kind != "te" and not meta_device and torch.cuda.is_available():
+    if not meta_device and torch.cuda.is_available():  # the route is process-wide: set it for every real build
         from llamapro_megatron.runtime.rope import set_rope_fusion
 
-        set_rope_fusion(rope_fusion)
+        set_rope_fusion(rope_fusion and kind != "te")  # TE fuses RoPE itself (apply_rope_fusion)
     config = arch.transformer_config(tp=tp, pp=pp, vpp=vpp, dtype=dtype, num_layers=num_layers,
                                      fused_kernels=kind == "te", **overrides)
     ignore_virtual = vp_stage is None

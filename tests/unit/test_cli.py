@@ -33,3 +33,15 @@ def test_evaluate_data_sets_add_up_whether_listed_or_repeated():
     listed = build_parser().parse_args(["evaluate", "--load", "c", "--data", "code=a", "math=b"])
     repeated = build_parser().parse_args(["evaluate", "--load", "c", "--data", "code=a", "--data", "math=b"])
     assert listed.data == repeated.data == ["code=a", "math=b"]
+
+
+@pytest.mark.parametrize("models", [{}, {"load": "c", "hf_dir": "h"}], ids=["neither", "both"])
+def test_evaluate_and_generate_need_exactly_one_model(models):
+    """The Python API checks what the CLI's argparse group enforces, before loading anything."""
+    from llamapro_megatron.errors import UserError
+    from llamapro_megatron.evaluate import evaluate
+    from llamapro_megatron.generate import generate
+
+    for call in (lambda: generate(["x"], **models), lambda: evaluate({"code": "a"}, **models)):
+        with pytest.raises(UserError, match="give exactly one of --load .Megatron checkpoint. and --hf-dir"):
+            call()
