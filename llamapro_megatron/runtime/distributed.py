@@ -180,7 +180,8 @@ def init_distributed(
 
 def collective_device() -> torch.device:
     """Where a tensor must live to take part in this process group's collectives: NCCL reduces CUDA tensors only."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    backend = dist.get_backend() if dist.is_initialized() else ""
+    if "nccl" in backend and "gloo" not in backend:  # "cpu:gloo,cuda:nccl" groups take CPU tensors too
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -245,6 +245,9 @@ def test_init_destroy_reinit_in_one_process(dist_world_of_1):
     info = init_distributed(tp=1, pp=1, seed=7)
     assert (info.rank, info.world_size, info.tp, info.pp, info.dp, info.vpp) == (0, 1, 1, 1, 1, None)
     assert info.device == torch.device("cpu") and info.is_first_stage and info.is_last_stage
+    from llamapro_megatron.runtime.distributed import collective_device
+
+    assert collective_device() == torch.device("cpu")  # gloo reduces CPU tensors
     assert dist.get_backend() == "gloo"
     with pytest.raises(UserError, match="already initialised"):
         init_distributed()
