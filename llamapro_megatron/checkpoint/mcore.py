@@ -115,12 +115,14 @@ def commit_output(tmp: Path, out: Path) -> None:
 # ------------------------------------------------------------------- models
 def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: int = 1, pp: int = 1,
                     vpp: int | None = None, num_layers: int | None = None, spec: str = "local",
-                    meta_device: bool = False, vp_stage: int | None = None, rope_fusion: bool = True,
+                    meta_device: bool = False, vp_stage: int | None = None, rope_fusion: bool | None = None,
                     **config_overrides):
     """A megatron-core GPTModel for this rank's pipeline stage (parallel state must be initialised).
 
     meta_device=True builds it without memory, for its sharded_state_dict only (keys, global shapes).
-    rope_fusion: on CUDA, TE's fused RoPE (te spec) or the compiled one (:mod:`~llamapro_megatron.runtime.rope`).
+    rope_fusion (CUDA): True (training) fuses RoPE, TE's kernel on the te spec, a compiled one otherwise
+    (:mod:`~llamapro_megatron.runtime.rope`); False: megatron's unfused ops on every spec; None: megatron's defaults
+    (TE's kernel on te, no compiling: short inference runs would spend more on compiling than it saves).
     """
     import torch
     from megatron.core import parallel_state as ps
@@ -132,12 +134,12 @@ def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: 
     overrides = dict(config_overrides)
     if meta_device:
         overrides.update(use_cpu_initialization=True, perform_initialization=False)
-    if kind == "te" and not rope_fusion:
+    if kind == "te" and rope_fusion is False:
         overrides.setdefault("apply_rope_fusion", False)
     if not meta_device and torch.cuda.is_available():  # the route is process-wide: set it for every real build
         from llamapro_megatron.runtime.rope import set_rope_fusion
 
-        set_rope_fusion(rope_fusion and kind != "te")  # TE fuses RoPE itself (apply_rope_fusion)
+        set_rope_fusion(bool(rope_fusion) and kind != "te")  # TE fuses RoPE itself (apply_rope_fusion)
     config = arch.transformer_config(tp=tp, pp=pp, vpp=vpp, dtype=dtype, num_layers=num_layers,
                                      fused_kernels=kind == "te", **overrides)
     ignore_virtual = vp_stage is None

@@ -5,10 +5,12 @@ the key of every layer (cos and sin, two products, the rotate-half ``cat``, the 
 pass-through part), forward and backward. ``torch.compile`` turns each direction into one kernel. megatron-core
 calls that function through its module, so routing it here changes nothing else; the math is megatron's own.
 
-:func:`set_rope_fusion` installs or removes the route; ``build_gpt_model`` calls it on CUDA for the non-TE specs
-(the TE spec uses TE's fused RoPE, ``apply_rope_fusion``). The trainer's ``--no-rope-fusion`` turns both off. On CPU
-the route is never installed (the CPU tests compare megatron's eager ops against transformers). If compiling fails
-here (no working Triton, say), the first call warns once and megatron's unfused function runs from then on.
+:func:`set_rope_fusion` installs or removes the route; ``build_gpt_model`` installs it on CUDA for the trainer's
+models on the non-TE specs (the TE spec uses TE's fused RoPE, ``apply_rope_fusion``) and removes it for every other
+build: verify, evaluate and generate are short runs whose compiling would cost more than it saves (and generate's
+growing sequence recompiles). The trainer's ``--no-rope-fusion`` turns both off. On CPU the route is never
+installed (the CPU tests compare megatron's eager ops against transformers). If compiling fails here (no working
+Triton, say), the first call warns once and megatron's unfused function runs from then on.
 """
 
 from __future__ import annotations

@@ -168,3 +168,31 @@ def test_compiled_rope_matches_megatrons_unfused_rope(world_of_1, monkeypatch):
         (eager_logits, eager_grad), (fused_logits, fused_grad) = results
         assert _rel(fused_logits, eager_logits) < tol, dtype
         assert _rel(fused_grad, eager_grad) < grad_tol, dtype
+
+
+def test_verify_evaluate_and_generate_on_cuda(tmp_path):
+    """The checking commands on a GPU (spawned NCCL worlds of 1, the sdpa spec's CUDA kernels): logits equal
+    transformers' (fp32, as `llamapro verify`), perplexity equals the HF path's, greedy tokens equal transformers'
+    `generate`."""
+    from llamapro_megatron.checkpoint.convert import hf_to_mcore
+    from llamapro_megatron.evaluate import evaluate
+    from llamapro_megatron.generate import generate
+    from llamapro_megatron.verify import compare_logits, hf_logits, megatron_logits
+    from tests.distributed.test_evaluate import _tiny_tokenizer
+    from tests.tiny_models import make_tiny_hf
+
+    words = [f"w{i % 37}{'ab'[i % 2]}" for i in range(4000)]  # no network there: a synthetic corpus
+    hf = make_tiny_hf(tmp_path / "hf", "gqa")
+    _tiny_tokenizer(hf, " ".join(words[:2000]))
+    (tmp_path / "held_out.txt").write_text(" ".join(reversed(words)))
+    hf_to_mcore(hf, tmp_path / "ckpt", progress=False)
+    tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    diff = compare_logits(hf_logits(hf, tokens), megatron_logits(tmp_path / "ckpt", tokens), 200)
+    assert diff.max_abs_diff <= 1e-4 and diff.top1_agreement == 1.0, diff
+    data = {"held_out": str(tmp_path / "held_out.txt")}
+    ours = evaluate(data, load=tmp_path / "ckpt", seq_length=32, max_tokens=600, progress=False)[0]
+    reference = evaluate(data, hf_dir=hf, seq_length=32, max_tokens=600, progress=False)[0]
+    assert ours.tokens == reference.tokens and ours.loss == pytest.approx(reference.loss, rel=1e-5)
+    prompts = ["w1a w2b w3a", "w30b"]
+    assert generate(prompts, load=tmp_path / "ckpt", max_new_tokens=8) == generate(prompts, hf_dir=hf,
+                                                                                   max_new_tokens=8)
