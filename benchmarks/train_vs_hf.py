@@ -320,14 +320,14 @@ def report(args, spec: str, arch, plan, flops, peak: float | None, runs: dict) -
     dtype = "bf16" if args.bf16 else "fp32"
     hf_prec = {"autocast": "fp32 weights + bf16 autocast", "bf16": "bf16 weights"}[args.hf_precision] \
         if args.bf16 else "fp32"
-    swiglu = ("" if args.device != "cuda" else (", unfused SwiGLU" if args.no_bias_swiglu_fusion
-              else ", fused SwiGLU") + (", unfused RoPE" if args.no_rope_fusion else ", fused RoPE"))
+    kernels = ("" if args.device != "cuda" else (", unfused SwiGLU" if args.no_bias_swiglu_fusion
+               else ", fused SwiGLU") + (", unfused RoPE" if args.no_rope_fusion else ", fused RoPE"))
     if spec == "sdpa" and args.device == "cuda":  # which SDPA kernels the llamapro side was steered to
-        swiglu += f", LLAMAPRO_SDPA_BACKEND={os.environ.get('LLAMAPRO_SDPA_BACKEND', 'auto')}"
+        kernels += f", LLAMAPRO_SDPA_BACKEND={os.environ.get('LLAMAPRO_SDPA_BACKEND', 'auto')}"
 
     print(f"model: {arch.num_layers} blocks ({plan.source_num_layers} + {len(plan.new_indices)} new at "
           f"{list(plan.new_indices)}), hidden {arch.hidden_size}, {flops.num_parameters / 1e6:,.1f}M parameters; "
-          f"micro batch {args.micro_batch_size} x seq {args.seq_length}; llamapro: spec {spec}, {dtype}{swiglu}; HF: "
+          f"micro batch {args.micro_batch_size} x seq {args.seq_length}; llamapro: spec {spec}, {dtype}{kernels}; HF: "
           f"sdpa attention, {hf_prec}; medians of {args.steps} steps after {args.warmup} warm-up, "
           f"{args.repeats} repeats")
     print(f"FLOPs/token: counted {flops.per_token / 1e9:.3f} G, 6N {flops.six_n_per_token / 1e9:.3f} G")

@@ -80,8 +80,6 @@ def _partial_rounds_allowed():
     def validate(global_plan, metadata):
         capture = _Capture()
         log.addHandler(capture)
-        log.setLevel(logging.WARNING)
-        log.propagate = False
         try:
             result = original(global_plan, metadata)
         finally:
@@ -91,6 +89,8 @@ def _partial_rounds_allowed():
         return [e for e in result if "invalid fill" not in e]  # newer torch: the list of errors
 
     planner._validate_global_plan = validate
+    log.setLevel(logging.WARNING)
+    log.propagate = False
     try:
         yield
     finally:

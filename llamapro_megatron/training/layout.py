@@ -11,6 +11,7 @@ from typing import Any
 
 from llamapro_megatron.arch import TRAIN_LAYOUT_FLAGS, LlamaArch, pipeline_stage_layers
 from llamapro_megatron.errors import UserError
+from llamapro_megatron.runtime.specs import _cuda_available
 from llamapro_megatron.training.config import TrainConfig
 
 # Specs whose attention applies TransformerConfig.window_size (megatron-core 0.16: TE attention, and the local
@@ -69,12 +70,6 @@ def check_microbatches(config: TrainConfig, num_microbatches: int) -> None:
                         f"({num_microbatches} = global batch / (micro batch x data-parallel size)) to be a multiple "
                         f"of --pipeline-model-parallel-size {p.pipeline_model_parallel_size}; change "
                         "--global-batch-size or --micro-batch-size")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) -> dict[str, Any]:

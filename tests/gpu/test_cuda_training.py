@@ -9,8 +9,6 @@ reproduces the uninterrupted losses.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -92,14 +90,6 @@ def test_auto_backend_takes_cudnn_attention_on_hopper():
     assert _cudnn_takes(q, kv, kv, None, 0.0, True, True) or _cudnn_takes(q, q, q, None, 0.0, True, False)
 
 
-def _tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt_dir.parent / f"{ckpt_dir.parent.name}_{ckpt_dir.name}.pt"
-    dcp_to_torch_save(str(ckpt_dir), str(out))
-    return {k: v for k, v in torch.load(out, weights_only=False).items() if isinstance(v, torch.Tensor)}
-
-
 def test_llamapro_training_on_cuda_bf16(tmp_path):
     from llamapro_megatron.checkpoint.convert import hf_to_mcore
     from llamapro_megatron.checkpoint.expand import expand_mcore
@@ -108,6 +98,7 @@ def test_llamapro_training_on_cuda_bf16(tmp_path):
     from llamapro_megatron.runtime.specs import transformer_engine_available
     from llamapro_megatron.training.config import config_from_argv
     from llamapro_megatron.training.trainer import train
+    from tests.distributed.test_training import _tensors  # a checkpoint's tensors, read with torch's DCP tools
     from tests.tiny_models import make_tiny_hf
 
     assert resolve_spec_kind("auto") == ("te" if transformer_engine_available() else "sdpa")
