@@ -185,47 +185,24 @@ def _import_worker(job: ImportJob) -> None:
 
     out = Path(job.out)
     info, tmp = start_release_output(out)  # prepares megatron-core: import it only after this
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
     arch = LlamaArch.from_dict(job.arch)
     dtype = getattr(torch, job.dtype)
     num_layers = job.plan.num_layers
     model = build_gpt_model(arch, job.padded_vocab, dtype=job.dtype, meta_device=True, num_layers=num_layers)
-    sharded = model.sharded_state_dict()
     sizes = unit_sizes(arch, job.padded_vocab, dtype.itemsize, num_layers)
     owner = assign_units(list(sizes), sizes, info.world_size)
     reader = hfio.HFReader(job.hf_dir)
     # the bar counts each byte twice: once read and assembled, once written
     bar = SharedProgress(tmp / ".progress", info.rank, info.world_size, total=2 * sum(sizes.values()),
                          desc="hf-to-mcore", enabled=job.progress)
-    entries = entries_by_unit(sharded)
+    entries = entries_by_unit(model.sharded_state_dict())
 
     def rounds():
         for units in worker_rounds(owner, sizes, info.rank, info.world_size, job.round_bytes):
             owned = {}
             for unit in units:
                 for name, entry in entries.get(unit, []):
-                    if not name.endswith("._extra_state"):
-                        layer, tmap = mapping.lookup(name)
-                        if layer is not None and job.plan.is_new(layer) and tmap.zero_in_identity_copy:
-                            tensor = torch.zeros(entry_shape(entry), dtype=dtype)
-                        else:
-                            src = name if layer is None else f"decoder.layers.{job.plan.sources[layer]}.{tmap.mcore}"
-                            hf_tensors = [reader.get(n) for n in mapping.hf_names(src)]
-                            if isinstance(entry, ShardedTensorFactory) and tmap.kind == "gate_up":
-                                # SwiGLU fc1 is stored as its two halves ([gate; up]): give each half its HF
-                                # tensor rather than concatenating them for the factory to split them again
-                                entry = entry.build()
-                                for half, part in zip(entry, hf_tensors):
-                                    fill_entry(half, part.to(dtype).contiguous(), name)
-                                bar.update(sum(h.data.numel() * h.data.element_size() for h in entry))
-                                owned[name] = entry
-                                continue
-                            tensor = mapping.to_mcore(tmap, hf_tensors, arch, job.padded_vocab).to(dtype)
-                        fill_entry(entry, tensor.contiguous(), name)
-                        bar.update(tensor.numel() * tensor.element_size())
-                    entry.replica_id = 0
-                    owned[name] = entry
+                    owned[name] = _import_entry(name, entry, job, arch, reader, dtype, bar)
             yield owned
             bar.update(sum(sizes[u] for u in units))
             release(owned)
@@ -239,6 +216,36 @@ def _import_worker(job: ImportJob) -> None:
     if info.rank == 0 and job.progress:
         print(f"hf-to-mcore: wrote {out} ({len(sizes)} units on {info.world_size} workers in "
               f"{time.time() - t0:.1f}s)", flush=True)
+
+
+def _import_entry(name: str, entry, job: ImportJob, arch: LlamaArch, reader: hfio.HFReader, dtype, bar):
+    """One meta sharded-state-dict entry filled from its HF tensors, as the main replica; returns what to save.
+
+    A new layer's zeroed projections (identity copy) are zeros; the SwiGLU factory becomes its two built halves
+    ([gate; up]), each given its HF tensor, rather than concatenating them for the factory to split them again.
+    """
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if name.endswith("._extra_state"):
+        entry.replica_id = 0
+        return entry
+    layer, tmap = mapping.lookup(name)
+    if layer is not None and job.plan.is_new(layer) and tmap.zero_in_identity_copy:
+        tensor = torch.zeros(entry_shape(entry), dtype=dtype)
+    else:
+        src = name if layer is None else f"decoder.layers.{job.plan.sources[layer]}.{tmap.mcore}"
+        hf_tensors = [reader.get(n) for n in mapping.hf_names(src)]
+        if isinstance(entry, ShardedTensorFactory) and tmap.kind == "gate_up":
+            halves = entry.build()
+            for half, part in zip(halves, hf_tensors):
+                fill_entry(half, part.to(dtype).contiguous(), name)
+            bar.update(sum(h.data.numel() * h.data.element_size() for h in halves))
+            return halves
+        tensor = mapping.to_mcore(tmap, hf_tensors, arch, job.padded_vocab).to(dtype)
+    fill_entry(entry, tensor.contiguous(), name)
+    bar.update(tensor.numel() * tensor.element_size())
+    return entry
 
 
 def worker_rounds(owner: dict[str, int], sizes: dict[str, int], rank: int, world_size: int,

@@ -3,7 +3,8 @@
 Workers are fresh ``spawn`` processes (never forked from a parent that may hold torch/gloo/CUDA state) and are
 not daemonic: megatron's dist_checkpointing starts processes of its own (``filesystem_async.py:54,266``) and
 daemonic processes may not have children. Each worker leads its own process group, so tearing a worker down
-also removes whatever it started. This module imports neither torch nor megatron-core.
+also removes whatever it started. This module imports neither torch nor megatron-core; each rank imports both
+before its job (:func:`runtime.compat.import_frameworks`: without the GC's walks over them).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
         if launched != world_size:
             raise UserError(f"run_workers(world_size={world_size}) inside a launch of WORLD_SIZE={launched}; "
                             "launch the matching number of processes")
+        from .compat import import_frameworks
+
+        import_frameworks()
         return [fn(*args)]
     try:
         pickle.dumps((fn, args))
@@ -221,6 +225,9 @@ def _worker_main(fn: Callable[..., Any], args: tuple, rank: int, conn: Connectio
     os.setpgrp()
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     try:
+        from .compat import import_frameworks
+
+        import_frameworks()  # every job here needs torch + megatron-core: imported without GC walks (faster)
         result = fn(*args)
     except BaseException:
         text = traceback.format_exc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -90,7 +91,8 @@ def test_sdpa_spec_is_the_local_spec_with_sdpa_core_attention():
 
 def _report_env(tag: str) -> dict:
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE")
-    return {"tag": tag, **{k: os.environ.get(k) for k in keys}, "pid": os.getpid()}
+    return {"tag": tag, **{k: os.environ.get(k) for k in keys}, "pid": os.getpid(), "gc": gc.isenabled(),
+            "frozen": gc.get_freeze_count(), "megatron": "megatron.core" in sys.modules}
 
 
 def test_run_workers_returns_values_by_rank_with_launch_env(monkeypatch):
@@ -105,6 +107,8 @@ def test_run_workers_returns_values_by_rank_with_launch_env(monkeypatch):
     assert {o["OMP_NUM_THREADS"] for o in out} == {"1"}
     assert {o["THP_MEM_ALLOC_ENABLE"] for o in out} == {"1"}
     assert {o["tag"] for o in out} == {"x"}
+    # ranks import torch + megatron-core before the job, then freeze them (runtime.compat.import_frameworks)
+    assert all(o["megatron"] and o["gc"] and o["frozen"] > 100_000 for o in out), out
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # the parent's env is restored
     assert not any(_alive(o["pid"]) for o in out)
 
