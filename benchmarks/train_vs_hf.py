@@ -109,6 +109,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="llamapro: separate torch ops for SwiGLU instead of the fused kernel (CUDA default)")
     ap.add_argument("--no-rope-fusion", action="store_true",
                     help="llamapro: megatron-core's unfused RoPE instead of the compiled one (CUDA default)")
+    ap.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                    help="llamapro: megatron-core's fused (compiled) cross-entropy on bf16 logits for the loss")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: run only the llamapro side once under torch.profiler and print its top GPU kernels")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
@@ -183,6 +185,8 @@ def run_llamapro(pro: Path, args) -> Side:
         argv.append("--no-bias-swiglu-fusion")
     if args.no_rope_fusion:
         argv.append("--no-rope-fusion")
+    if args.cross_entropy_loss_fusion:
+        argv.append("--cross-entropy-loss-fusion")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cpu_at_step = []  # process CPU time when each step ends (on_step runs right after the step's timer)
@@ -321,7 +325,8 @@ def report(args, spec: str, arch, plan, flops, peak: float | None, runs: dict) -
     hf_prec = {"autocast": "fp32 weights + bf16 autocast", "bf16": "bf16 weights"}[args.hf_precision] \
         if args.bf16 else "fp32"
     kernels = ("" if args.device != "cuda" else (", unfused SwiGLU" if args.no_bias_swiglu_fusion
-               else ", fused SwiGLU") + (", unfused RoPE" if args.no_rope_fusion else ", fused RoPE"))
+               else ", fused SwiGLU") + (", unfused RoPE" if args.no_rope_fusion else ", fused RoPE")
+               + (", fused cross-entropy" if args.cross_entropy_loss_fusion else ""))
     if spec == "sdpa" and args.device == "cuda":  # which SDPA kernels the llamapro side was steered to
         kernels += f", LLAMAPRO_SDPA_BACKEND={os.environ.get('LLAMAPRO_SDPA_BACKEND', 'auto')}"
 

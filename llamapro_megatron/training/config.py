@@ -50,6 +50,7 @@ class ModelSection:
     recompute_num_layers: int | None = None  # with full: the N of --recompute-method
     no_bias_swiglu_fusion: bool = False  # on CUDA the SwiGLU is one torch.compile'd kernel unless this is set
     no_rope_fusion: bool = False  # on CUDA RoPE is fused (TE's kernel, else torch.compile) unless this is set
+    cross_entropy_loss_fusion: bool = False  # megatron-core's compiled vocab-parallel cross-entropy for the loss
 
 
 @dataclass(kw_only=True, slots=True)
@@ -200,6 +201,11 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--no-rope-fusion": ("model", "no_rope_fusion",
                          dict(_BOOL, help="on CUDA, run RoPE as megatron-core's separate torch ops instead of a fused "
                                           "kernel (Transformer Engine's on the te spec, torch.compile's otherwise)")),
+    "--cross-entropy-loss-fusion": ("model", "cross_entropy_loss_fusion",
+                                    dict(_BOOL, help="compute the loss with megatron-core's fused (torch.compile) "
+                                                     "vocab-parallel cross-entropy, reading the logits in their "
+                                                     "training dtype, instead of its separate fp32 ops. Meant for "
+                                                     "GPUs: on CPU the first step compiles for ~20 s")),
     "--recompute-granularity": ("model", "recompute_granularity",
                                 dict(choices=RECOMPUTE_GRANULARITIES,
                                      help="activation recomputation: full layers, or only the attention core")),

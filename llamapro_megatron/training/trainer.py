@@ -87,6 +87,7 @@ class _Run:
                                       self.steps.train_iters, config.logging.eval_iters, tokenizer)
         self.fwd_bwd = get_forward_backward_func()
         self.per_token_loss = chunks[0].config.calculate_per_token_loss
+        self.fused_cross_entropy = config.model.cross_entropy_loss_fusion
         layers = model.trainable_layers(self.meta, config.freeze)
         first_chunk = layout.first_chunk_layers(config, self.meta.arch) if info.pp > 1 else 10**9
         self.flops = metrics.flops_per_token(
@@ -198,8 +199,6 @@ class _Run:
         return sum(d["lm loss"].item() for d in losses), float(len(losses))
 
     def _forward_step(self, data_iterator, model):
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
         batch = {k: v.to(self.info.device) for k, v in next(data_iterator).items()}
         # packed SFT samples carry a block-diagonal mask (True = masked); otherwise the spec's causal mask applies
         logits = model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"))
@@ -207,12 +206,12 @@ class _Run:
 
         def loss_func(output: torch.Tensor):
             # Padded vocabulary rows are not tokens: exclude them from the softmax (HF's loss has none).
-            logits = output.float()
+            logits = output if self.fused_cross_entropy else output.float()
             start = self.info.tp_rank * logits.shape[-1]
             if start + logits.shape[-1] > vocab:
                 padded = torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab
                 logits = logits.masked_fill(padded, float("-inf"))
-            token_losses = vocab_parallel_cross_entropy(logits, batch["labels"])
+            token_losses = self._cross_entropy(logits, batch["labels"])
             mask = batch["loss_mask"].float()
             if self.per_token_loss:  # megatron-core divides the gradients by the global batch's loss tokens
                 total, count = (token_losses * mask).sum(), mask.sum()
@@ -221,6 +220,19 @@ class _Run:
             return loss, {"lm loss": loss.detach().clone()}  # the schedule divides loss in place
 
         return logits, loss_func
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token losses over vocabulary-parallel logits: megatron-core's fused kernels, which take the logits
+        in their training dtype (--cross-entropy-loss-fusion), or its separate ops on fp32 logits."""
+        from megatron.core import parallel_state as ps
+
+        if self.fused_cross_entropy:
+            from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+            return fused_vocab_parallel_cross_entropy(logits, labels, ps.get_tensor_model_parallel_group())
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits, labels)
 
     def _agree(self, local_loss: tuple[float, float] | None, stop_signal: bool,
                timed_out: bool) -> tuple[float, bool, bool]:

@@ -86,6 +86,22 @@ def _world_a(root: str, data: list[str], common: list[str]) -> None:
     _save(root, "plain", {"losses": plain.losses, "eval": plain.eval_losses, "parameters": plain.parameter_counts})
     dist_opt = _train([*base, "--save", str(r / "D"), "--use-distributed-optimizer"])
     _save(root, "dist", {"losses": dist_opt.losses, "eval": dist_opt.eval_losses})
+    # the fused loss's wiring and math at TP 2 (vocab-parallel reductions). TorchDynamo off: megatron-core's
+    # compiled functions run as their eager ops (compiling them costs ~20 s per rank on this CPU; the GPU tests
+    # check the compiled kernels)
+    import megatron.core.fusions.fused_cross_entropy as fused_ce
+    import torch._dynamo
+
+    real, calls = fused_ce.fused_vocab_parallel_cross_entropy, []
+    fused_ce.fused_vocab_parallel_cross_entropy = lambda *args: calls.append(1) or real(*args)
+    torch._dynamo.config.disable = True
+    try:
+        fused = _train([*base, "--cross-entropy-loss-fusion"])
+    finally:
+        torch._dynamo.config.disable = False
+        fused_ce.fused_vocab_parallel_cross_entropy = real
+    Path(root, f"fused_ce_calls.{os.environ['RANK']}").write_text(str(len(calls)))  # train() ended the world
+    _save(root, "fused_ce", {"losses": fused.losses, "eval": fused.eval_losses})
     try:
         _train([*base, "--train-iters", "3", "--lr", "1e30", "--save-interval", "100"])
         message = None
@@ -142,7 +158,7 @@ def runs(tmp_path_factory):
         run_workers(_world_a, 4, args=(str(root), data, common), timeout_s=900)
     assert killed.value.rank == 1 and killed.value.exitcode == -signal.SIGKILL, killed.value
     a = {name: json.loads((root / f"{name}.json").read_text()) for name in ("plain", "dist", "nan", "empty_stage",
-                                                                       "empty_stage_dist")}
+                                                                       "empty_stage_dist", "fused_ce")}
     b = run_workers(_world_b, 4, args=(str(root), data, common), timeout_s=900)[0]
     return root, a, b
 
@@ -172,6 +188,21 @@ def test_only_new_blocks_change_and_frozen_stay_bit_exact(runs):
     losses = _after(a["plain"]["losses"], 0)
     assert len(losses) == 2 * N and all(4 < x < 7 for x in losses)  # random tokens over 200 ids: ~ln(200)
     assert sorted(a["plain"]["eval"], key=int) == [str(N), str(2 * N)]
+
+
+@pytest.mark.slow
+def test_fused_cross_entropy_trains_as_the_unfused_loss(runs):
+    """--cross-entropy-loss-fusion at TP2 PP2 (padded vocabulary masked on the bf16 logits): the same training
+    and validation losses as the fp32 ops, to fp32 rounding (1e-6 relative; loss ~5.3)."""
+    root, a, _ = runs
+    # only the last pipeline stage computes the loss: 2 ranks x (4 steps + 2 validations) x 4 micro batches
+    calls = [int((root / f"fused_ce_calls.{rank}").read_text()) for rank in range(4)]
+    assert sum(calls) == 2 * (2 * N + 2) * 4, calls
+    for kind in ("losses", "eval"):
+        plain, fused = a["plain"][kind], a["fused_ce"][kind]
+        assert plain.keys() == fused.keys() and plain, kind
+        for step, value in plain.items():
+            assert abs(fused[step] - value) <= 1e-6 * abs(value), (kind, step, fused[step], value)
 
 
 @pytest.mark.slow

@@ -161,6 +161,30 @@ def test_compiled_rope_matches_megatrons_unfused_rope(world_of_1, monkeypatch):
         assert _rel(fused_grad, eager_grad) < grad_tol, dtype
 
 
+def test_fused_cross_entropy_matches_the_unfused_loss_on_cuda(world_of_1):
+    """--cross-entropy-loss-fusion: megatron-core's compiled kernels on bf16 logits give the unfused fp32 ops'
+    losses and logit gradients (the trainer's two paths, `Trainer._cross_entropy`)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 1024, 32000, device="cuda") * 3).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 32000, (2, 1024), device="cuda")
+    results = []
+    for fused in (False, True):
+        logits.grad = None
+        if fused:
+            loss = fused_vocab_parallel_cross_entropy(logits, labels, ps.get_tensor_model_parallel_group())
+        else:
+            loss = vocab_parallel_cross_entropy(logits.float(), labels)
+        loss.mean().backward()
+        results.append((loss.detach(), logits.grad.float()))
+    (loss_u, grad_u), (loss_f, grad_f) = results
+    assert _rel(loss_f, loss_u) < 1e-6  # both fp32 after the same upcast
+    assert _rel(grad_f, grad_u) < BF16_TOL  # both cast to the logits' bf16
+
+
 def test_verify_evaluate_and_generate_on_cuda(tmp_path):
     """The checking commands on a GPU (spawned NCCL worlds of 1, the sdpa spec's CUDA kernels): logits equal
     transformers' (fp32, as `llamapro verify`), perplexity equals the HF path's, greedy tokens equal transformers'
