@@ -138,7 +138,7 @@ def import_frameworks() -> None:
 
     The imports leave ~280k objects that live until exit. With the GC running, its full collections walk them
     repeatedly during the import and again while the interpreter exits: start, import and exit took 2.8 s per
-    process on a 2-core CPU, 1.9 s this way (``benchmarks/startup.py``). One collection before freezing frees the
+    process on a 2-core CPU, 2.0 s this way (``benchmarks/startup.py``). One collection before freezing frees the
     imports' own cyclic garbage; frozen objects are never walked again. Every rank of ``runtime.launch`` calls
     this before its job. Does nothing when both are imported already (a long-lived process keeps its GC as is).
     """
