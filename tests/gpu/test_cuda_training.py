@@ -4,7 +4,7 @@ On a CUDA machine with or without TE. Checked: the sdpa spec equals the local sp
 kernel (fp32 within 1e-5 relative; bf16 within 1e-2 of the fp32 reference, the bf16 rounding range); conversion
 with 2 workers on a host of any GPU count (its workers see no GPU); LLaMA Pro training in bf16 on the GPU with the
 distributed optimizer: frozen tensors bit-identical, every new-block tensor changed, a checkpointed resume
-reproduces the uninterrupted losses.
+reproduces the uninterrupted losses; the compiled RoPE and the fused cross-entropy equal megatron-core's eager ops.
 """
 
 from __future__ import annotations
