@@ -90,6 +90,9 @@ def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) 
         "num_layers_in_first_pipeline_stage": p.decoder_first_pipeline_num_layers,
         "num_layers_in_last_pipeline_stage": p.decoder_last_pipeline_num_layers,
         "sequence_parallel": p.sequence_parallel,
+        # the model's own loss (no vocabulary padding, trainer.py) and the trainer's masked one both follow this
+        "cross_entropy_loss_fusion": m.cross_entropy_loss_fusion,
+        "cross_entropy_fusion_impl": "native",
     }
     if p.virtual_pipeline_model_parallel_size:
         # Megatron-LM's interleaved defaults. They also keep the two directions apart: with batched p2p at PP 2

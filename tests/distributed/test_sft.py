@@ -8,7 +8,8 @@ global batch of the cross entropy logsumexp(logits) - logit[label], computed by 
 logits with each conversation run *on its own* (positions from 0, nothing else in its context); its gradient
 norm must equal that of the same loss in transformers (all parameters train). Packed samples hold two
 conversations each (block-diagonal attention, run at PP2 with 2 micro batches); padded samples one each (run at
-DP2 with 2 micro batches per rank, uneven token counts). Equality for packing is what shows that neither
+DP2 with 2 micro batches per rank, uneven token counts), once more from a checkpoint with padded vocabulary rows
+(the trainer's masked loss instead of the model's own). Equality for packing is what shows that neither
 attention nor loss crosses a conversation boundary; controls show that a leak across the boundary, a loss over
 the prompt tokens too, or a mean of per-sample means would each differ by far more than the tolerances.
 The token ids and assistant masks are `encode_conversation`'s, which tests/unit/test_data_sft.py checks against
@@ -67,6 +68,9 @@ def _world(root: str, chat: str, recipe_chat: str, tokenizer: str) -> dict:
 
     r = Path(root)
     hf_to_mcore(r / "hf", r / "mc", progress=False)
+    # the same weights with 48 padded vocabulary rows (49152 -> 49200): the trainer masks them out of its own loss
+    # instead of letting the model compute it (the path every unpadded vocabulary, as SmolLM2's, takes)
+    hf_to_mcore(r / "hf", r / "mc_pad", progress=False, make_vocab_size_divisible_by=100)
     common = ["--load", str(r / "mc"), "--freeze", "none", "--sft", "--data-path", chat, "--tokenizer-model",
               tokenizer, "--seq-length", str(SEQ), "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
               "--split", "100,0,0", "--eval-iters", "0", "--log-interval", "1"]
@@ -74,6 +78,8 @@ def _world(root: str, chat: str, recipe_chat: str, tokenizer: str) -> dict:
         "packed": _train([*common, "--sft-packing", "packed", "--global-batch-size", "2",
                           "--pipeline-model-parallel-size", "2"]),
         "padded": _train([*common, "--sft-packing", "padded", "--global-batch-size", "4"]),
+        "padded_vocab": _train([*common, "--sft-packing", "padded", "--global-batch-size", "4", "--load",
+                                str(r / "mc_pad")]),
     }
     out = {mode: {"loss": run.losses[1], "grad_norm": run.grad_norms[1]} for mode, run in out.items()}
     recipe = _train(["--config", str(RECIPE), "--load", str(r / "mc"), "--data-path", recipe_chat,
@@ -135,10 +141,13 @@ def sft_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_first_step_loss_is_the_assistant_token_mean(sft_runs):
+    from llamapro_megatron.checkpoint.mcore import read_meta
+
     root, out, conversations = sft_runs
+    assert [read_meta(root / name / "release").padded_vocab_size for name in ("mc", "mc_pad")] == [49152, 49200]
     alone = [(c.ids, c.mask) for c in conversations]
     loss, grad_norm = _reference(root / "hf", alone)
-    for mode in ("packed", "padded"):
+    for mode in ("packed", "padded", "padded_vocab"):
         got = out[mode]
         assert got["loss"] == pytest.approx(loss, rel=TOLERANCE), (mode, got, loss)
         # the gradient too: megatron-core divides by the global batch's assistant-token count (per-token loss)
