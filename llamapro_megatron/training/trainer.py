@@ -87,11 +87,6 @@ class _Run:
                                       self.steps.train_iters, config.logging.eval_iters, tokenizer)
         self.fwd_bwd = get_forward_backward_func()
         self.per_token_loss = chunks[0].config.calculate_per_token_loss
-        self.fused_cross_entropy = config.model.cross_entropy_loss_fusion
-        # No padded vocabulary rows: megatron-core's own loss (labels given to the model) is the exact one. It runs on
-        # the [s, b, v] logits, so the model skips the [b, s, v] copy of them it makes when it returns logits, and
-        # the backward the copy of their gradient (CPU, SmolLM2 at 2 x 256 tokens: ~0.3 s of a ~4 s step).
-        self.loss_in_model = self.meta.padded_vocab_size == self.meta.arch.vocab_size
         layers = model.trainable_layers(self.meta, config.freeze)
         first_chunk = layout.first_chunk_layers(config, self.meta.arch) if info.pp > 1 else 10**9
         self.flops = metrics.flops_per_token(
@@ -204,21 +199,13 @@ class _Run:
 
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(self.info.device) for k, v in next(data_iterator).items()}
-        # packed SFT samples carry a block-diagonal mask (True = masked); otherwise the spec's causal mask applies
+        # packed SFT samples carry a block-diagonal mask (True = masked); otherwise the spec's causal mask applies.
+        # With labels the model returns [b, s] fp32 per-token losses: megatron-core's cross-entropy (fused with
+        # --cross-entropy-loss-fusion) over logits whose padded vocabulary rows are masked (model.py).
         output = model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
-                       labels=batch["labels"] if self.loss_in_model else None)
-        vocab = self.meta.arch.vocab_size
+                       labels=batch["labels"])
 
-        def loss_func(output: torch.Tensor):
-            if self.loss_in_model:  # [b, s] fp32 per-token losses (fused with --cross-entropy-loss-fusion)
-                token_losses = output
-            else:  # padded vocabulary rows are not tokens: exclude them from the softmax (HF's loss has none)
-                logits = output if self.fused_cross_entropy else output.float()
-                start = self.info.tp_rank * logits.shape[-1]
-                if start + logits.shape[-1] > vocab:
-                    padded = torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab
-                    logits = logits.masked_fill(padded, float("-inf"))
-                token_losses = self._cross_entropy(logits, batch["labels"])
+        def loss_func(token_losses: torch.Tensor):
             mask = batch["loss_mask"].float()
             if self.per_token_loss:  # megatron-core divides the gradients by the global batch's loss tokens
                 total, count = (token_losses * mask).sum(), mask.sum()
@@ -227,20 +214,6 @@ class _Run:
             return loss, {"lm loss": loss.detach().clone()}  # the schedule divides loss in place
 
         return output, loss_func
-
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token losses over masked vocabulary-parallel logits, as the model computes them without padding:
-        megatron-core's fused kernels on the logits in their training dtype (--cross-entropy-loss-fusion), or its
-        separate ops on fp32 logits."""
-        from megatron.core import parallel_state as ps
-
-        if self.fused_cross_entropy:
-            from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
-
-            return fused_vocab_parallel_cross_entropy(logits, labels, ps.get_tensor_model_parallel_group())
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        return vocab_parallel_cross_entropy(logits, labels)
 
     def _agree(self, local_loss: tuple[float, float] | None, stop_signal: bool,
                timed_out: bool) -> tuple[float, bool, bool]:

@@ -89,7 +89,7 @@ def _world_a(root: str, data: list[str], common: list[str]) -> None:
     # the fused loss's wiring and math at TP 2 (vocab-parallel reductions). TorchDynamo off: megatron-core's
     # compiled functions run as their eager ops (compiling them costs ~20 s per rank on this CPU; the GPU tests
     # check the compiled kernels)
-    import megatron.core.fusions.fused_cross_entropy as fused_ce
+    import megatron.core.models.common.language_module.language_module as fused_ce  # the model's loss calls it
     import torch._dynamo
 
     real, calls = fused_ce.fused_vocab_parallel_cross_entropy, []

@@ -163,7 +163,7 @@ def test_compiled_rope_matches_megatrons_unfused_rope(world_of_1, monkeypatch):
 
 def test_fused_cross_entropy_matches_the_unfused_loss_on_cuda(world_of_1):
     """--cross-entropy-loss-fusion: megatron-core's compiled kernels on bf16 logits give the unfused fp32 ops'
-    losses and logit gradients (the trainer's two paths, `Trainer._cross_entropy`)."""
+    losses and logit gradients (what the model's loss runs with and without the flag)."""
     from megatron.core import parallel_state as ps
     from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
