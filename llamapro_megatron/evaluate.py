@@ -144,6 +144,9 @@ def _losses_worker(model, meta, info, wins: dict[str, list[list[int]]], micro_ba
                    progress: bool) -> dict[str, DomainResult]:
     import torch
 
+    from llamapro_megatron.checkpoint.mcore import mask_padded_vocabulary
+
+    mask_padded_vocabulary(model, meta.arch.vocab_size, meta.padded_vocab_size)
     results = {}
     for name, domain_wins in wins.items():
         t0 = time.time()
@@ -154,7 +157,7 @@ def _losses_worker(model, meta, info, wins: dict[str, list[list[int]]], micro_ba
         for b in batches:
             shapes.setdefault((len(b), len(b[0])), []).append(torch.tensor(b))
         for group in shapes.values():
-            local += _schedule_losses(model, group, meta.arch.vocab_size, info)
+            local += _schedule_losses(model, group, info)
         local = local.to(info.device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(local)
         total, count = local.tolist()
@@ -164,13 +167,13 @@ def _losses_worker(model, meta, info, wins: dict[str, list[list[int]]], micro_ba
     return results
 
 
-def _schedule_losses(model, batches: list[torch.Tensor], vocab_size: int, info) -> torch.Tensor:
+def _schedule_losses(model, batches: list[torch.Tensor], info) -> torch.Tensor:
     """[sum of token losses, token count] of equal-shape micro batches of windows through the pipeline schedule;
-    nonzero on the first TP rank of the last stage only."""
+    nonzero on the first TP rank of the last stage only. The model computes the losses (labels given), with its
+    padded vocabulary rows masked (``mask_padded_vocabulary``, installed by the caller), as the trainer does."""
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     batch, seq = batches[0].shape[0], batches[0].shape[1] - 1
     positions = torch.arange(seq, device=info.device).unsqueeze(0).expand(batch, -1)
@@ -178,20 +181,12 @@ def _schedule_losses(model, batches: list[torch.Tensor], vocab_size: int, info) 
 
     def forward_step(data_iterator, module):
         window = next(data_iterator).to(info.device)
-        labels = window[:, 1:]
-        output = module(window[:, :-1], positions, attention_mask=None)
+        output = module(window[:, :-1], positions, attention_mask=None, labels=window[:, 1:])
 
-        def loss_func(output_tensor):
-            # As in the trainer: padded vocabulary rows are not tokens, so they leave the softmax.
-            logits = output_tensor.float()
-            start = info.tp_rank * logits.shape[-1]
-            if start + logits.shape[-1] > vocab_size:
-                padded = torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab_size
-                logits = logits.masked_fill(padded, float("-inf"))
-            losses = vocab_parallel_cross_entropy(logits, labels)
+        def loss_func(losses):
             sums[0] += losses.double().sum().cpu()
             sums[1] += losses.numel()
-            return output_tensor.new_zeros(()), {}
+            return losses.new_zeros(()), {}
 
         return output, loss_func
 

@@ -158,6 +158,34 @@ def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: 
     return model
 
 
+def mask_padded_vocabulary(model, vocab_size: int, padded_vocab_size: int) -> None:
+    """Give the padded vocabulary rows' logits -inf, so a loss the model computes (labels given to GPTModel) leaves
+    them out of the softmax as HF's loss, which has no such rows, does. No-op without padding or output layer.
+
+    With labels, megatron-core's cross-entropy runs on the [s, b, v] logits; returning logits instead copies them to
+    [b, s, v] (and, in training, their gradient back): CPU, SmolLM2 at 2 x 256 tokens, ~0.3 s of a ~4 s step.
+    Used by the trainer and by evaluate.
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+
+    layer = getattr(model, "output_layer", None)
+    if layer is None or padded_vocab_size <= vocab_size:
+        return
+    tp_rank = ps.get_tensor_model_parallel_rank()
+
+    def hook(module, inputs, output):
+        logits, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+        start = tp_rank * logits.shape[-1]  # this rank's vocabulary slice
+        if start + logits.shape[-1] <= vocab_size:
+            return None
+        padded = torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padded, float("-inf"))
+        return logits if rest is None else (logits, *rest)
+
+    layer.register_forward_hook(hook)
+
+
 def set_rotary_inv_freq(model, arch: LlamaArch) -> None:
     """Install transformers-exact RoPE frequencies (Llama-3.1 scaling included); not part of the state dict."""
     rope = getattr(model, "rotary_pos_emb", None)

@@ -90,7 +90,7 @@ def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) 
         "num_layers_in_first_pipeline_stage": p.decoder_first_pipeline_num_layers,
         "num_layers_in_last_pipeline_stage": p.decoder_last_pipeline_num_layers,
         "sequence_parallel": p.sequence_parallel,
-        # the model's own loss (no vocabulary padding, trainer.py) and the trainer's masked one both follow this
+        # the loss the model computes for the trainer (trainer.py)
         "cross_entropy_loss_fusion": m.cross_entropy_loss_fusion,
         "cross_entropy_fusion_impl": "native",
     }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamapro_megatron.checkpoint.mcore import CheckpointMeta, build_gpt_model
+from llamapro_megatron.checkpoint.mcore import CheckpointMeta, build_gpt_model, mask_padded_vocabulary
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.training.config import FreezeSection, TrainConfig
 
@@ -52,37 +52,9 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
                                 # SFT: the loss is a mean over the global batch's assistant tokens, not a mean of
                                 # micro-batch means (megatron-core's per-token loss; DDP then sums gradients)
                                 calculate_per_token_loss=config.data.sft, **overrides)
-        if meta.padded_vocab_size > meta.arch.vocab_size:
-            mask_padded_vocabulary(model, meta.arch.vocab_size)
+        mask_padded_vocabulary(model, meta.arch.vocab_size, meta.padded_vocab_size)
         chunks.append(model.to(device))
     return chunks
-
-
-def mask_padded_vocabulary(chunk: torch.nn.Module, vocab_size: int) -> None:
-    """Give the padded vocabulary rows' logits -inf (last stage; a no-op elsewhere and on unpadded slices).
-
-    The trainer lets the model compute its loss (labels given to GPTModel): megatron-core's cross-entropy then runs
-    on the [s, b, v] logits, where returning logits would first copy them to [b, s, v] and the backward would copy
-    their gradient back (CPU, SmolLM2 at 2 x 256 tokens: ~0.3 s of a ~4 s step). Padded rows are not tokens:
-    masked here, they drop out of the softmax as they do from HF's loss, which has none.
-    """
-    layer = getattr(chunk, "output_layer", None)
-    if layer is None:
-        return
-    from megatron.core import parallel_state as ps
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
-
-    def hook(module, inputs, output):
-        logits, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
-        start = tp_rank * logits.shape[-1]  # this rank's vocabulary slice
-        if start + logits.shape[-1] <= vocab_size:
-            return None
-        padded = torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padded, float("-inf"))
-        return logits if rest is None else (logits, *rest)
-
-    layer.register_forward_hook(hook)
 
 
 def global_layer_index(layer: torch.nn.Module) -> int:
