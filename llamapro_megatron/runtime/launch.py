@@ -57,8 +57,12 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
     """Call ``fn(*args)`` on ``world_size`` ranks and return the ranks' return values, ordered by rank.
 
     Outside a launcher, spawns ``world_size`` processes with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
-    MASTER_ADDR=127.0.0.1, MASTER_PORT (a free port), OMP_NUM_THREADS=1 and THP_MEM_ALLOC_ENABLE=1 (each unless
-    set) in their environment, plus ``env`` (which overrides them).
+    MASTER_ADDR=127.0.0.1, MASTER_PORT (see below), OMP_NUM_THREADS=1 and THP_MEM_ALLOC_ENABLE=1 (each unless set)
+    in their environment, plus ``env`` (which overrides them). As under torchrun, the rendezvous store is
+    up before ``fn`` runs and every rank's ``env://`` rendezvous connects to it as a client
+    (TORCHELASTIC_USE_AGENT_STORE=True): rank 0's process serves it on a socket this process bound and handed
+    over, so no other process can take MASTER_PORT between its choice and its use (a free port that was closed
+    again was taken by other sockets on the GPU machine, NCCL's among them).
     ``fn`` must be picklable (a top-level function of an importable module; a script defining it needs an
     ``if __name__ == "__main__":`` guard) and so must ``args`` and the return values.
 
@@ -88,16 +92,20 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
                         "spawned processes import fn by its module and name") from exc
 
     ctx = mp.get_context("spawn")
-    port = free_port()
+    # multiprocessing pickles a socket for a spawned child by passing it a duplicate of the descriptor
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
     procs: list[mp.process.BaseProcess] = []
     conns: list[Connection] = []
     try:
         for rank in range(world_size):
             recv_end, send_end = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker_main, args=(fn, args, rank, send_end, os.getpid()),
+            proc = ctx.Process(target=_worker_main,
+                               args=(fn, args, rank, send_end, os.getpid(), listener if rank == 0 else None),
                                name=f"llamapro-rank{rank}", daemon=False)
             rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "TORCHELASTIC_USE_AGENT_STORE": "True",  # the store rank 0's _worker_main serves
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                         # PyTorch's CPU allocator madvises transparent huge pages for allocations >= 2 MB: filling a
                         # fresh 1 GiB tensor then took 0.3x the time here (benchmarks/thp_alloc.py; conversion buffers)
@@ -107,8 +115,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
             send_end.close()  # the worker holds the only write end: EOF means it is gone
             procs.append(proc)
             conns.append(recv_end)
+        listener.close()  # rank 0 holds its own copy from here on
         return _collect(procs, conns, timeout_s)
     finally:
+        listener.close()
         _teardown(procs)
         for conn in conns:
             conn.close()
@@ -221,13 +231,31 @@ def _watch_parent(parent_pid: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-def _worker_main(fn: Callable[..., Any], args: tuple, rank: int, conn: Connection, parent_pid: int) -> None:
+_STORE_SERVER: Any = None  # rank 0: the world's rendezvous store, alive as long as the process
+
+
+def _serve_store(listener: socket.socket) -> None:
+    """Serve the world's TCPStore on the launcher's listening socket (what torchrun's agent does for its ranks)."""
+    global _STORE_SERVER
+    import torch.distributed as dist
+
+    port = listener.getsockname()[1]
+    fd = listener.detach()
+    os.set_inheritable(fd, False)  # processes this rank starts must not keep the port bound
+    _STORE_SERVER = dist.TCPStore("127.0.0.1", port, int(os.environ["WORLD_SIZE"]), is_master=True,
+                                  wait_for_workers=False, master_listen_fd=fd)
+
+
+def _worker_main(fn: Callable[..., Any], args: tuple, rank: int, conn: Connection, parent_pid: int,
+                 listener: socket.socket | None) -> None:
     os.setpgrp()
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     try:
         from .compat import import_frameworks
 
         import_frameworks()  # every job here needs torch + megatron-core: imported without GC walks (faster)
+        if listener is not None:
+            _serve_store(listener)
         result = fn(*args)
     except BaseException:
         text = traceback.format_exc()

@@ -113,6 +113,31 @@ def test_run_workers_returns_values_by_rank_with_launch_env(monkeypatch):
     assert not any(_alive(o["pid"]) for o in out)
 
 
+def _rendezvous_on_a_held_port() -> dict:
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:  # the launcher bound MASTER_PORT before this rank started: nobody else can
+        try:
+            probe.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+            held = False
+        except OSError:
+            held = True
+    dist.init_process_group("gloo")  # plain env:// as under torchrun: a client of the store rank 0 serves
+    total = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(total)
+    dist.destroy_process_group()
+    return {"held": held, "total": float(total)}
+
+
+def test_run_workers_holds_the_rendezvous_port_until_rank_0_serves_on_it():
+    """No race between choosing MASTER_PORT and rank 0's store listening on it (a free port that was closed
+    again was once taken by other sockets on the GPU machine: EADDRINUSE at rendezvous)."""
+    out = run_workers(_rendezvous_on_a_held_port, 2, timeout_s=120)
+    assert out == [{"held": True, "total": 3.0}] * 2
+
+
 def _visible_cuda() -> tuple[str | None, bool]:
     return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available()
 
