@@ -248,10 +248,13 @@ class LlamaArch:
                            fused_kernels: bool = False, num_layers: int | None = None, **overrides):
         """megatron-core TransformerConfig for this architecture at a parallel layout.
 
-        fused_kernels=False is what the CPU (local spec) path needs: no apex/TE fusions.
+        fused_kernels=False is what the CPU (local spec) path needs: no apex/TE fusions. With True, the weight-gradient
+        accumulation fusion is still left off where Apex's extension is missing (a TE install without Apex).
         """
         import torch
         from megatron.core.transformer.transformer_config import TransformerConfig
+
+        from llamapro_megatron.runtime.compat import weight_gradient_fusion_available
 
         dt = canonical_dtype(dtype)
         kwargs = dict(
@@ -281,7 +284,7 @@ class LlamaArch:
             masked_softmax_fusion=fused_kernels,
             bias_activation_fusion=False,
             bias_dropout_fusion=fused_kernels,
-            gradient_accumulation_fusion=fused_kernels,
+            gradient_accumulation_fusion=fused_kernels and weight_gradient_fusion_available(),
             persist_layer_norm=fused_kernels,
             use_cpu_initialization=not torch.cuda.is_available(),
             sequence_parallel=False,

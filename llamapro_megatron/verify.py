@@ -72,7 +72,8 @@ def run_on_models(loads: list[str | Path], fn, fn_args: tuple = (), *, tp: int =
                   dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None) -> list:
     """``fn(model, meta, info, *fn_args)`` for each checkpoint, built at TP x PP on spawned ranks (or these ranks
     under a launcher); returns rank 0's results, one per checkpoint. ``fn`` must be a picklable top-level
-    function, called collectively on every rank."""
+    function, called collectively on every rank. In fp32, TF32 GEMMs are off there (``NVIDIA_TF32_OVERRIDE=0``
+    unless set): verify, evaluate and generate compare against transformers' fp32."""
     from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
     from llamapro_megatron.runtime.launch import inside_launcher, run_workers
 
@@ -89,9 +90,17 @@ def run_on_models(loads: list[str | Path], fn, fn_args: tuple = (), *, tp: int =
 
 
 def _models_worker(ckpt_dirs: list[str], tp: int, pp: int, dtype: str, spec: str, fn, fn_args: tuple) -> list:
+    import os
+
+    from llamapro_megatron.arch import canonical_dtype
     from llamapro_megatron.checkpoint.mcore import build_gpt_model, load_model_weights, read_meta
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
 
+    if canonical_dtype(dtype) == "float32":
+        # fp32 checks mean fp32 arithmetic: Transformer Engine runs fp32 GEMMs on TF32 tensor cores (~1e-3 relative
+        # off transformers' fp32 logits), torch's matmul does not by default. NVIDIA libraries read this before their
+        # first GEMM, which comes after this point; a value the user set is kept.
+        os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
     info = init_distributed(tp=tp, pp=pp)
     results = []
     try:

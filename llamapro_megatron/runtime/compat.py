@@ -20,6 +20,13 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def weight_gradient_fusion_available() -> bool:
+    """True when Apex's ``fused_weight_gradient_mlp_cuda`` imports: megatron-core's ColumnParallelLinear (the output
+    layer, in every spec) refuses ``gradient_accumulation_fusion=True`` without it (``tensor_parallel/layers.py``),
+    even where Transformer Engine's own linears could fuse the accumulation."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def _megatron_core_dir() -> Path | None:
     # find_spec of a dotted name imports the parent ("megatron", a namespace package), never megatron.core.
     try:

@@ -12,6 +12,10 @@ pytestmark = [
 ]
 
 VOCAB, SEQ, BATCH = 128, 16, 2
+# TE runs fp32 GEMMs on TF32 tensor cores (10-bit mantissa) where torch's matmul, with TF32 off, does not: first
+# seen 1.7e-4 max abs on logits of ~0.1. Relative Frobenius norm of TE vs local logits; a misplaced or missing
+# tensor gives O(1).
+TF32_TOL = 2e-3
 
 
 @pytest.fixture
@@ -75,4 +79,8 @@ def test_local_spec_checkpoint_loads_into_te_spec(world_of_1, tmp_path):
     result = te.load_state_dict(state, strict=False)
     assert all(key.endswith("_extra_state") for key in result.missing_keys), result.missing_keys
     assert not result.unexpected_keys, result.unexpected_keys
-    torch.testing.assert_close(_logits(te), _logits(local), atol=1e-4, rtol=1e-4)
+    te_logits, local_logits = _logits(te).double(), _logits(local).double()
+    rel = float((te_logits - local_logits).norm() / local_logits.norm())
+    print(f"TE spec vs local spec, fp32 logits: relative {rel:.2e}, max abs "
+          f"{float((te_logits - local_logits).abs().max()):.2e}")
+    assert rel < TF32_TOL, rel

@@ -122,3 +122,29 @@ def test_sliding_window_reaches_the_config_and_unwindowed_specs_refuse_longer_se
     with pytest.raises(UserError, match="--seq-length 32 is longer than the model's sliding attention window"):
         transformer_overrides(long, arch, "sdpa")
     transformer_overrides(config_from_argv([*BASE_ARGV, "--seq-length", "16"]), arch, "sdpa")
+
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_cross_entropy_fusion_defaults_to_the_device_and_either_flag_wins(monkeypatch, cuda):
+    from llamapro_megatron.training import layout
+
+    monkeypatch.setattr(layout, "_cuda_available", lambda: cuda)
+    for flags, fused in (((), cuda), (("--cross-entropy-loss-fusion",), True),
+                         (("--no-cross-entropy-loss-fusion",), False)):
+        config, arch = _resolve(*flags)
+        assert transformer_overrides(config, arch, "sdpa")["cross_entropy_loss_fusion"] is fused, flags
+
+@pytest.mark.parametrize("apex", [False, True])
+def test_weight_gradient_fusion_needs_apex_even_with_fused_kernels(monkeypatch, apex):
+    """megatron-core's output layer refuses gradient_accumulation_fusion without Apex's extension (seen on a GPU
+    with Transformer Engine and no Apex): the TE path's fused_kernels leaves it off there."""
+    from llamapro_megatron.runtime import compat, prepare
+
+    prepare()
+    monkeypatch.setattr(compat, "weight_gradient_fusion_available", lambda: apex)
+    arch = LlamaArch.from_hf_config(TINY)
+    # (rope fusion off: TransformerConfig refuses it without TE, and this runs anywhere)
+    fused = arch.transformer_config(tp=1, pp=1, dtype="float32", fused_kernels=True, apply_rope_fusion=False)
+    assert fused.gradient_accumulation_fusion is apex
+    assert not arch.transformer_config(tp=1, pp=1, dtype="float32").gradient_accumulation_fusion
