@@ -76,7 +76,8 @@ def main() -> None:
     for name, res in results.items():
         med[name] = statistics.median(res["wall"]), statistics.median(res["cpu"])
         print(f"{name:8s} {med[name][0]:7.2f} {med[name][1]:7.2f} {res['objects']:9d}")
-    print(f"frozen / gc-on: wall {med['frozen'][0] / med['gc-on'][0]:.2f}x, CPU {med['frozen'][1] / med['gc-on'][1]:.2f}x")
+    wall, cpu = (med["frozen"][i] / med["gc-on"][i] for i in (0, 1))
+    print(f"frozen / gc-on: wall {wall:.2f}x, CPU {cpu:.2f}x")
     print("command: python " + " ".join(sys.argv))
 
 

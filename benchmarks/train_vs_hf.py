@@ -42,7 +42,7 @@ then the device tool's `run` with carry [".whl"] and the command
       && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/train_vs_hf.py --device cuda --bf16
 
 (its other dependencies - torch, transformers, safetensors, numpy - are on that machine; Transformer Engine is
-not, so the sdpa spec runs there).
+not: without it the sdpa spec runs; BENCHMARKS.md, "Seventh session", says how TE 2.20 was carried and built there).
 """
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="llamapro: separate torch ops for SwiGLU instead of the fused kernel (CUDA default)")
     ap.add_argument("--no-rope-fusion", action="store_true",
                     help="llamapro: megatron-core's unfused RoPE instead of the compiled one (CUDA default)")
-    ap.add_argument("--cross-entropy-loss-fusion", action="store_true",
-                    help="llamapro: megatron-core's fused (compiled) cross-entropy on bf16 logits for the loss")
+    ap.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction, default=None,
+                    help="llamapro: megatron-core's fused (compiled) cross-entropy for the loss (CUDA default) or, "
+                         "with --no-..., its separate fp32 ops")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: run only the llamapro side once under torch.profiler and print its top GPU kernels")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
@@ -185,8 +186,8 @@ def run_llamapro(pro: Path, args) -> Side:
         argv.append("--no-bias-swiglu-fusion")
     if args.no_rope_fusion:
         argv.append("--no-rope-fusion")
-    if args.cross_entropy_loss_fusion:
-        argv.append("--cross-entropy-loss-fusion")
+    if args.cross_entropy_loss_fusion is not None:
+        argv.append(f"--{'' if args.cross_entropy_loss_fusion else 'no-'}cross-entropy-loss-fusion")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cpu_at_step = []  # process CPU time when each step ends (on_step runs right after the step's timer)
@@ -326,7 +327,7 @@ def report(args, spec: str, arch, plan, flops, peak: float | None, runs: dict) -
         if args.bf16 else "fp32"
     kernels = ("" if args.device != "cuda" else (", unfused SwiGLU" if args.no_bias_swiglu_fusion
                else ", fused SwiGLU") + (", unfused RoPE" if args.no_rope_fusion else ", fused RoPE")
-               + (", fused cross-entropy" if args.cross_entropy_loss_fusion else ""))
+               + (", unfused cross-entropy" if args.cross_entropy_loss_fusion is False else ", fused cross-entropy"))
     if spec == "sdpa" and args.device == "cuda":  # which SDPA kernels the llamapro side was steered to
         kernels += f", LLAMAPRO_SDPA_BACKEND={os.environ.get('LLAMAPRO_SDPA_BACKEND', 'auto')}"
 

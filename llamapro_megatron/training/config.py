@@ -50,7 +50,8 @@ class ModelSection:
     recompute_num_layers: int | None = None  # with full: the N of --recompute-method
     no_bias_swiglu_fusion: bool = False  # on CUDA the SwiGLU is one torch.compile'd kernel unless this is set
     no_rope_fusion: bool = False  # on CUDA RoPE is fused (TE's kernel, else torch.compile) unless this is set
-    cross_entropy_loss_fusion: bool = False  # megatron-core's compiled vocab-parallel cross-entropy for the loss
+    # megatron-core's compiled vocab-parallel cross-entropy for the loss; None: on with CUDA, off on CPU
+    cross_entropy_loss_fusion: bool | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -202,10 +203,15 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                          dict(_BOOL, help="on CUDA, run RoPE as megatron-core's separate torch ops instead of a fused "
                                           "kernel (Transformer Engine's on the te spec, torch.compile's otherwise)")),
     "--cross-entropy-loss-fusion": ("model", "cross_entropy_loss_fusion",
-                                    dict(_BOOL, help="compute the loss with megatron-core's fused (torch.compile) "
-                                                     "vocab-parallel cross-entropy, reading the logits in their "
-                                                     "training dtype, instead of its separate fp32 ops. Meant for "
-                                                     "GPUs: on CPU the first step compiles for ~20 s")),
+                                    dict(action="store_const", const=True,
+                                         help="compute the loss with megatron-core's fused (torch.compile) "
+                                              "vocab-parallel cross-entropy, reading the logits in their training "
+                                              "dtype, instead of its separate fp32 ops. The default on CUDA; on CPU "
+                                              "(off there by default) the first step compiles for ~20 s")),
+    "--no-cross-entropy-loss-fusion": ("model", "cross_entropy_loss_fusion",
+                                       dict(action="store_const", const=False,
+                                            help="on CUDA too, compute the loss with megatron-core's separate fp32 "
+                                                 "ops instead of the fused cross-entropy")),
     "--recompute-granularity": ("model", "recompute_granularity",
                                 dict(choices=RECOMPUTE_GRANULARITIES,
                                      help="activation recomputation: full layers, or only the attention core")),
