@@ -115,7 +115,6 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
             send_end.close()  # the worker holds the only write end: EOF means it is gone
             procs.append(proc)
             conns.append(recv_end)
-        listener.close()  # rank 0 holds its own copy from here on
         return _collect(procs, conns, timeout_s)
     finally:
         listener.close()

@@ -200,8 +200,8 @@ class _Run:
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(self.info.device) for k, v in next(data_iterator).items()}
         # packed SFT samples carry a block-diagonal mask (True = masked); otherwise the spec's causal mask applies.
-        # With labels the model returns [b, s] fp32 per-token losses: megatron-core's cross-entropy (fused with
-        # --cross-entropy-loss-fusion) over logits whose padded vocabulary rows are masked (model.py).
+        # With labels the model returns [b, s] fp32 per-token losses: megatron-core's cross-entropy (fused on CUDA
+        # unless --no-cross-entropy-loss-fusion) over logits whose padded vocabulary rows are masked (model.py).
         output = model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
                        labels=batch["labels"])
 

@@ -9,7 +9,7 @@ logits with each conversation run *on its own* (positions from 0, nothing else i
 norm must equal that of the same loss in transformers (all parameters train). Packed samples hold two
 conversations each (block-diagonal attention, run at PP2 with 2 micro batches); padded samples one each (run at
 DP2 with 2 micro batches per rank, uneven token counts), once more from a checkpoint with padded vocabulary rows
-(the trainer's masked loss instead of the model's own). Equality for packing is what shows that neither
+(masked out of the model's loss by `mask_padded_vocabulary`). Equality for packing is what shows that neither
 attention nor loss crosses a conversation boundary; controls show that a leak across the boundary, a loss over
 the prompt tokens too, or a mean of per-sample means would each differ by far more than the tolerances.
 The token ids and assistant masks are `encode_conversation`'s, which tests/unit/test_data_sft.py checks against
@@ -68,8 +68,8 @@ def _world(root: str, chat: str, recipe_chat: str, tokenizer: str) -> dict:
 
     r = Path(root)
     hf_to_mcore(r / "hf", r / "mc", progress=False)
-    # the same weights with 48 padded vocabulary rows (49152 -> 49200): the trainer masks them out of its own loss
-    # instead of letting the model compute it (the path every unpadded vocabulary, as SmolLM2's, takes)
+    # the same weights with 48 padded vocabulary rows (49152 -> 49200): the output layer's hook masks them out of
+    # the loss the model computes (checkpoint/mcore.mask_padded_vocabulary); SmolLM2's vocabulary has no padding
     hf_to_mcore(r / "hf", r / "mc_pad", progress=False, make_vocab_size_divisible_by=100)
     common = ["--load", str(r / "mc"), "--freeze", "none", "--sft", "--data-path", chat, "--tokenizer-model",
               tokenizer, "--seq-length", str(SEQ), "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",

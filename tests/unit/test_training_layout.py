@@ -124,7 +124,6 @@ def test_sliding_window_reaches_the_config_and_unwindowed_specs_refuse_longer_se
     transformer_overrides(config_from_argv([*BASE_ARGV, "--seq-length", "16"]), arch, "sdpa")
 
 
-
 @pytest.mark.parametrize("cuda", [False, True])
 def test_cross_entropy_fusion_defaults_to_the_device_and_either_flag_wins(monkeypatch, cuda):
     from llamapro_megatron.training import layout
@@ -134,6 +133,7 @@ def test_cross_entropy_fusion_defaults_to_the_device_and_either_flag_wins(monkey
                          (("--no-cross-entropy-loss-fusion",), False)):
         config, arch = _resolve(*flags)
         assert transformer_overrides(config, arch, "sdpa")["cross_entropy_loss_fusion"] is fused, flags
+
 
 @pytest.mark.parametrize("apex", [False, True])
 def test_weight_gradient_fusion_needs_apex_even_with_fused_kernels(monkeypatch, apex):
