@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamapro_megatron.arch import LlamaArch, canonical_dtype, dtype_bytes
+from llamapro_megatron.checkpoint import direct, mapping, trainable
 from llamapro_megatron.checkpoint import hf as hfio
-from llamapro_megatron.checkpoint import mapping, trainable
 from llamapro_megatron.checkpoint.mcore import (
     LATEST_FILE,
     META_FILE,
@@ -118,9 +120,142 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
                           expansion=compose(None, plan) if plan.new_indices else None)
     job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,
                     progress, ROUND_BYTES if round_bytes is None else round_bytes)
+    from llamapro_megatron.runtime.launch import inside_launcher
+
+    if direct.enabled() and not inside_launcher():
+        chunks = direct.plan_import(reader, arch, plan, padded, dtype)
+        if isinstance(chunks, list):
+            try:
+                _hf_to_mcore_direct(job, chunks, workers)
+                return out
+            except direct.LayoutMismatch as e:
+                print(f"hf-to-mcore: {e}; converting through megatron-core's writer instead", file=sys.stderr)
     itemsize = dtype_bytes(dtype)
     run_job(_import_worker, job, workers, out, sum(unit_sizes(out_arch, padded, itemsize, num_layers).values()))
     return out
+
+
+def _hf_to_mcore_direct(job: ImportJob, chunks: list[direct.Chunk], workers: int) -> None:
+    """hf-to-mcore through `direct`: `workers` threads copy the tensor bytes while one spawned process imports
+    megatron-core and writes the rest (see the module). Raises `direct.LayoutMismatch` having removed its output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llamapro_megatron.runtime.launch import WorkerError, run_workers
+
+    if workers < 1:
+        raise UserError(f"--workers {workers}: need at least 1")
+    out = Path(job.out)
+    tmp = partial_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    release_dir = tmp / RELEASE
+    release_dir.mkdir(parents=True)
+    files = direct.assign_files(chunks, workers)
+    meta_job = DirectImportJob(job.out, job.arch, job.padded_vocab, job.dtype, job.plan.num_layers, job.meta_json,
+                               [c.descriptor() for c in chunks])
+    stop = threading.Event()
+    bar = _ThreadedBar(sum(c.nbytes for c in chunks), "hf-to-mcore", job.progress)
+    t0 = time.time()
+    try:
+        with ThreadPoolExecutor(len(files)) as pool:
+            copies = [pool.submit(direct.write_file, release_dir / name, mine, bar.update, stop)
+                      for name, mine in files.items()]
+            try:
+                run_workers(_direct_import_worker, 1, args=(meta_job,), env={"CUDA_VISIBLE_DEVICES": ""})
+            except BaseException:
+                stop.set()
+                raise
+            for copy in copies:
+                copy.result()
+    except WorkerError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lines = (e.remote_traceback or str(e)).strip().splitlines()
+        last = lines[-1] if lines else str(e)
+        if direct.LayoutMismatch.__name__ in last:
+            raise direct.LayoutMismatch(last.split(": ", 1)[-1]) from e
+        raise UserError(f"writing {out} failed, nothing was written there: {last}") from e
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"writing {out} failed, nothing was written there: {e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    (release_dir / META_FILE).write_text(job.meta_json)
+    (tmp / LATEST_FILE).write_text(RELEASE)
+    hfio.copy_tokenizer_files(Path(job.hf_dir), release_dir / TOKENIZER_DIR)
+    commit_output(tmp, out)
+    if job.progress:
+        print(f"hf-to-mcore: wrote {out} ({len(chunks)} tensor chunks in {len(files)} files, "
+              f"{time.time() - t0:.1f}s)", flush=True)
+
+
+class _ThreadedBar:
+    """A tqdm bar several copying threads update."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self._lock = threading.Lock()
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                             dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@dataclass
+class DirectImportJob:
+    out: str
+    arch: dict
+    padded_vocab: int
+    dtype: str
+    num_layers: int
+    meta_json: str
+    chunks: list[tuple]  # direct.Chunk.descriptor()s
+
+
+def _direct_import_worker(job: DirectImportJob) -> None:
+    """Check the planned chunks against megatron-core's sharded state dict; write everything else (see `direct`)."""
+    from llamapro_megatron.checkpoint.rounds import add_saved_objects
+    from llamapro_megatron.runtime.checkpointing import save
+    from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
+
+    init_distributed(tp=1, pp=1)  # prepares megatron-core: import it only after this
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
+
+    arch = LlamaArch.from_dict(job.arch)
+    model = build_gpt_model(arch, job.padded_vocab, dtype=job.dtype, meta_device=True, num_layers=job.num_layers)
+    objects, expected = {}, set()
+    for name, entry in model.sharded_state_dict().items():
+        if isinstance(entry, ShardedObject):
+            entry.replica_id = 0
+            objects[name] = entry
+            continue
+        for t in entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]:
+            # (the meta model's dtypes are not the checkpoint's: the regular path casts every tensor to it too)
+            sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
+            flat = "flattened" if t.flattened_range is not None else ""
+            expected.add((t.key, tuple(t.global_shape), tuple(t.global_offset), sizes, flat))
+    planned = {(key, tuple(shape), tuple(offsets), tuple(sizes), "") for key, shape, offsets, sizes, *_ in job.chunks}
+    if planned != expected:
+        diff = sorted(planned ^ expected)[:2]
+        raise direct.LayoutMismatch(f"megatron-core's sharded state dict is not the planned layout (e.g. {diff})")
+    release_dir = partial_dir(Path(job.out)) / RELEASE
+    save_dir = release_dir / ".objects"
+    save_dir.mkdir()
+    common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
+    save({"model": objects, **common}, str(save_dir))
+    add_saved_objects(save_dir, release_dir, job.chunks)
+    destroy_distributed()
 
 
 def run_job(worker, job, workers: int, out: Path, total_bytes: int = 0) -> None:

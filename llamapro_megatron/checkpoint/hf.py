@@ -35,6 +35,7 @@ class HFReader:
             raise UserError(f"--hf-dir {hf_dir} is not a directory")
         self._handles: dict[str, object] = {}
         self._headers: dict[str, dict] = {}
+        self._data_starts: dict[str, int] = {}
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:
@@ -61,7 +62,7 @@ class HFReader:
             path = self.dir / fname
             if not path.is_file():
                 raise UserError(f"{path} is listed in {INDEX_NAME} but missing; re-download the checkpoint")
-            self._headers[fname] = read_header(path)[1]
+            self._data_starts[fname], self._headers[fname] = read_header(path)
         return self._headers[fname]
 
     def _open(self, fname: str):
@@ -96,6 +97,12 @@ class HFReader:
         if st not in _ST_DTYPES:
             raise UserError(f"{name} in {self.dir} has dtype {st}; only floating-point weights are supported")
         return _ST_DTYPES[st]
+
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """(file, offset, length) of a tensor's bytes, for copying them without reading them into a tensor."""
+        begin, end = self._entry(name)["data_offsets"]
+        fname = self.weight_map[name]
+        return self.dir / fname, self._data_starts[fname] + begin, end - begin
 
     def get(self, name: str):
         """The tensor (a view of the memory-mapped file)."""

@@ -27,14 +27,23 @@ class TensorMap:
     kind: str  # copy | qkv | gate_up | vocab
     # Residual-branch output projections: zeroed in LLaMA Pro's identity copies.
     zero_in_identity_copy: bool = False
+    # The checkpoint key (relative, as `mcore`) when it is not the state-dict name: megatron-core's local spec stores
+    # its norms under the TE spec's names (`sharded_state_dict_keys_map` in gpt_layer_specs.py), so either loads.
+    stored_as: str | None = None
+
+    @property
+    def stored(self) -> str:
+        return self.stored_as or self.mcore
 
 
 LAYER_TENSORS: tuple[TensorMap, ...] = (
-    TensorMap("input_layernorm.weight", ("input_layernorm.weight",), "copy"),
+    TensorMap("input_layernorm.weight", ("input_layernorm.weight",), "copy",
+              stored_as="self_attention.linear_qkv.layer_norm_weight"),
     TensorMap("self_attention.linear_qkv.weight",
               ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
     TensorMap("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy", zero_in_identity_copy=True),
-    TensorMap("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy"),
+    TensorMap("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy",
+              stored_as="mlp.linear_fc1.layer_norm_weight"),
     TensorMap("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
     TensorMap("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy", zero_in_identity_copy=True),
 )
