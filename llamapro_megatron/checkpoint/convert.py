@@ -456,6 +456,14 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
     job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress,
                     ROUND_BYTES if round_bytes is None else round_bytes)
     itemsize = dtype_bytes(meta.dtype)
+    from llamapro_megatron.runtime.launch import inside_launcher
+
+    if direct.enabled() and not inside_launcher() and not trainable.is_trainable_only(meta):
+        tensors = direct.plan_export(ckpt_dir, meta.arch, meta.dtype, dtype)
+        if isinstance(tensors, list):
+            units = list(unit_sizes(meta.arch, meta.padded_vocab_size, itemsize, meta.arch.num_layers))
+            _mcore_to_hf_direct(job, meta.arch, units, tensors, workers)
+            return out
     run_job(_export_worker, job, workers, out,
             sum(unit_sizes(meta.arch, meta.padded_vocab_size, itemsize, meta.arch.num_layers).values()))
     return out
@@ -525,19 +533,70 @@ def _export_worker(job: ExportJob) -> None:
     dist.barrier()
     bar.close()
     if info.rank == 0:
-        shapes = mapping.expected_hf_shapes(arch)
-        weight_map = {name: hfio.shard_name(units.index(_hf_unit(name)), total_files) for name in shapes}
-        total = hfio.write_index(tmp, weight_map, shapes, out_dtype.itemsize)
-        config = arch.to_hf_config(job.dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(hfio.generation_config(config), indent=2) + "\n")
-        hfio.copy_tokenizer_files(Path(job.ckpt_dir) / TOKENIZER_DIR, tmp)
-        shutil.rmtree(tmp / ".progress", ignore_errors=True)
-        commit_output(tmp, out)
-        if job.progress:
-            print(f"mcore-to-hf: wrote {out} ({total_files} shards, {total / 1e9:.2f} GB)", flush=True)
+        finish_export(tmp, out, arch, units, job.dtype, Path(job.ckpt_dir), job.progress)
     dist.barrier()
     destroy_distributed()
+
+
+def finish_export(tmp: Path, out: Path, arch: LlamaArch, units: list[str], dtype: str, ckpt_dir: Path,
+                  progress: bool) -> None:
+    """Once every shard (one per unit) is in `tmp`: the index, configs and tokenizer files; then rename to `out`."""
+    shapes = mapping.expected_hf_shapes(arch)
+    weight_map = {name: hfio.shard_name(units.index(_hf_unit(name)), len(units)) for name in shapes}
+    total = hfio.write_index(tmp, weight_map, shapes, dtype_bytes(dtype))
+    config = arch.to_hf_config(dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "generation_config.json").write_text(json.dumps(hfio.generation_config(config), indent=2) + "\n")
+    hfio.copy_tokenizer_files(ckpt_dir / TOKENIZER_DIR, tmp)
+    shutil.rmtree(tmp / ".progress", ignore_errors=True)
+    commit_output(tmp, out)
+    if progress:
+        print(f"mcore-to-hf: wrote {out} ({len(units)} shards, {total / 1e9:.2f} GB)", flush=True)
+
+
+def _mcore_to_hf_direct(job: ExportJob, arch: LlamaArch, units: list[str], tensors: list[direct.HFTensor],
+                        workers: int) -> None:
+    """mcore-to-hf through `direct`: `workers` threads copy each shard's tensors from the checkpoint's files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers < 1:
+        raise UserError(f"--workers {workers}: need at least 1")
+    out = Path(job.out)
+    tmp = partial_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: dict[str, list[direct.HFTensor]] = {u: [] for u in units}
+    for t in tensors:
+        shards[_hf_unit(t.name)].append(t)
+    sizes = {u: sum(t.nbytes for t in mine) for u, mine in shards.items()}
+    owner = assign_units(units, sizes, max(1, min(workers, len(units))))
+    stop = threading.Event()
+    bar = _ThreadedBar(sum(sizes.values()), "mcore-to-hf", job.progress)
+
+    def write(w: int) -> None:
+        for u in units:
+            if owner[u] == w:
+                direct.write_hf_shard(tmp / hfio.shard_name(units.index(u), len(units)), shards[u], job.dtype,
+                                      bar.update, stop)
+
+    try:
+        with ThreadPoolExecutor(max(owner.values()) + 1) as pool:
+            copies = [pool.submit(write, w) for w in range(max(owner.values()) + 1)]
+            try:
+                for copy in copies:
+                    copy.result()
+            except BaseException:
+                stop.set()
+                raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"writing {out} failed, nothing was written there: {e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    finish_export(tmp, out, arch, units, job.dtype, Path(job.ckpt_dir), job.progress)
 
 
 def _hf_unit(hf_name: str) -> str:

@@ -211,3 +211,122 @@ def write_file(path: Path, chunks: list[Chunk], progress: Callable[[int], None],
     expected = sum(c.length for c in chunks)
     if os.path.getsize(path) != expected:
         raise OSError(f"{path}: wrote {os.path.getsize(path)} bytes, planned {expected}")
+
+
+# --------------------------------------------------------------- mcore -> hf
+# The export needs no megatron-core at all: the checkpoint's chunks are located through its DCP metadata
+# (`dcp_index`, torch-free), and every HF tensor is a range of rows of one stored tensor, copied file to file into
+# safetensors shards (`st_copy.write_pieces`). Chunks must split tensors by rows only (as this project's
+# conversions, and TP splits of column-parallel weights, do); otherwise the regular path reads the checkpoint.
+_ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    name: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.length for p in self.pieces)
+
+
+def plan_export(ckpt_dir: str | Path, arch: LlamaArch, dtype: str, out_dtype: str) -> list[HFTensor] | str:
+    """Every HF tensor of the export as byte ranges of the checkpoint's files, or why the direct path does not
+    apply (a reason)."""
+    from llamapro_megatron.checkpoint import dcp_index
+
+    if out_dtype != dtype or dtype not in _ST_DTYPES:
+        return f"export to {out_dtype} from a {dtype} checkpoint"
+    try:
+        index = dcp_index.read_tensor_index(ckpt_dir)
+        rows = _RowReader(Path(ckpt_dir), index, dtype)
+        d, g = arch.head_dim, arch.num_query_groups
+        q_rows = arch.num_attention_heads // g * d
+        f = arch.ffn_hidden_size
+        shapes = mapping.expected_hf_shapes(arch)
+        tensors = []
+        for t in mapping.global_tensors(arch):
+            (name,) = t.hf
+            tensors.append(HFTensor(name, shapes[name], rows(t.stored, None, 0, shapes[name][0])))
+        for layer in range(arch.num_layers):
+            prefix = f"{mapping.HF_LAYER_PREFIX}{layer}."
+            for t in mapping.LAYER_TENSORS:
+                key = mapping.MCORE_LAYER_PREFIX + t.stored
+                names = [prefix + n for n in t.hf]
+                if t.kind == "copy":
+                    ranges = [[(0, shapes[names[0]][0])]]
+                elif t.kind == "qkv":  # per query group: its q heads, then k, then v
+                    group = q_rows + 2 * d
+                    ranges = [[(i * group + start, i * group + start + n) for i in range(g)]
+                              for start, n in ((0, q_rows), (q_rows, d), (q_rows + d, d))]
+                elif t.kind == "gate_up":
+                    ranges = [[(0, f)], [(f, 2 * f)]]
+                else:
+                    raise ValueError(t.kind)
+                for name, spans in zip(names, ranges):
+                    pieces = tuple(p for r0, r1 in spans for p in rows(key, layer, r0, r1))
+                    tensors.append(HFTensor(name, shapes[name], pieces))
+        for t in tensors:
+            if t.nbytes != math.prod(t.shape) * torch_archive._ITEMSIZE[dtype]:
+                return f"{t.name}: the checkpoint's chunks give {t.nbytes} bytes"
+    except dcp_index.Unreadable as e:
+        return str(e)
+    return tensors
+
+
+class _RowReader:
+    """Byte ranges of rows [r0, r1) of a stored tensor (of one layer of a stacked one), from chunks that each
+    hold whole rows."""
+
+    def __init__(self, ckpt_dir: Path, index: dict, dtype: str):
+        self.dir, self.index, self.dtype = ckpt_dir, index, dtype
+        self.itemsize = torch_archive._ITEMSIZE[dtype]
+        self._starts: dict = {}
+
+    def __call__(self, key: str, layer: int | None, r0: int, r1: int) -> list[Piece]:
+        from llamapro_megatron.checkpoint.dcp_index import Unreadable, tensor_data_offset
+
+        if key not in self.index:
+            raise Unreadable(f"the checkpoint has no tensor {key}")
+        t = self.index[key]
+        if t.dtype != self.dtype:
+            raise Unreadable(f"{key} is stored as {t.dtype}, the checkpoint says {self.dtype}")
+        lead = 0 if layer is None else 1
+        rest = t.size[lead:]  # rows, then the dimensions every chunk must hold whole
+        row_bytes = math.prod(rest[1:]) * self.itemsize
+        pieces, at = [], r0
+        spans = []
+        for c in t.chunks:
+            if lead and (c.offsets[0] != layer or c.sizes[0] != 1):
+                continue
+            if any(c.offsets[lead + 1:]) or tuple(c.sizes[lead + 1:]) != tuple(rest[1:]):
+                raise Unreadable(f"{key} is split by columns")
+            spans.append((c.offsets[lead], c.offsets[lead] + c.sizes[lead], c))
+        for start, end, c in sorted(spans, key=lambda s: s[0]):
+            if end <= at or start >= r1:
+                continue
+            if start > at:
+                break
+            if c not in self._starts:
+                self._starts[c] = tensor_data_offset(self.dir, c, t.dtype)
+            stop = min(end, r1)
+            pieces.append(Piece(str(self.dir / c.file), self._starts[c] + (at - start) * row_bytes,
+                                (stop - at) * row_bytes))
+            at = stop
+        if at != r1:
+            raise Unreadable(f"{key}: rows {at}..{r1} of layer {layer} are in no chunk")
+        return pieces
+
+
+def write_hf_shard(path: Path, tensors: list[HFTensor], dtype: str, progress: Callable[[int], None],
+                   stop: threading.Event) -> None:
+    from llamapro_megatron.checkpoint import st_copy
+
+    if stop.is_set():
+        return
+    st_copy.write_pieces(path, [(t.name, _ST_DTYPES[dtype], t.shape,
+                                 [(p.path, p.offset, p.length) for p in t.pieces]) for t in tensors],
+                         {"format": "pt"})
+    progress(sum(t.nbytes for t in tensors))

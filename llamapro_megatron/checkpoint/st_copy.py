@@ -39,23 +39,33 @@ def write_shard(path: str | Path, tensors: list[TensorCopy], metadata: dict[str,
     `headers` caches `read_header` per source file across calls.
     """
     headers = {} if headers is None else headers
-    entries, offset = [], 0
-    for t in sorted(tensors, key=lambda t: t.name):
+    entries = []
+    for t in tensors:
         if t.src_file not in headers:
             headers[t.src_file] = read_header(t.src_file)
         start, header = headers[t.src_file]
         info = header[t.src_name]
         begin, end = info["data_offsets"]
-        entries.append((t, start + begin, end - begin, info))
-        offset += end - begin
-    dtypes = {info["dtype"] for *_, info in entries}
+        piece = (None if t.zero else t.src_file, start + begin, end - begin)
+        entries.append((t.name, info["dtype"], info["shape"], [piece]))
+    return write_pieces(path, entries, metadata)
+
+
+def write_pieces(path: str | Path, tensors: list[tuple[str, str, list[int], list[tuple[str | None, int, int]]]],
+                 metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file of (name, safetensors dtype, shape, pieces) tensors, all of one dtype, each the
+    concatenation of its pieces: (source file, offset, length) byte ranges, or (None, _, length) for zeros.
+    Returns the data bytes written."""
+    entries = sorted(tensors, key=lambda t: t[0])
+    dtypes = {dtype for _, dtype, _, _ in entries}
     if len(dtypes) > 1:
         raise ValueError(f"{path}: one dtype per shard (safetensors orders mixed dtypes differently), got {dtypes}")
 
     out_header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for t, _, size, info in entries:
-        out_header[t.name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+    for name, dtype, shape, pieces in entries:
+        size = sum(length for _, _, length in pieces)
+        out_header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(out_header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
@@ -64,12 +74,13 @@ def write_shard(path: str | Path, tensors: list[TensorCopy], metadata: dict[str,
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
         out.write(len(raw).to_bytes(8, "little") + raw)
         out.flush()
-        for t, src_offset, size, _ in entries:
-            if t.zero:
-                _write_zeros(out, size)
-            else:
-                with open(t.src_file, "rb") as src:
-                    _copy_range(src, out, src_offset, size)
+        for _, _, _, pieces in entries:
+            for src_file, src_offset, size in pieces:
+                if src_file is None:
+                    _write_zeros(out, size)
+                else:
+                    with open(src_file, "rb") as src:
+                        _copy_range(src, out, src_offset, size)
     return offset
 
 

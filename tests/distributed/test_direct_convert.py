@@ -1,10 +1,12 @@
-"""hf-to-mcore's direct path (`checkpoint.direct`: tensor bytes copied by a torch-free parent) against the regular
-path (megatron-core's dist_checkpointing writes tensors a worker built).
+"""The direct conversion paths (`checkpoint.direct`: tensor bytes copied by a torch-free parent) against the
+regular ones (workers build tensors; megatron-core's dist_checkpointing writes and reads them).
 
-Reference: the regular path's checkpoint of the same HF directory, read back by PyTorch's own DCP reader
-(`dcp_to_torch_save`). Checked for every tiny variant, an expansion in the same pass, and the real SmolLM2-135M:
-the DCP metadata describes the same tensors, chunks and objects, and every tensor and object reads back
-identical. The regular path is what the conversion tests (`test_conversion.py`, inside a launched world) use.
+hf-to-mcore. Reference: the regular path's checkpoint of the same HF directory, read back by PyTorch's own DCP
+reader (`dcp_to_torch_save`). The DCP metadata describes the same tensors, chunks and objects, and every tensor
+and object reads back identical.
+mcore-to-hf. Reference: the regular path's export of the same checkpoint: every file is identical, byte for byte.
+Checked for every tiny variant, an expansion in the same pass, and the real SmolLM2-135M. The regular paths are what
+the conversion tests (`test_conversion.py`, inside a launched world) use.
 """
 from __future__ import annotations
 
@@ -15,19 +17,41 @@ import pytest
 import torch
 
 from llamapro_megatron.checkpoint import direct
-from llamapro_megatron.checkpoint.convert import hf_to_mcore
+from llamapro_megatron.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from llamapro_megatron.expansion import interleave
 from llamapro_megatron.runtime.launch import run_workers
 from tests.tiny_models import VARIANTS, make_tiny_hf
 
 
-def _regular_world(cases: dict) -> None:
+def _regular_world(cases: dict, tp2_ckpt: str) -> None:
+    import shutil
+
     import torch.distributed as dist
+
+    from llamapro_megatron.checkpoint.mcore import RELEASE, build_gpt_model, load_model_weights, read_meta
+    from llamapro_megatron.runtime.checkpointing import save
+    from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
 
     dist.init_process_group("gloo")  # inside a launched world conversion takes the regular path
     for case in cases.values():
         plan = interleave(case["layers"], 2) if case["expand"] else None
         hf_to_mcore(case["hf"], case["regular"], tp=1, pp=1, plan=plan, progress=False)
+        mcore_to_hf(case["regular"], case["regular_export"], progress=False)
+    # the gqa checkpoint saved again by a TP=2 model: its row-parallel weights are split by columns
+    src = Path(cases["gqa"]["regular"]) / RELEASE
+    meta = read_meta(src)
+    init_distributed(tp=2, pp=1)
+    model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=meta.dtype, tp=2)
+    load_model_weights(model, src)
+    out = Path(tp2_ckpt) / RELEASE
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True)
+    dist.barrier()
+    save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0}, str(out))
+    if dist.get_rank() == 0:
+        shutil.copy(src / "llamapro.json", out / "llamapro.json")
+        (out.parent / "latest_checkpointed_iteration.txt").write_text(RELEASE)
+    destroy_distributed()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -49,11 +73,15 @@ def converted(tmp_path_factory):
     except Exception as e:  # the real model is fetched once per machine (tests/data_artifacts.py)
         print(f"SmolLM2 not available ({e}): direct path checked on tiny models only")
     for name, case in cases.items():
-        case["regular"], case["direct"] = str(root / f"regular_{name}"), str(root / f"direct_{name}")
-    run_workers(_regular_world, 2, args=(cases,))
+        for kind in ("regular", "direct", "regular_export", "direct_export", "direct_export_of_direct"):
+            case[kind] = str(root / f"{kind}_{name}")
+    run_workers(_regular_world, 2, args=(cases, str(root / "tp2")))
     for case in cases.values():
         plan = interleave(case["layers"], 2) if case["expand"] else None
         hf_to_mcore(case["hf"], case["direct"], tp=1, pp=1, plan=plan, workers=2, progress=False)
+        mcore_to_hf(case["regular"], case["direct_export"], workers=2, progress=False)
+        mcore_to_hf(case["direct"], case["direct_export_of_direct"], progress=False)
+    cases["tp2"] = str(root / "tp2")
     return cases
 
 
@@ -106,6 +134,56 @@ def test_direct_checkpoint_equals_regular(converted, name, tmp_path):
             assert got[key] == value, key
     for f in ("common.pt", "metadata.json", "llamapro.json"):
         assert (Path(case["direct"]) / "release" / f).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*VARIANTS, "gqa_bf16", "gqa_expanded", "smollm2"])
+def test_direct_export_equals_regular_byte_for_byte(converted, name):
+    if name not in converted:
+        pytest.skip("SmolLM2-135M not available")
+    case = converted[name]
+    want = sorted(p.name for p in Path(case["regular_export"]).iterdir())
+    assert any(n.endswith(".safetensors") for n in want)
+    for export in ("direct_export", "direct_export_of_direct"):
+        assert sorted(p.name for p in Path(case[export]).iterdir()) == want, export
+        for n in want:
+            assert (Path(case[export]) / n).read_bytes() == (Path(case["regular_export"]) / n).read_bytes(), \
+                f"{export}/{n}"
+
+
+@pytest.mark.slow
+def test_export_of_a_column_split_checkpoint(converted, tmp_path):
+    """A TP=2 save splits linear_proj / linear_fc2 by columns: the direct export refuses it (the regular path
+    exports it, equal to the TP=1 checkpoint's export); its row-split tensors (qkv, fc1, embedding) are still read
+    as row ranges across chunks, equal to the TP=1 checkpoint's bytes."""
+    from llamapro_megatron.arch import LlamaArch
+    from llamapro_megatron.checkpoint import dcp_index
+
+    tp2, case = Path(converted["tp2"]) / "release", converted["gqa"]
+    arch = LlamaArch.from_hf_dir(case["hf"])
+    reason = direct.plan_export(tp2, arch, "float32", "float32")
+    assert isinstance(reason, str) and "split by columns" in reason
+    mcore_to_hf(converted["tp2"], tmp_path / "export", progress=False)
+    for p in Path(case["regular_export"]).glob("*.safetensors"):
+        assert (tmp_path / "export" / p.name).read_bytes() == p.read_bytes(), p.name
+
+    tp1 = Path(case["regular"]) / "release"
+    rows = {d: direct._RowReader(d, dcp_index.read_tensor_index(d), "float32") for d in (tp1, tp2)}
+
+    def read(d, key, layer, r0, r1):
+        out = b""
+        for p in rows[d](key, layer, r0, r1):
+            with open(p.path, "rb") as f:
+                f.seek(p.offset)
+                out += f.read(p.length)
+        return out
+
+    for key, layer, r0, r1 in [("decoder.layers.self_attention.linear_qkv.weight", 3, 5, 120),
+                               ("decoder.layers.mlp.linear_fc1.weight", 1, 40, 150),
+                               ("embedding.word_embeddings.weight", None, 100, 256)]:
+        chunks = [c for c in rows[tp2].index[key].chunks if layer is None or c.offsets[0] == layer]
+        assert len(chunks) > 1, key  # the range spans chunks
+        assert read(tp2, key, layer, r0, r1) == read(tp1, key, layer, r0, r1), key
 
 
 @pytest.mark.slow
