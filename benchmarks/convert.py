@@ -5,8 +5,11 @@
 
 Makes a random HF LLaMA of the given shape (default ~1.2B parameters, bf16), then times, `--repeats` times each:
 copying its safetensors files (the floor), `llamapro convert hf-to-mcore` and `llamapro convert mcore-to-hf`,
-each as a fresh process like a user runs it. Peak RSS is sampled (psutil, every 50 ms) for every process of the
-command's tree. Prints medians, ratios to the floor, and the per-worker RSS target (1.5 GB + largest tensor).
+each as a fresh process like a user runs it, on each of `--paths`: `direct` (the default path: tensor bytes copied
+file to file, `checkpoint/direct.py`) and `regular` (workers build tensors, megatron-core writes and reads them;
+what `LLAMAPRO_DIRECT_CONVERT=0` forces), interleaved within each repeat. Peak RSS is sampled (psutil, every
+50 ms) for every process of the command's tree. Prints medians, ratios to the floor, and the per-worker RSS target
+(1.5 GB + largest tensor).
 """
 from __future__ import annotations
 
@@ -80,7 +83,7 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_measured(cmd: list[str]) -> tuple[float, dict[int, int], float]:
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, dict[int, int], float]:
     """Wall time, peak RSS (bytes) of every process in the command's tree, and the tree's CPU seconds.
 
     CPU seconds (user + system of every process of the tree once reaped) stay meaningful on a busy machine,
@@ -88,7 +91,7 @@ def run_measured(cmd: list[str]) -> tuple[float, dict[int, int], float]:
     """
     cpu0 = _children_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     root = psutil.Process(proc.pid)
     peaks: dict[int, int] = {}
     while proc.poll() is None:
@@ -133,6 +136,7 @@ def main() -> None:
     add_model_shape_args(ap)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paths", default="direct,regular", help="comma-separated: direct, regular")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     args = ap.parse_args()
 
@@ -144,29 +148,33 @@ def main() -> None:
     nbytes = make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab, dtype)
     largest = args.vocab * args.hidden * dtype.itemsize
     llamapro = [sys.executable, "-m", "llamapro_megatron.cli"]
-    floor, imp, exp, imp_rss, exp_rss = [], [], [], [], []
-    cpu = {"copy": [], "hf-to-mcore": [], "mcore-to-hf": []}
+    paths = args.paths.split(",")
+    steps = [(path, direction) for path in paths for direction in ("hf-to-mcore", "mcore-to-hf")]
+    floor, cpu_floor = [], []
+    walls = {s: [] for s in steps}
+    rss = {s: [] for s in steps}
+    cpu = {s: [] for s in steps}
     for r in range(args.repeats):
-        for d in ("copy", "mcore", "export"):
+        for d in ("copy", *[f"mcore_{p}" for p in paths], *[f"export_{p}" for p in paths]):
             shutil.rmtree(work / d, ignore_errors=True)
         os.sync()
         wall, cpu_s = copy_floor(hf, work / "copy")
         floor.append(wall)
-        shutil.rmtree(work / "copy")  # disk: the copy, the checkpoint and the export would coexist
-        cpu["copy"].append(cpu_s)
-        wall, peaks, cpu_s = run_measured([*llamapro, "convert", "hf-to-mcore", "--hf-dir", str(hf), "--out",
-                                    str(work / "mcore"), "--workers", str(args.workers), "--no-progress"])
-        imp.append(wall)
-        imp_rss.append(max(peaks.values()))
-        cpu["hf-to-mcore"].append(cpu_s)
-        wall, peaks, cpu_s = run_measured([*llamapro, "convert", "mcore-to-hf", "--load", str(work / "mcore"), "--out",
-                                    str(work / "export"), "--workers", str(args.workers), "--no-progress"])
-        exp.append(wall)
-        exp_rss.append(max(peaks.values()))
-        cpu["mcore-to-hf"].append(cpu_s)
-        print(f"run {r + 1}: copy {floor[-1]:.1f}s  hf-to-mcore {imp[-1]:.1f}s  mcore-to-hf {exp[-1]:.1f}s  "
-              f"(CPU s: {cpu['copy'][-1]:.1f} / {cpu['hf-to-mcore'][-1]:.1f} / {cpu['mcore-to-hf'][-1]:.1f}; "
-              f"load average {os.getloadavg()[0]:.1f})", flush=True)
+        cpu_floor.append(cpu_s)
+        shutil.rmtree(work / "copy")  # disk: the copy, the checkpoints and the exports would coexist
+        line = [f"run {r + 1}: copy {wall:.1f}s"]
+        for path in paths:
+            env = {**os.environ, "LLAMAPRO_DIRECT_CONVERT": "1" if path == "direct" else "0"}
+            for direction, cmd in (
+                    ("hf-to-mcore", ["--hf-dir", str(hf), "--out", str(work / f"mcore_{path}")]),
+                    ("mcore-to-hf", ["--load", str(work / f"mcore_{path}"), "--out", str(work / f"export_{path}")])):
+                wall, peaks, cpu_s = run_measured([*llamapro, "convert", direction, *cmd, "--workers",
+                                                   str(args.workers), "--no-progress"], env)
+                walls[(path, direction)].append(wall)
+                rss[(path, direction)].append(max(peaks.values()))
+                cpu[(path, direction)].append(cpu_s)
+                line.append(f"{path} {direction} {wall:.1f}s ({cpu_s:.1f} CPU s)")
+        print("  ".join(line) + f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
 
     med = statistics.median
     gb = 1 << 30
@@ -176,12 +184,16 @@ def main() -> None:
     print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, {args.heads} heads / "
           f"{args.kv_heads} KV, vocab {args.vocab}, {args.dtype}: {nbytes / gb:.2f} GiB; workers {args.workers}; "
           f"medians of {args.repeats}")
-    print(f"{'step':<14}{'wall s':>8}{'x copy':>8}{'CPU s':>8}{'peak RSS/proc GiB':>19}{'target':>22}")
-    print(f"{'copy (floor)':<14}{med(floor):>8.1f}{1.0:>8.2f}{med(cpu['copy']):>8.1f}{'':>19}")
-    for name, walls, rss in (("hf-to-mcore", imp, imp_rss), ("mcore-to-hf", exp, exp_rss)):
-        ok = med(walls) <= 2 * med(floor) and max(rss) <= target_rss
-        print(f"{name:<14}{med(walls):>8.1f}{med(walls) / med(floor):>8.2f}{med(cpu[name]):>8.1f}{max(rss) / gb:>19.2f}"
+    print(f"{'step':<24}{'wall s':>8}{'x copy':>8}{'CPU s':>8}{'peak RSS/proc GiB':>19}{'target':>22}")
+    print(f"{'copy (floor)':<24}{med(floor):>8.1f}{1.0:>8.2f}{med(cpu_floor):>8.1f}{'':>19}")
+    for (path, direction), w in walls.items():
+        ok = med(w) <= 2 * med(floor) and max(rss[(path, direction)]) <= target_rss
+        print(f"{path + ' ' + direction:<24}{med(w):>8.1f}{med(w) / med(floor):>8.2f}"
+              f"{med(cpu[(path, direction)]):>8.1f}{max(rss[(path, direction)]) / gb:>19.2f}"
               f"{'<=2.00x, <=' + format(target_rss / gb, '.2f') + ' GiB':>22}  {'OK' if ok else 'MISSED'}")
+    for step in steps:
+        ratios = ", ".join(f"{w / f:.2f}" for w, f in zip(walls[step], floor))
+        print(f"per repeat, {step[0]} {step[1]} / floor: {ratios}")
     print("command: python benchmarks/convert.py " + " ".join(sys.argv[1:]))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

@@ -20,7 +20,8 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="worker processes started on this machine (ignored under torchrun, which provides the "
-                   "ranks); independent of --tp/--pp. Default: %(default)s")
+                   "ranks), or copying threads when bytes are copied as they are; independent of --tp/--pp. "
+                   "Default: %(default)s")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -57,7 +58,12 @@ def register(sub) -> None:
     convert = sub.add_parser("convert", help="convert between Hugging Face and Megatron checkpoints",
                              description="Convert between Hugging Face LLaMA-family checkpoints and megatron-core "
                              "torch_dist checkpoints (Megatron-LM directory layout). Streaming: each worker reads "
-                             "only the tensors it writes.")
+                             "only the tensors it writes. When no dtype changes, tensor bytes are copied file to file "
+                             "by --workers threads (hf-to-mcore: while one process checks the layout with "
+                             "megatron-core and writes the checkpoint's metadata); LLAMAPRO_DIRECT_CONVERT=0 makes "
+                             "worker processes build every tensor instead, as they do for a dtype change, under "
+                             "torchrun, and for checkpoints whose tensors are split by columns (TP saves of "
+                             "row-parallel weights).")
     csub = convert.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
 
     p = csub.add_parser("hf-to-mcore", help="Hugging Face directory -> Megatron torch_dist checkpoint",

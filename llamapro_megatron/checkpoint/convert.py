@@ -9,6 +9,11 @@ gloo world at TP=1 PP=1; each builds the model on the meta device for megatron-c
 
 Output is assembled in `OUT.partial` and renamed to OUT at the very end. The parent process only validates and
 spawns the workers: it never imports torch (workers start ~1.5 s sooner).
+
+When no dtype changes, both directions take the *direct* path (`direct.py`) instead: the parent copies tensor
+bytes file to file with threads, and only hf-to-mcore starts a process (one, to check the layout against
+megatron-core and write the checkpoint's metadata). The regular path above remains for dtype changes, torchrun
+launches, checkpoints the direct reader does not handle, and `LLAMAPRO_DIRECT_CONVERT=0`.
 """
 from __future__ import annotations
 
