@@ -165,7 +165,9 @@ def _hf_to_mcore_direct(job: ImportJob, chunks: list[direct.Chunk], workers: int
             copies = [pool.submit(direct.write_file, release_dir / name, mine, bar.update, stop)
                       for name, mine in files.items()]
             try:
-                run_workers(_direct_import_worker, 1, args=(meta_job,), env={"CUDA_VISIBLE_DEVICES": ""})
+                # its files are complete (fsynced) when it reports: its interpreter's exit is not waited for
+                run_workers(_direct_import_worker, 1, args=(meta_job,), env={"CUDA_VISIBLE_DEVICES": ""},
+                            skip_exits=True)
             except BaseException:
                 stop.set()
                 raise

@@ -190,9 +190,20 @@ def assign_files(chunks: list[Chunk], workers: int) -> dict[str, list[Chunk]]:
     return files
 
 
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread). The copies are not the critical path: the
+    worker's torch + megatron-core import is, and on a small machine the copying threads took CPU from it
+    (1.2B model, 2 cores: 3.28 s vs 4.24 s median wall, 5 interleaved pairs; BENCHMARKS.md)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
 def write_file(path: Path, chunks: list[Chunk], progress: Callable[[int], None], stop: threading.Event) -> None:
     """Write one data file: each chunk's torch.save archive, its bytes copied in the kernel. Stops early (leaving a
     short file, which the caller removes) when `stop` is set."""
+    _yield_cpu()
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb", buffering=0) as out:
         for serial, c in enumerate(chunks):
             if stop.is_set():

@@ -53,7 +53,8 @@ def free_port() -> int:
 
 
 def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
-                timeout_s: float | None = None, env: dict[str, str] | None = None) -> list[Any]:
+                timeout_s: float | None = None, env: dict[str, str] | None = None,
+                skip_exits: bool = False) -> list[Any]:
     """Call ``fn(*args)`` on ``world_size`` ranks and return the ranks' return values, ordered by rank.
 
     Outside a launcher, spawns ``world_size`` processes with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
@@ -65,6 +66,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
     again was taken by other sockets on the GPU machine, NCCL's among them).
     ``fn`` must be picklable (a top-level function of an importable module; a script defining it needs an
     ``if __name__ == "__main__":`` guard) and so must ``args`` and the return values.
+
+    ``skip_exits``: return once every rank has reported its value, stopping ranks still exiting instead of waiting
+    for their interpreters to finish (~0.3 s for a rank with torch and megatron-core imported); only for jobs whose
+    work is complete when ``fn`` returns (nothing left to flush at exit).
 
     If a rank raises, dies (e.g. from a signal) or exits without a result, or ``timeout_s`` passes, all ranks are
     terminated and :class:`WorkerError` is raised (with the rank's traceback text when it raised). Every spawned
@@ -115,7 +120,7 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
             send_end.close()  # the worker holds the only write end: EOF means it is gone
             procs.append(proc)
             conns.append(recv_end)
-        return _collect(procs, conns, timeout_s)
+        return _collect(procs, conns, timeout_s, skip_exits)
     finally:
         listener.close()
         _teardown(procs)
@@ -137,7 +142,8 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _collect(procs: list[mp.process.BaseProcess], conns: list[Connection], timeout_s: float | None) -> list[Any]:
+def _collect(procs: list[mp.process.BaseProcess], conns: list[Connection], timeout_s: float | None,
+             skip_exits: bool = False) -> list[Any]:
     n = len(procs)
     results: list[Any] = [None] * n
     reported = [False] * n
@@ -159,6 +165,9 @@ def _collect(procs: list[mp.process.BaseProcess], conns: list[Connection], timeo
                     if status == "err":
                         raise WorkerError(f"rank {rank} of {n} raised:\n{payload}", rank=rank, remote_traceback=payload)
                     results[rank], reported[rank] = payload, True
+                    if skip_exits:
+                        pending.discard(rank)
+                        continue
             code = _peek_exitcode(procs[rank])
             if code is None:
                 continue

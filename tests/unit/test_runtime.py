@@ -131,6 +131,23 @@ def _rendezvous_on_a_held_port() -> dict:
     return {"held": held, "total": float(total)}
 
 
+def _slow_exit(marker: str) -> int:
+    import atexit
+
+    atexit.register(lambda: (time.sleep(60), Path(marker).write_text("exited")))
+    return os.getpid()
+
+
+def test_run_workers_skip_exits_returns_once_ranks_reported(tmp_path):
+    """skip_exits: the values come back without waiting for the ranks' interpreters to exit (here an exit hook
+    that would take a minute); the ranks are stopped and reaped before run_workers returns."""
+    marker = tmp_path / "exited"
+    t0 = time.monotonic()
+    pids = run_workers(_slow_exit, 2, args=(str(marker),), skip_exits=True)
+    assert time.monotonic() - t0 < 45
+    assert not marker.exists() and not any(_alive(pid) for pid in pids)
+
+
 def test_run_workers_holds_the_rendezvous_port_until_rank_0_serves_on_it():
     """No race between choosing MASTER_PORT and rank 0's store listening on it (a free port that was closed
     again was once taken by other sockets on the GPU machine: EADDRINUSE at rendezvous)."""
