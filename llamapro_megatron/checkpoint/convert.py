@@ -17,6 +17,7 @@ launches, checkpoints the direct reader does not handle, and `LLAMAPRO_DIRECT_CO
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -160,26 +161,39 @@ def _hf_to_mcore_direct(job: ImportJob, chunks: list[direct.Chunk], workers: int
     stop = threading.Event()
     bar = _ThreadedBar(sum(c.nbytes for c in chunks), "hf-to-mcore", job.progress)
     t0 = time.time()
+    with _output_or_nothing(tmp, out, bar), ThreadPoolExecutor(len(files)) as pool:
+        copies = [pool.submit(direct.write_file, release_dir / name, mine, bar.update, stop)
+                  for name, mine in files.items()]
+        try:
+            # its files are complete (fsynced) when it reports: its interpreter's exit is not waited for
+            run_workers(_direct_import_worker, 1, args=(meta_job,), env={"CUDA_VISIBLE_DEVICES": ""},
+                        skip_exits=True)
+        except WorkerError as e:
+            stop.set()
+            lines = (e.remote_traceback or str(e)).strip().splitlines()
+            last = lines[-1] if lines else str(e)
+            if direct.LayoutMismatch.__name__ in last:
+                raise direct.LayoutMismatch(last.split(": ", 1)[-1]) from e
+            raise UserError(f"writing {out} failed, nothing was written there: {last}") from e
+        except BaseException:
+            stop.set()
+            raise
+        for copy in copies:
+            copy.result()
+    (release_dir / META_FILE).write_text(job.meta_json)
+    (tmp / LATEST_FILE).write_text(RELEASE)
+    hfio.copy_tokenizer_files(Path(job.hf_dir), release_dir / TOKENIZER_DIR)
+    commit_output(tmp, out)
+    if job.progress:
+        print(f"hf-to-mcore: wrote {out} ({len(chunks)} tensor chunks in {len(files)} files, "
+              f"{time.time() - t0:.1f}s)", flush=True)
+
+
+@contextlib.contextmanager
+def _output_or_nothing(tmp: Path, out: Path, bar: _ThreadedBar):
+    """Remove the partial output `tmp` on any failure; a failed copy (disk full, ...) becomes one clear error."""
     try:
-        with ThreadPoolExecutor(len(files)) as pool:
-            copies = [pool.submit(direct.write_file, release_dir / name, mine, bar.update, stop)
-                      for name, mine in files.items()]
-            try:
-                # its files are complete (fsynced) when it reports: its interpreter's exit is not waited for
-                run_workers(_direct_import_worker, 1, args=(meta_job,), env={"CUDA_VISIBLE_DEVICES": ""},
-                            skip_exits=True)
-            except BaseException:
-                stop.set()
-                raise
-            for copy in copies:
-                copy.result()
-    except WorkerError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        lines = (e.remote_traceback or str(e)).strip().splitlines()
-        last = lines[-1] if lines else str(e)
-        if direct.LayoutMismatch.__name__ in last:
-            raise direct.LayoutMismatch(last.split(": ", 1)[-1]) from e
-        raise UserError(f"writing {out} failed, nothing was written there: {last}") from e
+        yield
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"writing {out} failed, nothing was written there: {e}") from e
@@ -188,13 +202,6 @@ def _hf_to_mcore_direct(job: ImportJob, chunks: list[direct.Chunk], workers: int
         raise
     finally:
         bar.close()
-    (release_dir / META_FILE).write_text(job.meta_json)
-    (tmp / LATEST_FILE).write_text(RELEASE)
-    hfio.copy_tokenizer_files(Path(job.hf_dir), release_dir / TOKENIZER_DIR)
-    commit_output(tmp, out)
-    if job.progress:
-        print(f"hf-to-mcore: wrote {out} ({len(chunks)} tensor chunks in {len(files)} files, "
-              f"{time.time() - t0:.1f}s)", flush=True)
 
 
 class _ThreadedBar:
@@ -586,23 +593,14 @@ def _mcore_to_hf_direct(job: ExportJob, arch: LlamaArch, units: list[str], tenso
                 direct.write_hf_shard(tmp / hfio.shard_name(units.index(u), len(units)), shards[u], job.dtype,
                                       bar.update, stop)
 
-    try:
-        with ThreadPoolExecutor(max(owner.values()) + 1) as pool:
-            copies = [pool.submit(write, w) for w in range(max(owner.values()) + 1)]
-            try:
-                for copy in copies:
-                    copy.result()
-            except BaseException:
-                stop.set()
-                raise
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"writing {out} failed, nothing was written there: {e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
+    with _output_or_nothing(tmp, out, bar), ThreadPoolExecutor(max(owner.values()) + 1) as pool:
+        copies = [pool.submit(write, w) for w in range(max(owner.values()) + 1)]
+        try:
+            for copy in copies:
+                copy.result()
+        except BaseException:
+            stop.set()
+            raise
     finish_export(tmp, out, arch, units, job.dtype, Path(job.ckpt_dir), job.progress)
 
 
