@@ -15,12 +15,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamapro_megatron.checkpoint.torch_archive import _ITEMSIZE, _STORAGE_TYPES
+from llamapro_megatron.checkpoint.torch_archive import ITEMSIZE, STORAGE_TYPES
 
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                 "torch.distributed.checkpoint.planner")
-_TORCH_NAMES = {*_ITEMSIZE, "strided", "contiguous_format", "preserve_format", "channels_last"}
-_STORAGE_DTYPES = {v: k for k, v in _STORAGE_TYPES.items()}
+_TORCH_NAMES = {*ITEMSIZE, "strided", "contiguous_format", "preserve_format", "channels_last"}
+_STORAGE_DTYPES = {v: k for k, v in STORAGE_TYPES.items()}
 
 
 class Unreadable(ValueError):
@@ -103,7 +103,7 @@ def read_tensor_index(ckpt_dir: str | Path) -> dict[str, TensorIndex]:
                                             info.length))
             props = entry.properties
             dtype = props.dtype if hasattr(props, "dtype") else props.state[0]
-            if dtype not in _ITEMSIZE:
+            if dtype not in ITEMSIZE:
                 raise Unreadable(f"{key} has dtype {dtype}")
             tensors[key] = TensorIndex(dtype, tuple(entry.size), chunks)
     except Unreadable:
@@ -145,9 +145,9 @@ def tensor_data_offset(ckpt_dir: str | Path, chunk: ChunkLocation, dtype: str) -
             raise Unreadable(f"{path}: chunk at {chunk.offset} is not a contiguous {dtype} {list(chunk.sizes)} "
                              "tensor")
         data, size = _data_record(f, path, chunk, records, f"data/{key}")
-    if size != numel * _ITEMSIZE[dtype]:
+    if size != numel * ITEMSIZE[dtype]:
         raise Unreadable(f"{path}: chunk at {chunk.offset}: storage of {size} bytes for {numel} elements")
-    return data + offset * _ITEMSIZE[dtype]
+    return data + offset * ITEMSIZE[dtype]
 
 
 def _data_record(f, path: Path, chunk: ChunkLocation, records: dict, record: str) -> tuple[int, int]:

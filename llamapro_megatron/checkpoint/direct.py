@@ -30,7 +30,7 @@ from pathlib import Path
 from llamapro_megatron.arch import LlamaArch
 from llamapro_megatron.checkpoint import mapping, torch_archive
 from llamapro_megatron.checkpoint.hf import HFReader
-from llamapro_megatron.checkpoint.st_copy import _copy_range, _write_zeros
+from llamapro_megatron.checkpoint.st_copy import copy_range, write_zeros
 from llamapro_megatron.expansion import ExpansionPlan
 
 DATA_FILE = "__direct_{}.distcp"
@@ -80,7 +80,7 @@ def enabled() -> bool:
 def plan_import(reader: HFReader, arch: LlamaArch, plan: ExpansionPlan, padded_vocab: int,
                 dtype: str) -> list[Chunk] | str:
     """Every chunk of the converted checkpoint, or why the direct path does not apply (a reason)."""
-    itemsize = torch_archive._ITEMSIZE.get(dtype)
+    itemsize = torch_archive.ITEMSIZE.get(dtype)
     if itemsize is None:
         return f"dtype {dtype}"
     h = arch.hidden_size
@@ -212,10 +212,10 @@ def write_file(path: Path, chunks: list[Chunk], progress: Callable[[int], None],
             out.write(fr.prefix)
             for p in c.pieces:
                 if p.path is None:
-                    _write_zeros(out, p.length)
+                    write_zeros(out, p.length)
                 else:
                     with open(p.path, "rb") as src:
-                        _copy_range(src, out, p.offset, p.length)
+                        copy_range(src, out, p.offset, p.length)
             out.write(fr.suffix)
             progress(c.nbytes)
         os.fsync(out.fileno())  # as PyTorch's DCP writer does before its metadata is written
@@ -252,7 +252,7 @@ def plan_export(ckpt_dir: str | Path, arch: LlamaArch, dtype: str, out_dtype: st
         return f"export to {out_dtype} from a {dtype} checkpoint"
     try:
         index = dcp_index.read_tensor_index(ckpt_dir)
-        rows = _RowReader(Path(ckpt_dir), index, dtype)
+        rows = RowReader(Path(ckpt_dir), index, dtype)
         d, g = arch.head_dim, arch.num_query_groups
         q_rows = arch.num_attention_heads // g * d
         f = arch.ffn_hidden_size
@@ -280,20 +280,20 @@ def plan_export(ckpt_dir: str | Path, arch: LlamaArch, dtype: str, out_dtype: st
                     pieces = tuple(p for r0, r1 in spans for p in rows(key, layer, r0, r1))
                     tensors.append(HFTensor(name, shapes[name], pieces))
         for t in tensors:
-            if t.nbytes != math.prod(t.shape) * torch_archive._ITEMSIZE[dtype]:
+            if t.nbytes != math.prod(t.shape) * torch_archive.ITEMSIZE[dtype]:
                 return f"{t.name}: the checkpoint's chunks give {t.nbytes} bytes"
     except dcp_index.Unreadable as e:
         return str(e)
     return tensors
 
 
-class _RowReader:
+class RowReader:
     """Byte ranges of rows [r0, r1) of a stored tensor (of one layer of a stacked one), from chunks that each
     hold whole rows."""
 
     def __init__(self, ckpt_dir: Path, index: dict, dtype: str):
         self.dir, self.index, self.dtype = ckpt_dir, index, dtype
-        self.itemsize = torch_archive._ITEMSIZE[dtype]
+        self.itemsize = torch_archive.ITEMSIZE[dtype]
         self._starts: dict = {}
 
     def __call__(self, key: str, layer: int | None, r0: int, r1: int) -> list[Piece]:

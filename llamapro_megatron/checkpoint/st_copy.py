@@ -77,14 +77,14 @@ def write_pieces(path: str | Path, tensors: list[tuple[str, str, list[int], list
         for _, _, _, pieces in entries:
             for src_file, src_offset, size in pieces:
                 if src_file is None:
-                    _write_zeros(out, size)
+                    write_zeros(out, size)
                 else:
                     with open(src_file, "rb") as src:
-                        _copy_range(src, out, src_offset, size)
+                        copy_range(src, out, src_offset, size)
     return offset
 
 
-def _copy_range(src, out, offset: int, size: int) -> None:
+def copy_range(src, out, offset: int, size: int) -> None:
     if hasattr(os, "sendfile"):
         try:
             while size:
@@ -106,7 +106,7 @@ def _copy_range(src, out, offset: int, size: int) -> None:
     out.flush()
 
 
-def _write_zeros(out, size: int) -> None:
+def write_zeros(out, size: int) -> None:
     zeros = bytes(min(size, _CHUNK))
     while size:
         n = min(size, len(zeros))

@@ -29,15 +29,15 @@ from dataclasses import dataclass
 
 ALIGNMENT = 64
 MAX_DATA_BYTES = (1 << 31) - (1 << 20)  # keeps every offset and size in 32 bits with room for the frame
-_STORAGE_TYPES = {"bfloat16": "BFloat16Storage", "float16": "HalfStorage", "float32": "FloatStorage",
+STORAGE_TYPES = {"bfloat16": "BFloat16Storage", "float16": "HalfStorage", "float32": "FloatStorage",
                   "float64": "DoubleStorage"}
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 _ARCHIVE = "archive/"
 
 
 def supported(dtype: str, nbytes: int) -> bool:
     """Whether `frame` can make the archive (torch.save lays out empty tensors differently: not needed here)."""
-    return dtype in _STORAGE_TYPES and 0 < nbytes <= MAX_DATA_BYTES
+    return dtype in STORAGE_TYPES and 0 < nbytes <= MAX_DATA_BYTES
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,12 @@ class Frame:
 def frame(dtype: str, shape: tuple[int, ...], serialization_id: int = 0) -> Frame:
     """The bytes around a contiguous tensor of `dtype` and `shape` (row-major) in its torch.save archive."""
     numel = math.prod(shape)
-    nbytes = numel * _ITEMSIZE[dtype]
+    nbytes = numel * ITEMSIZE[dtype]
     if not supported(dtype, nbytes):
         raise ValueError(f"no torch-free archive for {dtype} {list(shape)}")
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
     records = [
-        ("data.pkl", _tensor_pickle(_STORAGE_TYPES[dtype], numel, shape, stride)),
+        ("data.pkl", _tensor_pickle(STORAGE_TYPES[dtype], numel, shape, stride)),
         (".format_version", b"1"),
         (".storage_alignment", str(ALIGNMENT).encode()),
         ("byteorder", b"little"),

@@ -168,7 +168,7 @@ def test_export_of_a_column_split_checkpoint(converted, tmp_path):
         assert (tmp_path / "export" / p.name).read_bytes() == p.read_bytes(), p.name
 
     tp1 = Path(case["regular"]) / "release"
-    rows = {d: direct._RowReader(d, dcp_index.read_tensor_index(d), "float32") for d in (tp1, tp2)}
+    rows = {d: direct.RowReader(d, dcp_index.read_tensor_index(d), "float32") for d in (tp1, tp2)}
 
     def read(d, key, layer, r0, r1):
         out = b""
