@@ -7,8 +7,9 @@ Each case is a fresh `python -c` process, timed from outside (wall) and by its o
 alternate within each repeat so machine load hits them alike. Cases:
   bare        the interpreter alone (the floor)
   gc-on       `import torch` then megatron-core, the way `runtime.prepare()` imports it, with the cyclic GC running
-  frozen      the same through `runtime.compat.import_frameworks()` (GC paused during the imports, then frozen):
-              what workers do
+  collect     GC paused during the imports, then one collection, then frozen (what workers did before)
+  frozen      the same through `runtime.compat.import_frameworks()` (GC paused during the imports, everything
+              then frozen, no collection): what workers do
 Prints medians, the object count the imports leave, and the ratio frozen / gc-on.
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ CASES = {
     "bare": "pass",
     "gc-on": "import torch\nfrom llamapro_megatron.runtime.compat import load_megatron_core\nload_megatron_core()"
              + _TAIL,
+    "collect": "import gc\ngc.disable()\nimport torch\nfrom llamapro_megatron.runtime.compat import load_megatron_core"
+               "\nload_megatron_core()\ngc.collect()\ngc.freeze()\ngc.enable()" + _TAIL,
     "frozen": "from llamapro_megatron.runtime.compat import import_frameworks\nimport_frameworks()" + _TAIL,
 }
 
@@ -76,8 +79,9 @@ def main() -> None:
     for name, res in results.items():
         med[name] = statistics.median(res["wall"]), statistics.median(res["cpu"])
         print(f"{name:8s} {med[name][0]:7.2f} {med[name][1]:7.2f} {res['objects']:9d}")
-    wall, cpu = (med["frozen"][i] / med["gc-on"][i] for i in (0, 1))
-    print(f"frozen / gc-on: wall {wall:.2f}x, CPU {cpu:.2f}x")
+    for base in ("gc-on", "collect"):
+        wall, cpu = (med["frozen"][i] / med[base][i] for i in (0, 1))
+        print(f"frozen / {base}: wall {wall:.2f}x, CPU {cpu:.2f}x")
     print("command: python " + " ".join(sys.argv))
 
 
