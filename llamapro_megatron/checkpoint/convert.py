@@ -148,8 +148,7 @@ def _hf_to_mcore_direct(job: ImportJob, chunks: list[direct.Chunk], workers: int
 
     from llamapro_megatron.runtime.launch import WorkerError, run_workers
 
-    if workers < 1:
-        raise UserError(f"--workers {workers}: need at least 1")
+    require_workers(workers)
     out = Path(job.out)
     tmp = partial_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -180,10 +179,7 @@ def _hf_to_mcore_direct(job: ImportJob, chunks: list[direct.Chunk], workers: int
             raise
         for copy in copies:
             copy.result()
-    (release_dir / META_FILE).write_text(job.meta_json)
-    (tmp / LATEST_FILE).write_text(RELEASE)
-    hfio.copy_tokenizer_files(Path(job.hf_dir), release_dir / TOKENIZER_DIR)
-    commit_output(tmp, out)
+    commit_release(tmp, out, job.meta_json, Path(job.hf_dir))
     if job.progress:
         print(f"hf-to-mcore: wrote {out} ({len(chunks)} tensor chunks in {len(files)} files, "
               f"{time.time() - t0:.1f}s)", flush=True)
@@ -266,11 +262,16 @@ def _direct_import_worker(job: DirectImportJob) -> None:
     release_dir = partial_dir(Path(job.out)) / RELEASE
     save_dir = release_dir / ".objects"
     save_dir.mkdir()
-    common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
+    common = release_common(job.meta_json)
     save({"model": objects, **common}, str(save_dir))
     add_saved_objects(save_dir, release_dir, job.chunks)
     # no destroy_distributed(): the parent stops this one-rank world once it has reported (skip_exits), and the
     # teardown of gloo and megatron's groups took ~0.12 s of the conversion's critical path
+
+
+def require_workers(workers: int) -> None:
+    if workers < 1:
+        raise UserError(f"--workers {workers}: need at least 1")
 
 
 def run_job(worker, job, workers: int, out: Path, total_bytes: int = 0) -> None:
@@ -281,8 +282,7 @@ def run_job(worker, job, workers: int, out: Path, total_bytes: int = 0) -> None:
     """
     from llamapro_megatron.runtime.launch import WorkerError, inside_launcher, run_workers
 
-    if workers < 1:
-        raise UserError(f"--workers {workers}: need at least 1")
+    require_workers(workers)
     if inside_launcher():
         worker(job)
         return
@@ -321,13 +321,23 @@ def finish_release_output(info, tmp: Path, out: Path, meta_json: str, tokenizer_
 
     dist.barrier()
     if info.rank == 0:
-        (tmp / RELEASE / META_FILE).write_text(meta_json)
-        (tmp / LATEST_FILE).write_text(RELEASE)
-        hfio.copy_tokenizer_files(tokenizer_src, tmp / RELEASE / TOKENIZER_DIR)
-        shutil.rmtree(tmp / ".progress", ignore_errors=True)
-        commit_output(tmp, out)
+        commit_release(tmp, out, meta_json, tokenizer_src)
     dist.barrier()
     destroy_distributed()
+
+
+def commit_release(tmp: Path, out: Path, meta_json: str, tokenizer_src: Path) -> None:
+    """Once the torch_dist files are in `tmp/release`: metadata, latest pointer and tokenizer; rename to `out`."""
+    (tmp / RELEASE / META_FILE).write_text(meta_json)
+    (tmp / LATEST_FILE).write_text(RELEASE)
+    hfio.copy_tokenizer_files(tokenizer_src, tmp / RELEASE / TOKENIZER_DIR)
+    shutil.rmtree(tmp / ".progress", ignore_errors=True)
+    commit_output(tmp, out)
+
+
+def release_common(meta_json: str) -> dict:
+    """The non-sharded part of a converted (release) checkpoint, as megatron-core saves it in common.pt."""
+    return {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(meta_json)}
 
 
 def _import_worker(job: ImportJob) -> None:
@@ -358,7 +368,7 @@ def _import_worker(job: ImportJob) -> None:
             release(owned)
             reader.release()  # unmap the source files: their pages would count against this worker
 
-    common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
+    common = release_common(job.meta_json)
     t0 = time.time()
     save_in_rounds(rounds(), tmp / RELEASE, common)
     bar.close()  # after the collective save: every rank's bytes are in
@@ -470,17 +480,15 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
     dtype = canonical_dtype(dtype or meta.dtype)
     job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress,
                     ROUND_BYTES if round_bytes is None else round_bytes)
-    itemsize = dtype_bytes(meta.dtype)
+    sizes = unit_sizes(meta.arch, meta.padded_vocab_size, dtype_bytes(meta.dtype), meta.arch.num_layers)
     from llamapro_megatron.runtime.launch import inside_launcher
 
     if direct.enabled() and not inside_launcher() and not trainable.is_trainable_only(meta):
         tensors = direct.plan_export(ckpt_dir, meta.arch, meta.dtype, dtype)
         if isinstance(tensors, list):
-            units = list(unit_sizes(meta.arch, meta.padded_vocab_size, itemsize, meta.arch.num_layers))
-            _mcore_to_hf_direct(job, meta.arch, units, tensors, workers)
+            _mcore_to_hf_direct(job, meta.arch, list(sizes), tensors, workers)
             return out
-    run_job(_export_worker, job, workers, out,
-            sum(unit_sizes(meta.arch, meta.padded_vocab_size, itemsize, meta.arch.num_layers).values()))
+    run_job(_export_worker, job, workers, out, sum(sizes.values()))
     return out
 
 
@@ -574,8 +582,7 @@ def _mcore_to_hf_direct(job: ExportJob, arch: LlamaArch, units: list[str], tenso
     """mcore-to-hf through `direct`: `workers` threads copy each shard's tensors from the checkpoint's files."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if workers < 1:
-        raise UserError(f"--workers {workers}: need at least 1")
+    require_workers(workers)
     out = Path(job.out)
     tmp = partial_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -594,8 +601,9 @@ def _mcore_to_hf_direct(job: ExportJob, arch: LlamaArch, units: list[str], tenso
                 direct.write_hf_shard(tmp / hfio.shard_name(units.index(u), len(units)), shards[u], job.dtype,
                                       bar.update, stop)
 
-    with _output_or_nothing(tmp, out, bar), ThreadPoolExecutor(max(owner.values()) + 1) as pool:
-        copies = [pool.submit(write, w) for w in range(max(owner.values()) + 1)]
+    threads = max(owner.values()) + 1
+    with _output_or_nothing(tmp, out, bar), ThreadPoolExecutor(threads) as pool:
+        copies = [pool.submit(write, w) for w in range(threads)]
         try:
             for copy in copies:
                 copy.result()

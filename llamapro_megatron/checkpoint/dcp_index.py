@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamapro_megatron.checkpoint.rounds import DCP_METADATA
 from llamapro_megatron.checkpoint.torch_archive import ITEMSIZE, STORAGE_TYPES
 
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
@@ -81,7 +82,7 @@ class _Unpickler(pickle.Unpickler):
 
 def read_tensor_index(ckpt_dir: str | Path) -> dict[str, TensorIndex]:
     """Every tensor of the checkpoint: dtype, global size and where each of its chunks' archives is."""
-    path = Path(ckpt_dir) / ".metadata"
+    path = Path(ckpt_dir) / DCP_METADATA
     try:
         with open(path, "rb") as f:
             md = _Unpickler(f).load()
@@ -106,8 +107,6 @@ def read_tensor_index(ckpt_dir: str | Path) -> dict[str, TensorIndex]:
             if dtype not in ITEMSIZE:
                 raise Unreadable(f"{key} has dtype {dtype}")
             tensors[key] = TensorIndex(dtype, tuple(entry.size), chunks)
-    except Unreadable:
-        raise
     except (OSError, pickle.UnpicklingError, AttributeError, KeyError, TypeError, EOFError) as e:
         raise Unreadable(f"{path}: {e!r}") from e
     return tensors

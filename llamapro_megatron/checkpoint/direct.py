@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamapro_megatron.arch import LlamaArch
-from llamapro_megatron.checkpoint import mapping, torch_archive
-from llamapro_megatron.checkpoint.hf import HFReader
+from llamapro_megatron.checkpoint import dcp_index, mapping, torch_archive
+from llamapro_megatron.checkpoint.hf import ST_DTYPES, HFReader
 from llamapro_megatron.checkpoint.st_copy import copy_range, write_zeros
 from llamapro_megatron.expansion import ExpansionPlan
 
@@ -80,6 +80,8 @@ def enabled() -> bool:
 def plan_import(reader: HFReader, arch: LlamaArch, plan: ExpansionPlan, padded_vocab: int,
                 dtype: str) -> list[Chunk] | str:
     """Every chunk of the converted checkpoint, or why the direct path does not apply (a reason)."""
+    from llamapro_megatron.checkpoint.convert import unit_of  # (convert imports this module)
+
     itemsize = torch_archive.ITEMSIZE.get(dtype)
     if itemsize is None:
         return f"dtype {dtype}"
@@ -111,22 +113,24 @@ def plan_import(reader: HFReader, arch: LlamaArch, plan: ExpansionPlan, padded_v
             src = source(hf_name)
             pad = (padded_vocab - arch.vocab_size) * h * itemsize
             pieces = [src] + ([Piece(None, 0, pad)] if pad else [])
-            why = add(t.stored, (padded_vocab, h), (0, 0), (padded_vocab, h), pieces, _unit(t.stored))
+            why = add(t.stored, (padded_vocab, h), (0, 0), (padded_vocab, h), pieces, unit_of(t.stored))
         else:
-            why = add(t.stored, (h,), (0,), (h,), [source(hf_name)], _unit(t.stored))
+            why = add(t.stored, (h,), (0,), (h,), [source(hf_name)], unit_of(t.stored))
         if why:
             return why
 
     g, d = arch.num_query_groups, arch.head_dim
     q_rows = arch.num_attention_heads // g * d
     f = arch.ffn_hidden_size
+    hf_shapes = mapping.expected_hf_shapes(arch)
     for layer in range(L):
         src_layer = plan.sources[layer]
         unit = f"layer{layer}"
         for t in mapping.LAYER_TENSORS:
             key = mapping.MCORE_LAYER_PREFIX + t.stored
             names = [f"{mapping.HF_LAYER_PREFIX}{src_layer}.{n}" for n in t.hf]
-            shape = _mcore_shape(t, arch)
+            # the megatron tensor stacks its HF tensors' rows (fused q/k/v, [gate; up])
+            shape = (sum(hf_shapes[n][0] for n in names), *hf_shapes[names[0]][1:])
             if plan.is_new(layer) and t.zero_in_identity_copy:
                 why = add(key, (L, *shape), (layer, *[0] * len(shape)), (1, *shape),
                           [Piece(None, 0, math.prod(shape) * itemsize)], unit)
@@ -152,21 +156,6 @@ def plan_import(reader: HFReader, arch: LlamaArch, plan: ExpansionPlan, padded_v
             if why:
                 return why
     return chunks
-
-
-def _mcore_shape(t: mapping.TensorMap, arch: LlamaArch) -> tuple[int, ...]:
-    h, d = arch.hidden_size, arch.head_dim
-    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    return {"input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
-            "self_attention.linear_qkv.weight": (q + 2 * kv, h), "self_attention.linear_proj.weight": (h, q),
-            "mlp.linear_fc1.weight": (2 * arch.ffn_hidden_size, h),
-            "mlp.linear_fc2.weight": (h, arch.ffn_hidden_size)}[t.mcore]
-
-
-def _unit(global_key: str) -> str:
-    from llamapro_megatron.checkpoint.convert import EMBED_UNIT, HEAD_UNIT
-
-    return EMBED_UNIT if global_key.startswith("embedding.") else HEAD_UNIT
 
 
 def assign_files(chunks: list[Chunk], workers: int) -> dict[str, list[Chunk]]:
@@ -229,7 +218,7 @@ def write_file(path: Path, chunks: list[Chunk], progress: Callable[[int], None],
 # (`dcp_index`, torch-free), and every HF tensor is a range of rows of one stored tensor, copied file to file into
 # safetensors shards (`st_copy.write_pieces`). Chunks must split tensors by rows only (as this project's
 # conversions, and TP splits of column-parallel weights, do); otherwise the regular path reads the checkpoint.
-_ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
+_ST_NAMES = {dtype: st for st, dtype in ST_DTYPES.items()}  # bfloat16 -> BF16
 
 
 @dataclass(frozen=True)
@@ -246,9 +235,7 @@ class HFTensor:
 def plan_export(ckpt_dir: str | Path, arch: LlamaArch, dtype: str, out_dtype: str) -> list[HFTensor] | str:
     """Every HF tensor of the export as byte ranges of the checkpoint's files, or why the direct path does not
     apply (a reason)."""
-    from llamapro_megatron.checkpoint import dcp_index
-
-    if out_dtype != dtype or dtype not in _ST_DTYPES:
+    if out_dtype != dtype or dtype not in _ST_NAMES:
         return f"export to {out_dtype} from a {dtype} checkpoint"
     try:
         index = dcp_index.read_tensor_index(ckpt_dir)
@@ -297,13 +284,11 @@ class RowReader:
         self._starts: dict = {}
 
     def __call__(self, key: str, layer: int | None, r0: int, r1: int) -> list[Piece]:
-        from llamapro_megatron.checkpoint.dcp_index import Unreadable, tensor_data_offset
-
         if key not in self.index:
-            raise Unreadable(f"the checkpoint has no tensor {key}")
+            raise dcp_index.Unreadable(f"the checkpoint has no tensor {key}")
         t = self.index[key]
         if t.dtype != self.dtype:
-            raise Unreadable(f"{key} is stored as {t.dtype}, the checkpoint says {self.dtype}")
+            raise dcp_index.Unreadable(f"{key} is stored as {t.dtype}, the checkpoint says {self.dtype}")
         lead = 0 if layer is None else 1
         rest = t.size[lead:]  # rows, then the dimensions every chunk must hold whole
         row_bytes = math.prod(rest[1:]) * self.itemsize
@@ -313,7 +298,7 @@ class RowReader:
             if lead and (c.offsets[0] != layer or c.sizes[0] != 1):
                 continue
             if any(c.offsets[lead + 1:]) or tuple(c.sizes[lead + 1:]) != tuple(rest[1:]):
-                raise Unreadable(f"{key} is split by columns")
+                raise dcp_index.Unreadable(f"{key} is split by columns")
             spans.append((c.offsets[lead], c.offsets[lead] + c.sizes[lead], c))
         for start, end, c in sorted(spans, key=lambda s: s[0]):
             if end <= at or start >= r1:
@@ -321,13 +306,13 @@ class RowReader:
             if start > at:
                 break
             if c not in self._starts:
-                self._starts[c] = tensor_data_offset(self.dir, c, t.dtype)
+                self._starts[c] = dcp_index.tensor_data_offset(self.dir, c, t.dtype)
             stop = min(end, r1)
             pieces.append(Piece(str(self.dir / c.file), self._starts[c] + (at - start) * row_bytes,
                                 (stop - at) * row_bytes))
             at = stop
         if at != r1:
-            raise Unreadable(f"{key}: rows {at}..{r1} of layer {layer} are in no chunk")
+            raise dcp_index.Unreadable(f"{key}: rows {at}..{r1} of layer {layer} are in no chunk")
         return pieces
 
 
@@ -337,7 +322,7 @@ def write_hf_shard(path: Path, tensors: list[HFTensor], dtype: str, progress: Ca
 
     if stop.is_set():
         return
-    st_copy.write_pieces(path, [(t.name, _ST_DTYPES[dtype], t.shape,
+    st_copy.write_pieces(path, [(t.name, _ST_NAMES[dtype], t.shape,
                                  [(p.path, p.offset, p.length) for p in t.pieces]) for t in tensors],
                          {"format": "pt"})
     progress(sum(t.nbytes for t in tensors))

@@ -32,6 +32,8 @@ from llamapro_megatron.checkpoint.convert import (
     fill_entry,
     finish_release_output,
     release,
+    release_common,
+    require_workers,
     run_job,
     start_release_output,
     unit_of,
@@ -158,7 +160,7 @@ def _expand_worker(job: ExpandJob) -> None:
             bar.update(sum(sizes[u] for u in units))
             release(owned)
 
-    common = {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(job.meta_json)}
+    common = release_common(job.meta_json)
     save_in_rounds(rounds(), tmp / RELEASE, common)
     bar.close()  # after the collective save: every rank's bytes are in
     finish_release_output(info, tmp, out, job.meta_json, Path(job.src_dir) / TOKENIZER_DIR)
@@ -177,8 +179,7 @@ def expand_hf(hf_dir: str | Path, out: str | Path, plan_fn, *, dtype: str | None
     plan = plan_fn(arch.num_layers)
     if progress:
         print(describe(plan), flush=True)
-    if workers < 1:
-        raise UserError(f"--workers {workers}: need at least 1")
+    require_workers(workers)
     out_dtype = canonical_dtype(dtype or arch.dtype)
     units = [EMBED_UNIT, HEAD_UNIT] + [f"layer{i}" for i in range(plan.num_layers)]
     itemsize = dtype_bytes(out_dtype)

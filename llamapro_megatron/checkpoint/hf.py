@@ -18,7 +18,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
@@ -94,9 +94,9 @@ class HFReader:
     def dtype(self, name: str) -> str:
         """The stored dtype's torch name ('bfloat16', 'float16', 'float32', 'float64')."""
         st = self._entry(name)["dtype"]
-        if st not in _ST_DTYPES:
+        if st not in ST_DTYPES:
             raise UserError(f"{name} in {self.dir} has dtype {st}; only floating-point weights are supported")
-        return _ST_DTYPES[st]
+        return ST_DTYPES[st]
 
     def byte_range(self, name: str) -> tuple[Path, int, int]:
         """(file, offset, length) of a tensor's bytes, for copying them without reading them into a tensor."""
