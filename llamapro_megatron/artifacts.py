@@ -99,13 +99,22 @@ def smollm2_gguf(cache: str | os.PathLike[str] | None = None) -> Path:
 
 
 def smollm2_hf_dir(cache: str | os.PathLike[str] | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face LLaMA directory (fp32 safetensors + tokenizer), built once.
+    """SmolLM2-135M-Instruct as a Hugging Face LLaMA directory (fp32 safetensors + tokenizer), converted once from
+    the GGUF (`checkpoint.gguf_import.gguf_to_hf`, imported here lazily because it needs torch)."""
+    from llamapro_megatron.checkpoint.gguf_import import gguf_to_hf, is_complete_hf_dir
 
-    See `llamapro_megatron.checkpoint.gguf_import.smollm2_hf_dir`; imported lazily because it needs torch.
-    """
-    from llamapro_megatron.checkpoint.gguf_import import smollm2_hf_dir as build
-
-    return build(cache)
+    root = cache_dir(cache)
+    out = root / SMOLLM2_HF_NAME
+    if is_complete_hf_dir(out):
+        return out
+    gguf_path = smollm2_gguf(root)
+    try:
+        # overwrite: an incomplete directory there cannot be ours (ours appear complete, by one rename).
+        return gguf_to_hf(gguf_path, out, overwrite=out.exists())
+    except OSError:
+        if is_complete_hf_dir(out):  # another process finished the same conversion first
+            return out
+        raise
 
 
 def mistral_tokenizer_model(cache: str | os.PathLike[str] | None = None) -> Path:

@@ -144,7 +144,7 @@ def _losses_worker(model, meta, info, wins: dict[str, list[list[int]]], micro_ba
                    progress: bool) -> dict[str, DomainResult]:
     import torch
 
-    from llamapro_megatron.checkpoint.mcore import mask_padded_vocabulary
+    from llamapro_megatron.runtime.model import mask_padded_vocabulary
 
     mask_padded_vocabulary(model, meta.arch.vocab_size, meta.padded_vocab_size)
     results = {}

@@ -93,8 +93,10 @@ def _models_worker(ckpt_dirs: list[str], tp: int, pp: int, dtype: str, spec: str
     import os
 
     from llamapro_megatron.arch import canonical_dtype
-    from llamapro_megatron.checkpoint.mcore import build_gpt_model, load_model_weights, read_meta
+    from llamapro_megatron.checkpoint.load import load_model_weights
+    from llamapro_megatron.checkpoint.mcore import read_meta
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
+    from llamapro_megatron.runtime.model import build_gpt_model
 
     if canonical_dtype(dtype) == "float32":
         # fp32 checks mean fp32 arithmetic: Transformer Engine runs fp32 GEMMs on TF32 tensor cores (~1e-3 relative

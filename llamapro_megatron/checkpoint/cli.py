@@ -183,7 +183,7 @@ def run_merge(args) -> int:
 
 
 def run_expand_hf(args) -> int:
-    from llamapro_megatron.checkpoint.expand import expand_hf
+    from llamapro_megatron.checkpoint.expand_hf import expand_hf
 
     expand_hf(args.hf_dir, args.out, plan_fn(args, required=True), dtype=args.dtype, workers=args.workers,
               overwrite=args.overwrite, progress=args.progress)

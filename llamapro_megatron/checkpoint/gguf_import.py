@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from llamapro_megatron import artifacts
 from llamapro_megatron.errors import UserError
 
 # Files that make a directory written by `gguf_to_hf` complete.
@@ -102,22 +101,6 @@ def gguf_to_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def smollm2_hf_dir(cache: str | os.PathLike[str] | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face directory in the cache, fetched and converted once."""
-    root = artifacts.cache_dir(cache)
-    out = root / artifacts.SMOLLM2_HF_NAME
-    if is_complete_hf_dir(out):
-        return out
-    gguf_path = artifacts.smollm2_gguf(root)
-    try:
-        # overwrite: an incomplete directory there cannot be ours (ours appear complete, by one rename).
-        return gguf_to_hf(gguf_path, out, overwrite=out.exists())
-    except OSError:
-        if is_complete_hf_dir(out):  # another process finished the same conversion first
-            return out
-        raise
 
 
 def is_complete_hf_dir(path: str | os.PathLike[str]) -> bool:

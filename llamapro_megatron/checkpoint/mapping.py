@@ -1,16 +1,37 @@
-"""The one HF <-> Megatron tensor map, driving both conversion directions (and expansion).
+"""The one description of how a Megatron checkpoint's tensors are made of Hugging Face tensors.
 
-Megatron names are megatron-core's local-spec state-dict names of a GPTModel built at TP=1 PP=1 (so layer
-numbers are global). A torch_dist checkpoint stores *global* tensors, so nothing here splits for TP: the
-checkpoint reshards on load. What does differ from HF:
-- `linear_qkv` fuses Q, K, V per query group: for each of G groups, [H/G q heads, 1 k head, 1 v head].
-- `linear_fc1` is [gate; up] concatenated on the output dim (megatron-core's SwiGLU factory splits it per TP rank).
-- embedding / output rows are padded to the padded vocabulary (zeros); export strips them.
+Every stored megatron tensor (per decoder layer, and per expert for experts) is described once, as its rows in
+megatron order: row spans of HF tensors, cut into the *blocks* megatron-core stores as separate chunks at TP=1.
+"Rows" are dim 0 (the elements of a 1-D tensor). Every path consumes this description and nothing else:
+
+- the regular import fills a megatron-core sharded-state-dict entry with its blocks (:func:`blocks_from_hf`);
+- the direct import turns each block into byte ranges of the safetensors files (`direct_import.plan_import`);
+- the regular export cuts a loaded tensor into its HF tensors (:func:`hf_from_blocks`) and the direct export
+  reads those same row spans from the checkpoint's chunks (`direct_export.plan_export`), both through
+  :func:`hf_row_spans`;
+- expansion zeroes the tensors marked ``zero_in_identity_copy``; unit sizes (`units.py`) sum stored shapes.
+
+Megatron names are megatron-core's local-spec state-dict names of a GPTModel built at TP=1 PP=1 (layer numbers
+global). A torch_dist checkpoint stores *global* tensors, so nothing here splits for TP: the checkpoint reshards on
+load. What differs from HF, written once below:
+- `linear_qkv` fuses Q, K, V per query group: for each of G groups, [H/G q heads, 1 k head, 1 v head]
+  (:func:`per_group_rows`; q/k/v biases, where a family has them, interleave the same way);
+- `linear_fc1` is [gate; up] on the output dim, stored as two chunks (megatron-core's SwiGLU factory);
+- embedding / output rows are padded to the padded vocabulary with zero rows; export strips them;
+- norms are stored under the TE spec's names (`sharded_state_dict_keys_map` in gpt_layer_specs.py), so a checkpoint
+  loads with either spec.
+Experts (MoE) are stored by megatron-core under one key with an expert axis after the layer axis, indexed by the
+global expert number (`SequentialMLP.sharded_state_dict`: `local_experts.E.` -> `experts.` at offset E; TE's grouped
+`linear_fc1.weightE` maps to the same key), so a checkpoint is free of the expert-parallel layout:
+:attr:`StoredTensor.expert` carries (index, count) and every consumer honours that axis.
+
+Torch-free except the two tensor consumers (torch imported inside them).
 """
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,76 +40,69 @@ from llamapro_megatron.arch import LlamaArch
 if TYPE_CHECKING:
     import torch
 
-
-@dataclass(frozen=True)
-class TensorMap:
-    mcore: str  # name relative to the layer (layer tensors) or to the model (global tensors)
-    hf: tuple[str, ...]  # HF names, same convention
-    kind: str  # copy | qkv | gate_up | vocab
-    # Residual-branch output projections: zeroed in LLaMA Pro's identity copies.
-    zero_in_identity_copy: bool = False
-    # The checkpoint key (relative, as `mcore`) when it is not the state-dict name: megatron-core's local spec stores
-    # its norms under the TE spec's names (`sharded_state_dict_keys_map` in gpt_layer_specs.py), so either loads.
-    stored_as: str | None = None
-
-    @property
-    def stored(self) -> str:
-        return self.stored_as or self.mcore
-
-
-LAYER_TENSORS: tuple[TensorMap, ...] = (
-    TensorMap("input_layernorm.weight", ("input_layernorm.weight",), "copy",
-              stored_as="self_attention.linear_qkv.layer_norm_weight"),
-    TensorMap("self_attention.linear_qkv.weight",
-              ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
-    TensorMap("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy", zero_in_identity_copy=True),
-    TensorMap("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy",
-              stored_as="mlp.linear_fc1.layer_norm_weight"),
-    TensorMap("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
-    TensorMap("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy", zero_in_identity_copy=True),
-)
-GLOBAL_TENSORS: tuple[TensorMap, ...] = (
-    TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-    TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"),
-    TensorMap("output_layer.weight", ("lm_head.weight",), "vocab"),
-)
 MCORE_LAYER_PREFIX = "decoder.layers."
 HF_LAYER_PREFIX = "model.layers."
 _MCORE_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_BY_MCORE_LAYER = {t.mcore: t for t in LAYER_TENSORS}
-_BY_MCORE_GLOBAL = {t.mcore: t for t in GLOBAL_TENSORS}
 
 
-def global_tensors(arch: LlamaArch) -> tuple[TensorMap, ...]:
-    """Global (non-layer) tensors of this architecture: tied models have no output layer."""
-    return tuple(t for t in GLOBAL_TENSORS if not (arch.tie_word_embeddings and t.mcore == "output_layer.weight"))
+@dataclass(frozen=True)
+class Rows:
+    """Rows [start, stop) of an HF tensor; `hf` None: zero rows (vocabulary padding)."""
+    hf: str | None
+    start: int
+    stop: int
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
 
 
-def split_layer_name(mcore_name: str) -> tuple[int | None, str]:
-    """'decoder.layers.3.mlp.linear_fc2.weight' -> (3, 'mlp.linear_fc2.weight'); global names -> (None, name)."""
-    m = _MCORE_LAYER_RE.match(mcore_name)
-    return (int(m.group(1)), m.group(2)) if m else (None, mcore_name)
+@dataclass(frozen=True)
+class StoredTensor:
+    """One megatron tensor: names, shape of one layer's (one expert's) tensor, its rows as HF row spans."""
+    name: str  # model state-dict name (local spec), relative to the layer for decoder tensors
+    key: str  # checkpoint key, same convention; stacked over layers (and experts) in the checkpoint
+    shape: tuple[int, ...]
+    blocks: tuple[tuple[Rows, ...], ...]  # megatron order, one block per stored chunk at TP=1
+    zero_in_identity_copy: bool = False  # residual-branch output projections: zero in LLaMA Pro's copies
+    expert: tuple[int, int] | None = None  # (global expert index, number of experts): an expert axis
+
+    @property
+    def row_elements(self) -> int:
+        """Elements per row (1 for a 1-D tensor)."""
+        return math.prod(self.shape[1:])
+
+    def hf_names(self) -> list[str]:
+        """The HF tensors feeding this one, in order of first appearance."""
+        return list(dict.fromkeys(r.hf for block in self.blocks for r in block if r.hf is not None))
+
+    def block_offsets(self) -> list[int]:
+        """First megatron row of each block."""
+        starts, at = [], 0
+        for block in self.blocks:
+            starts.append(at)
+            at += sum(r.count for r in block)
+        return starts
+
+    def lead(self, layer: int | None) -> tuple[int, ...]:
+        """Indices on the leading (layer, expert) axes of the stored tensor."""
+        if layer is None:
+            return ()
+        return (layer,) if self.expert is None else (layer, self.expert[0])
+
+    def stored_shape(self, num_layers: int | None) -> tuple[int, ...]:
+        """The checkpoint's global shape: (layers, [experts,] *shape) for decoder tensors."""
+        if num_layers is None:
+            return self.shape
+        return (num_layers, *([] if self.expert is None else [self.expert[1]]), *self.shape)
 
 
-def lookup(mcore_name: str) -> tuple[int | None, TensorMap]:
-    """The map entry of a megatron tensor name (KeyError for names the project does not convert)."""
-    layer, rel = split_layer_name(mcore_name)
-    table = _BY_MCORE_GLOBAL if layer is None else _BY_MCORE_LAYER
-    return layer, table[rel]
-
-
-def hf_names(mcore_name: str) -> list[str]:
-    """Full HF names feeding a megatron tensor."""
-    layer, t = lookup(mcore_name)
-    prefix = "" if layer is None else f"{HF_LAYER_PREFIX}{layer}."
-    return [prefix + h for h in t.hf]
-
-
-def expected_hf_shapes(arch: LlamaArch, num_layers: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor a LLaMA-family checkpoint of this architecture must have, with its shape."""
+# --------------------------------------------------------------------- HF shapes
+def hf_layer_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor of one decoder layer (names relative to the layer), with its shape."""
     h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    per_layer = {
+    return {
         "input_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h),
         "self_attn.k_proj.weight": (kv, h),
@@ -99,61 +113,149 @@ def expected_hf_shapes(arch: LlamaArch, num_layers: int | None = None) -> dict[s
         "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
     }
+
+
+def hf_global_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
+    h = arch.hidden_size
     shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
     if not arch.tie_word_embeddings:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
+    return shapes
+
+
+def expected_hf_shapes(arch: LlamaArch, num_layers: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor a LLaMA-family checkpoint of this architecture must have, with its shape."""
+    shapes = hf_global_shapes(arch)
+    per_layer = hf_layer_shapes(arch)
     for i in range(arch.num_layers if num_layers is None else num_layers):
         shapes.update({f"{HF_LAYER_PREFIX}{i}.{k}": v for k, v in per_layer.items()})
     return shapes
 
 
-# ------------------------------------------------------------------ transforms
-def to_mcore(t: TensorMap, hf: Sequence[torch.Tensor], arch: LlamaArch, padded_vocab: int) -> torch.Tensor:
-    """HF tensor(s) -> the global megatron tensor."""
-    import torch  # here, not at the top: the mapping tables serve processes that never import torch
-
-    if t.kind == "copy":
-        return hf[0]
-    if t.kind == "qkv":
-        q, k, v = hf
-        g, d = arch.num_query_groups, arch.head_dim
-        per_group_q = arch.num_attention_heads // g * d
-        return torch.cat([q.reshape(g, per_group_q, -1), k.reshape(g, d, -1), v.reshape(g, d, -1)], dim=1).reshape(
-            -1, q.shape[-1])
-    if t.kind == "gate_up":
-        return torch.cat(list(hf), dim=0)
-    if t.kind == "vocab":
-        (w,) = hf
-        if padded_vocab == w.shape[0]:
-            return w
-        out = w.new_zeros((padded_vocab, w.shape[1]))
-        out[: w.shape[0]] = w
-        return out
-    raise ValueError(t.kind)
+# ------------------------------------------------------------------ the description
+def whole(hf: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Rows, ...]:
+    return (Rows(hf, 0, shapes[hf][0]),)
 
 
-def to_hf(t: TensorMap, tensor: torch.Tensor | list[torch.Tensor], arch: LlamaArch) -> list[torch.Tensor]:
-    """The global megatron tensor -> HF tensor(s), in the order of `t.hf`. fc1 may come as its stored halves."""
+def per_group_rows(q: str, k: str, v: str, groups: int, q_rows: int, kv_rows: int) -> tuple[Rows, ...]:
+    """megatron-core's fused QKV order (weights and biases alike): per query group, its q rows, then k, then v."""
+    return tuple(r for g in range(groups) for r in (Rows(q, g * q_rows, (g + 1) * q_rows),
+                                                     Rows(k, g * kv_rows, (g + 1) * kv_rows),
+                                                     Rows(v, g * kv_rows, (g + 1) * kv_rows)))
+
+
+def stored_tensor(name: str, blocks: tuple[tuple[Rows, ...], ...], shapes: dict, key: str | None = None,
+                  zero: bool = False, expert: tuple[int, int] | None = None) -> StoredTensor:
+    """A stored tensor made of `blocks` of HF rows (`shapes`: the HF tensors' shapes); its shape follows from them."""
+    width = next(shapes[r.hf][1:] for block in blocks for r in block if r.hf is not None)
+    rows = sum(r.count for block in blocks for r in block)
+    return StoredTensor(name, key or name, (rows, *width), blocks, zero, expert)
+
+
+def layer_tensors(arch: LlamaArch) -> tuple[StoredTensor, ...]:
+    """The stored tensors of one decoder layer (HF names relative to the layer)."""
+    s = hf_layer_shapes(arch)
+    g, d = arch.num_query_groups, arch.head_dim
+    qkv = per_group_rows("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", g,
+                         arch.num_attention_heads // g * d, d)
+    return (
+        stored_tensor("input_layernorm.weight", (whole("input_layernorm.weight", s),), s,
+                key="self_attention.linear_qkv.layer_norm_weight"),
+        stored_tensor("self_attention.linear_qkv.weight", (qkv,), s),
+        stored_tensor("self_attention.linear_proj.weight", (whole("self_attn.o_proj.weight", s),), s, zero=True),
+        stored_tensor("pre_mlp_layernorm.weight", (whole("post_attention_layernorm.weight", s),), s,
+                key="mlp.linear_fc1.layer_norm_weight"),
+        stored_tensor("mlp.linear_fc1.weight", (whole("mlp.gate_proj.weight", s), whole("mlp.up_proj.weight", s)), s),
+        stored_tensor("mlp.linear_fc2.weight", (whole("mlp.down_proj.weight", s),), s, zero=True),
+    )
+
+
+def global_tensors(arch: LlamaArch, padded_vocab: int) -> tuple[StoredTensor, ...]:
+    """The stored tensors outside the decoder layers; tied models have no output layer."""
+    s = hf_global_shapes(arch)
+    pad = (Rows(None, 0, padded_vocab - arch.vocab_size),) if padded_vocab > arch.vocab_size else ()
+    tensors = [stored_tensor("embedding.word_embeddings.weight", (whole("model.embed_tokens.weight", s) + pad,), s),
+               stored_tensor("decoder.final_layernorm.weight", (whole("model.norm.weight", s),), s)]
+    if not arch.tie_word_embeddings:
+        tensors.append(stored_tensor("output_layer.weight", (whole("lm_head.weight", s) + pad,), s))
+    return tuple(tensors)
+
+
+def split_layer_name(mcore_name: str) -> tuple[int | None, str]:
+    """'decoder.layers.3.mlp.linear_fc2.weight' -> (3, 'mlp.linear_fc2.weight'); global names -> (None, name)."""
+    m = _MCORE_LAYER_RE.match(mcore_name)
+    return (int(m.group(1)), m.group(2)) if m else (None, mcore_name)
+
+
+class Description:
+    """The stored tensors of one checkpoint, looked up by model state-dict name."""
+
+    def __init__(self, arch: LlamaArch, padded_vocab: int):
+        self.arch, self.padded_vocab = arch, padded_vocab
+        self.layer = layer_tensors(arch)
+        self.globals = global_tensors(arch, padded_vocab)
+        self._by_name = {t.name: t for t in self.layer}
+        self._global_by_name = {t.name: t for t in self.globals}
+
+    def lookup(self, mcore_name: str) -> tuple[int | None, StoredTensor]:
+        """The layer and description of a megatron tensor name (KeyError for names the project does not convert)."""
+        layer, rel = split_layer_name(mcore_name)
+        return layer, (self._global_by_name if layer is None else self._by_name)[rel]
+
+
+def hf_name(rel: str, layer: int | None) -> str:
+    return rel if layer is None else f"{HF_LAYER_PREFIX}{layer}.{rel}"
+
+
+def stored_key(t: StoredTensor, layer: int | None) -> str:
+    return t.key if layer is None else MCORE_LAYER_PREFIX + t.key
+
+
+def hf_row_spans(t: StoredTensor) -> dict[str, list[tuple[int, int]]]:
+    """For each HF tensor of `t`: the megatron row ranges [r0, r1) that hold its rows, in HF row order."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for block, start in zip(t.blocks, t.block_offsets()):
+        at = start
+        for r in block:
+            if r.hf is not None:
+                spans.setdefault(r.hf, []).append((r.start, at, at + r.count))
+            at += r.count
+    return {name: [(r0, r1) for _, r0, r1 in sorted(parts)] for name, parts in spans.items()}
+
+
+# ------------------------------------------------------------------ tensor consumers
+def blocks_from_hf(t: StoredTensor, get: Callable[[str], torch.Tensor], dtype) -> list[torch.Tensor]:
+    """The regular import: `t`'s blocks as tensors of `dtype`, from `get(hf_name)` (relative names)."""
+    import torch  # here, not at the top: the description serves processes that never import torch
+
+    sources = {name: get(name) for name in t.hf_names()}
+    blocks = []
+    for block in t.blocks:
+        parts = [sources[r.hf][r.start:r.stop].to(dtype) if r.hf is not None
+                 else torch.zeros((r.count, *t.shape[1:]), dtype=dtype) for r in block]
+        blocks.append(parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0))
+    return blocks
+
+
+def hf_from_blocks(t: StoredTensor, blocks: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The regular export: the HF tensors of `t` (relative names) from its loaded blocks (or one whole tensor);
+    no two of them share storage (safetensors refuses to write tensors that do)."""
     import torch
 
-    if t.kind == "copy":
-        return [tensor]
-    if t.kind == "qkv":
-        g, d = arch.num_query_groups, arch.head_dim
-        per_group_q = arch.num_attention_heads // g * d
-        grouped = tensor.reshape(g, per_group_q + 2 * d, -1)
-        q, k, v = torch.split(grouped, [per_group_q, d, d], dim=1)
-        return [_own_storage(x.reshape(-1, tensor.shape[-1]), tensor) for x in (q, k, v)]
-    if t.kind == "gate_up":
-        if isinstance(tensor, (list, tuple)):  # already [gate, up], each with its own storage
-            return list(tensor)
-        return [x.clone() for x in torch.chunk(tensor, 2, dim=0)]
-    if t.kind == "vocab":
-        return [tensor[: arch.vocab_size]]
-    raise ValueError(t.kind)
-
-
-def _own_storage(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """`x` with storage of its own (safetensors refuses views). Reshaping a strided slice already copied it; a
-    contiguous slice (one query group) is still a view of `base` and is cloned."""
-    return x.clone() if x.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() else x
+    whole_tensor = len(blocks) == 1 and len(t.blocks) > 1
+    starts = [0] if whole_tensor else t.block_offsets()
+    ends = [t.shape[0]] if whole_tensor else [s + b.shape[0] for s, b in zip(starts, blocks)]
+    out = {}
+    row_spans = hf_row_spans(t)
+    for name, spans in row_spans.items():
+        pieces = []
+        for r0, r1 in spans:
+            i = next(i for i, (s, e) in enumerate(zip(starts, ends)) if s <= r0 and r1 <= e)
+            pieces.append((blocks[i], r0 - starts[i], r1 - starts[i]))
+        if len(pieces) == 1:
+            src, a, b = pieces[0]
+            shared = len(row_spans) > 1 and (a, b) != (0, src.shape[0])  # a slice beside its siblings' slices
+            out[name] = src[a:b].clone() if shared else src[a:b]
+        else:
+            out[name] = torch.cat([src[a:b] for src, a, b in pieces], dim=0)
+    return out

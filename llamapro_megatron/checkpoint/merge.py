@@ -1,7 +1,7 @@
 """`llamapro merge`: a trainable-only training save + its base -> one full Megatron checkpoint.
 
 Streaming, like `expand`: workers each own some layers (and the embedding / output units), read them in rounds
-through `trainable.load` (trained tensors from the save, frozen ones from the base) and the world saves them
+through `load.load` (trained tensors from the save, frozen ones from the base) and the world saves them
 together; no process holds the whole model. It is `expand`'s worker with the identity plan and the save's own
 metadata. The output is a `release` checkpoint of the weights (architecture, expansion and iteration recorded):
 export, expand, verify and `train` (a fresh run) take it like any other. To *resume* the run with its optimizer,
@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from llamapro_megatron.checkpoint import trainable
-from llamapro_megatron.checkpoint.convert import ROUND_BYTES, run_job, unit_sizes
-from llamapro_megatron.checkpoint.expand import ExpandJob, _expand_worker
-from llamapro_megatron.checkpoint.mcore import check_output, read_meta, resolve_checkpoint
+from llamapro_megatron.checkpoint.expand import ExpandJob, run_expand_job
+from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
+from llamapro_megatron.checkpoint.output import check_output
+from llamapro_megatron.checkpoint.units import ROUND_BYTES
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.expansion import ExpansionPlan
 
@@ -45,6 +44,5 @@ def merge_trainable(base: str | Path | None, save: str | Path, out: str | Path, 
     n = meta.arch.num_layers
     job = ExpandJob(str(save_dir), str(out), meta.to_json(), merged.to_json(), ExpansionPlan.identity(n), progress,
                     ROUND_BYTES if round_bytes is None else round_bytes, desc="merge", base=str(base_dir))
-    total = sum(unit_sizes(meta.arch, meta.padded_vocab_size, getattr(torch, meta.dtype).itemsize, n).values())
-    run_job(_expand_worker, job, workers, out, total)
+    run_expand_job(job, workers)
     return out

@@ -7,8 +7,7 @@ byte-for-byte what `safetensors.torch.save_file(tensors, path, metadata)` writes
 tensors: an 8-byte little-endian header length, the compact JSON header (metadata first, then the tensors by
 name), space-padded to a multiple of 8, then the data in header order.
 
-No torch: this module (with the torch-free `checkpoint.hf` and `progress`) is what the spawned `expand-hf`
-workers import.
+No torch: the direct conversion paths and the spawned `expand-hf` workers use it.
 """
 from __future__ import annotations
 
@@ -16,11 +15,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from llamapro_megatron.checkpoint.hf import read_header
-from llamapro_megatron.progress import SharedProgress
 
 _CHUNK = 16 << 20
+
+
+class Piece(NamedTuple):
+    """`length` bytes of `path` from `offset`; zeros when path is None."""
+    path: str | None
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -46,16 +52,15 @@ def write_shard(path: str | Path, tensors: list[TensorCopy], metadata: dict[str,
         start, header = headers[t.src_file]
         info = header[t.src_name]
         begin, end = info["data_offsets"]
-        piece = (None if t.zero else t.src_file, start + begin, end - begin)
+        piece = Piece(None if t.zero else t.src_file, start + begin, end - begin)
         entries.append((t.name, info["dtype"], info["shape"], [piece]))
     return write_pieces(path, entries, metadata)
 
 
-def write_pieces(path: str | Path, tensors: list[tuple[str, str, list[int], list[tuple[str | None, int, int]]]],
+def write_pieces(path: str | Path, tensors: list[tuple[str, str, list[int], list[Piece]]],
                  metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file of (name, safetensors dtype, shape, pieces) tensors, all of one dtype, each the
-    concatenation of its pieces: (source file, offset, length) byte ranges, or (None, _, length) for zeros.
-    Returns the data bytes written."""
+    concatenation of its pieces. Returns the data bytes written."""
     entries = sorted(tensors, key=lambda t: t[0])
     dtypes = {dtype for _, dtype, _, _ in entries}
     if len(dtypes) > 1:
@@ -75,13 +80,18 @@ def write_pieces(path: str | Path, tensors: list[tuple[str, str, list[int], list
         out.write(len(raw).to_bytes(8, "little") + raw)
         out.flush()
         for _, _, _, pieces in entries:
-            for src_file, src_offset, size in pieces:
-                if src_file is None:
-                    write_zeros(out, size)
-                else:
-                    with open(src_file, "rb") as src:
-                        copy_range(src, out, src_offset, size)
+            copy_pieces(out, pieces)
     return offset
+
+
+def copy_pieces(out, pieces: list[Piece]) -> None:
+    """Append the pieces' bytes to the open file `out`, in the kernel where it can."""
+    for p in pieces:
+        if p.path is None:
+            write_zeros(out, p.length)
+        else:
+            with open(p.path, "rb") as src:
+                copy_range(src, out, p.offset, p.length)
 
 
 def copy_range(src, out, offset: int, size: int) -> None:
@@ -113,17 +123,3 @@ def write_zeros(out, size: int) -> None:
         out.write(zeros[:n] if n < len(zeros) else zeros)
         size -= n
     out.flush()
-
-
-def write_shards(shards: list[tuple[str, list[TensorCopy], int]], out_dir: str, rank: int, world: int, total: int,
-                 progress: bool, desc: str) -> dict[str, str]:
-    """A worker: write each (file name, tensors, progress weight) shard into `out_dir`; returns its weight map."""
-    bar = SharedProgress(Path(out_dir) / ".progress", rank, world, total=total, desc=desc, enabled=progress)
-    headers: dict[str, tuple[int, dict]] = {}
-    weight_map = {}
-    for name, tensors, weight in shards:
-        write_shard(Path(out_dir) / name, tensors, {"format": "pt"}, headers)
-        weight_map.update({t.name: name for t in tensors})
-        bar.update(weight)
-    bar.close()
-    return weight_map

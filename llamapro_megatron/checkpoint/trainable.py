@@ -7,9 +7,9 @@ Such a save holds the tensors that train (+ optimizer, scheduler, RNG, position)
 
 The trained tensors are stored one key per decoder layer (``decoder.layers.5.mlp.linear_fc1.weight``, as
 ``unstack_layer_keys`` names them): megatron-core stores homogeneous layers stacked along a layer axis, and a
-save of some layers only would leave that axis with holes. Every reader of a checkpoint (training resume, export,
-expand, verify, ``llamapro merge``) goes through :func:`load`, which reads each requested tensor from the save
-when it is there and from the base otherwise, so a trainable-only save is accepted wherever a full one is.
+save of some layers only would leave that axis with holes. Every reader of a checkpoint goes through
+`load.load`, which reads each requested tensor from the save when it is there (:func:`split_state`) and from the
+base otherwise, so a trainable-only save is accepted wherever a full one is.
 
 The fingerprint is a SHA-256 over the base's torch_dist metadata (``.metadata``, which differs between saves) and
 the size and first and last 64 KiB of each of its data files: cheap at any model size, and it refuses a base
@@ -23,7 +23,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from llamapro_megatron.checkpoint.mcore import META_FILE, CheckpointMeta, read_meta
+from llamapro_megatron.checkpoint.mcore import META_FILE, CheckpointMeta, read_meta, resolve_checkpoint
 from llamapro_megatron.errors import UserError
 
 SAMPLE_BYTES = 64 << 10
@@ -62,8 +62,6 @@ def resolve_base(ckpt_dir: str | Path, meta: CheckpointMeta, base: str | Path | 
     info = meta.trainable_only
     path = Path(base if base is not None else info["base"])
     if path.is_dir() and not (path / META_FILE).is_file():  # a save directory: its latest checkpoint
-        from llamapro_megatron.checkpoint.mcore import resolve_checkpoint
-
         path = resolve_checkpoint(path, flag="--base")
     if not (path / META_FILE).is_file():
         raise UserError(f"{ckpt_dir} holds only the trainable tensors; its frozen tensors live in the base checkpoint "
@@ -84,7 +82,7 @@ def _unstack(entry: Any) -> Any:
     """A copy of a model sharded-state-dict entry whose decoder-layer tensors have per-layer keys."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-    from llamapro_megatron.runtime.checkpointing import unstack_layer_keys
+    from llamapro_megatron.runtime.dist_ckpt import unstack_layer_keys
 
     if isinstance(entry, list):
         return [_unstack(e) for e in entry]
@@ -120,20 +118,12 @@ def trainable_entries(sharded: dict[str, Any], trainable_names: set[str]) -> dic
     return {name: _unstack(entry) for name, entry in sharded.items() if name in trainable_names}
 
 
-# ------------------------------------------------------------------ load
-def load(state: dict[str, Any], ckpt_dir: str | Path, meta: CheckpointMeta, model_keys=("model",),
-         strict: bool = False, base: str | Path | None = None) -> dict[str, Any]:
-    """``dist_checkpointing.load`` of `state` from a full or a trainable-only checkpoint (collective).
+# ------------------------------------------------------------------ split
+def split_state(state: dict[str, Any], meta: CheckpointMeta, model_keys, ckpt_dir) -> tuple[dict, dict]:
+    """A load request for a trainable-only save, split: (what the save stores, the model entries its base does).
 
-    The entries under `model_keys` are read from the save when it stores them and from its base otherwise;
-    everything else in `state` (optimizer, RNG) from the save. `strict`: megatron-core's access-integrity check
-    of the save's part (the base part is partial by design).
-    """
-    from megatron.core import dist_checkpointing
-
-    if not is_trainable_only(meta):
-        return dist_checkpointing.load(state, str(ckpt_dir), validate_access_integrity=strict)
-    base_dir = resolve_base(ckpt_dir, meta, base)
+    Under `model_keys`, an entry whose every stored key is in the save is read from it (with per-layer keys);
+    one with none there, from the base; everything else in `state` from the save."""
     stored = set(meta.trainable_only["keys"])
     own = {k: v for k, v in state.items() if k not in model_keys}
     from_base: dict[str, Any] = {}
@@ -149,8 +139,4 @@ def load(state: dict[str, Any], ckpt_dir: str | Path, meta: CheckpointMeta, mode
                 raise UserError(f"{ckpt_dir}: {name} is stored only in part ({keys}); the save is damaged")
             else:
                 from_base[mk][name] = entry
-    loaded = dist_checkpointing.load(own, str(ckpt_dir), validate_access_integrity=strict)
-    base_loaded = dist_checkpointing.load(from_base, str(base_dir), validate_access_integrity=False)
-    for mk in from_base:
-        loaded[mk] = {**base_loaded.get(mk, {}), **loaded.get(mk, {})}
-    return loaded
+    return own, from_base

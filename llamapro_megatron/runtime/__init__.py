@@ -11,15 +11,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpointing import unstack_layer_keys
     from .compat import install_no_triton_shim
     from .cpu import cpu_support_active, enable_cpu_support, fix_torch_adam_fallback
+    from .dist_ckpt import unstack_layer_keys
     from .distributed import ParallelInfo, destroy_distributed, init_distributed
     from .launch import WorkerError, free_port, inside_launcher, run_workers
     from .specs import SPEC_KINDS, gpt_layer_spec, resolve_spec_kind
 
 _EXPORTS = {
-    "unstack_layer_keys": "checkpointing",
+    "unstack_layer_keys": "dist_ckpt",
     "install_no_triton_shim": "compat",
     "cpu_support_active": "cpu",
     "enable_cpu_support": "cpu",

@@ -45,6 +45,11 @@ def inside_launcher() -> bool:
     return bool(os.environ.get("WORLD_SIZE"))
 
 
+def current_rank() -> int:
+    """This process's rank in a launch (0 outside one)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -54,7 +59,7 @@ def free_port() -> int:
 
 def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
                 timeout_s: float | None = None, env: dict[str, str] | None = None,
-                skip_exits: bool = False) -> list[Any]:
+                skip_exits: bool = False, frameworks: bool = True) -> list[Any]:
     """Call ``fn(*args)`` on ``world_size`` ranks and return the ranks' return values, ordered by rank.
 
     Outside a launcher, spawns ``world_size`` processes with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
@@ -66,6 +71,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
     again was taken by other sockets on the GPU machine, NCCL's among them).
     ``fn`` must be picklable (a top-level function of an importable module; a script defining it needs an
     ``if __name__ == "__main__":`` guard) and so must ``args`` and the return values.
+
+    ``frameworks=False``: for jobs that need neither torch nor megatron-core (byte copies): the ranks do not import
+    them and no rendezvous store is served (``torch.distributed`` is not set up); a rank reads its number from
+    :func:`current_rank`.
 
     ``skip_exits``: return once every rank has reported its value, stopping ranks still exiting instead of waiting
     for their interpreters to finish (~0.3 s for a rank with torch and megatron-core imported); only for jobs whose
@@ -86,9 +95,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
         if launched != world_size:
             raise UserError(f"run_workers(world_size={world_size}) inside a launch of WORLD_SIZE={launched}; "
                             "launch the matching number of processes")
-        from .compat import import_frameworks
+        if frameworks:
+            from .compat import import_frameworks
 
-        import_frameworks()
+            import_frameworks()
         return [fn(*args)]
     try:
         pickle.dumps((fn, args))
@@ -106,7 +116,8 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
         for rank in range(world_size):
             recv_end, send_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main,
-                               args=(fn, args, rank, send_end, os.getpid(), listener if rank == 0 else None),
+                               args=(fn, args, rank, send_end, os.getpid(),
+                                     listener if rank == 0 and frameworks else None, frameworks),
                                name=f"llamapro-rank{rank}", daemon=False)
             rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -255,13 +266,14 @@ def _serve_store(listener: socket.socket) -> None:
 
 
 def _worker_main(fn: Callable[..., Any], args: tuple, rank: int, conn: Connection, parent_pid: int,
-                 listener: socket.socket | None) -> None:
+                 listener: socket.socket | None, frameworks: bool = True) -> None:
     os.setpgrp()
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     try:
-        from .compat import import_frameworks
+        if frameworks:
+            from .compat import import_frameworks
 
-        import_frameworks()  # every job here needs torch + megatron-core: imported without GC walks (faster)
+            import_frameworks()  # torch + megatron-core, imported without GC walks (faster)
         if listener is not None:
             _serve_store(listener)
         result = fn(*args)

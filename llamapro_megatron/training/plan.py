@@ -217,9 +217,10 @@ def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None):
 
 def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None):
     """This (simulated or real) rank's model chunks on the meta device with the freeze policy applied."""
-    from llamapro_megatron.checkpoint.mcore import build_gpt_model
+    from llamapro_megatron.runtime.model import build_gpt_model
+    from llamapro_megatron.training.freeze import apply_freeze
     from llamapro_megatron.training.layout import transformer_overrides
-    from llamapro_megatron.training.model import apply_freeze, train_dtype
+    from llamapro_megatron.training.model import train_dtype
 
     p = config.parallelism
     # the plan is for the spec the run will use (TE on GPUs unless forced); the local spec builds the same
@@ -236,8 +237,8 @@ def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None
 
 
 def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source: str) -> Plan:
+    from llamapro_megatron.training.freeze import decoder_layers, global_layer_index
     from llamapro_megatron.training.layout import resolve_pipeline
-    from llamapro_megatron.training.model import decoder_layers, global_layer_index
 
     config = resolve_pipeline(config, meta.arch)  # --num-layers-per-virtual-pipeline-stage, uneven end stages
     p, s = config.parallelism, config.schedule
@@ -287,7 +288,7 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
 
 def _whole_model_counts(meta: CheckpointMeta, config: TrainConfig) -> tuple[int, int]:
     """(parameters, trainable) of the whole model at TP1 PP1, less the vocabulary padding rows."""
-    from llamapro_megatron.training.model import EMBEDDING, OUTPUT
+    from llamapro_megatron.training.freeze import EMBEDDING, OUTPUT
 
     single = TrainConfig(model=config.model, freeze=config.freeze)
     with fake_world(0, 1, 1, 1, None):
@@ -327,7 +328,7 @@ def layer_activation_bytes(meta: CheckpointMeta, config: TrainConfig, flash: boo
 
 def _activation_bytes(chunks, meta: CheckpointMeta, config: TrainConfig, pp_rank: int, microbatches: int,
                       flash: bool, granularity: str | None) -> int:
-    from llamapro_megatron.training.model import EMBEDDING, decoder_layers
+    from llamapro_megatron.training.freeze import EMBEDDING, decoder_layers
 
     s, p = config.schedule, config.parallelism
     pp, vpp = p.pipeline_model_parallel_size, _vpp(config)

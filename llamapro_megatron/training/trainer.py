@@ -43,7 +43,7 @@ class TrainResult:
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Run (or resume) training as configured; returns what happened, on every rank."""
     from llamapro_megatron.runtime import destroy_distributed, init_distributed
-    from llamapro_megatron.training.checkpointing import resolve_load
+    from llamapro_megatron.training.checkpointer import resolve_load
     from llamapro_megatron.training.layout import resolve_pipeline
 
     config = resolve_pipeline(config, resolve_load(config)[1].arch)  # virtual stages need the layer count
@@ -61,14 +61,14 @@ class _Run:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from llamapro_megatron.training import checkpointing, data, layout, metrics, model, optimizer
+        from llamapro_megatron.training import checkpointer, data, freeze, layout, metrics, model, optimizer
 
         self.config, self.info = config, info
         self.rank0 = info.rank == 0
-        self.source, self.meta = checkpointing.resolve_load(config)
+        self.source, self.meta = checkpointer.resolve_load(config)
         chunks = model.build_model_chunks(self.meta, config)
-        model.apply_freeze(chunks, self.meta, config.freeze)
-        self._report_parameters(model.stage_counts(chunks, info.pp_rank, info.tp_rank))
+        freeze.apply_freeze(chunks, self.meta, config.freeze)
+        self._report_parameters(freeze.stage_counts(chunks, info.pp_rank, info.tp_rank))
         self.model = model.wrap_for_training(chunks, config)
         for chunk in chunks:
             chunk.config.finalize_model_grads_func = finalize_model_grads
@@ -79,15 +79,15 @@ class _Run:
         self.optimizer = optimizer.build_optimizer(self.model, config)
         optimizer.check_checkpointable(self.optimizer, config)
         self.scheduler = optimizer.build_scheduler(self.optimizer, config, self.steps)
-        self.checkpointer = checkpointing.Checkpointer(config, self.meta, self.source, self.model,
-                                                       self.optimizer, self.scheduler)
+        self.checkpointer = checkpointer.Checkpointer(config, self.meta, self.source, self.model,
+                                                      self.optimizer, self.scheduler)
         self.start = self.checkpointer.load()
         tokenizer = config.data.tokenizer_model or _tokenizer_dir(self.source)
         self.data = data.TrainingData(config, self.meta.arch.vocab_size, self.shape, info.dp_rank,
                                       self.steps.train_iters, config.logging.eval_iters, tokenizer)
         self.fwd_bwd = get_forward_backward_func()
         self.per_token_loss = chunks[0].config.calculate_per_token_loss
-        layers = model.trainable_layers(self.meta, config.freeze)
+        layers = freeze.trainable_layers(self.meta, config.freeze)
         first_chunk = layout.first_chunk_layers(config, self.meta.arch) if info.pp > 1 else 10**9
         self.flops = metrics.flops_per_token(
             self.meta.arch, self.meta.padded_vocab_size, config.schedule.seq_length, layers,

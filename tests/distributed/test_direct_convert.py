@@ -1,5 +1,5 @@
-"""The direct conversion paths (`checkpoint.direct`: tensor bytes copied by a torch-free parent) against the
-regular ones (workers build tensors; megatron-core's dist_checkpointing writes and reads them).
+"""The direct conversion paths (`checkpoint.direct_import` / `direct_export`: tensor bytes copied by a torch-free
+parent) against the regular ones (workers build tensors; megatron-core's dist_checkpointing writes and reads them).
 
 hf-to-mcore. Reference: the regular path's checkpoint of the same HF directory, read back by PyTorch's own DCP
 reader (`dcp_to_torch_save`). The DCP metadata describes the same tensors, chunks and objects, and every tensor
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamapro_megatron.checkpoint import direct
+from llamapro_megatron.checkpoint import direct_export, direct_import
 from llamapro_megatron.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from llamapro_megatron.expansion import interleave
 from llamapro_megatron.runtime.launch import run_workers
@@ -28,9 +28,11 @@ def _regular_world(cases: dict, tp2_ckpt: str) -> None:
 
     import torch.distributed as dist
 
-    from llamapro_megatron.checkpoint.mcore import RELEASE, build_gpt_model, load_model_weights, read_meta
-    from llamapro_megatron.runtime.checkpointing import save
+    from llamapro_megatron.checkpoint.load import load_model_weights
+    from llamapro_megatron.checkpoint.mcore import RELEASE, read_meta
+    from llamapro_megatron.runtime.dist_ckpt import save
     from llamapro_megatron.runtime.distributed import destroy_distributed, init_distributed
+    from llamapro_megatron.runtime.model import build_gpt_model
 
     dist.init_process_group("gloo")  # inside a launched world conversion takes the regular path
     for case in cases.values():
@@ -67,7 +69,7 @@ def converted(tmp_path_factory):
     cases["gqa_bf16"] = dict(hf=str(root / "hf_bf16"), layers=4, expand=False)
     cases["gqa_expanded"] = dict(hf=cases["gqa"]["hf"], layers=4, expand=True)
     try:
-        from llamapro_megatron.checkpoint.gguf_import import smollm2_hf_dir
+        from llamapro_megatron.artifacts import smollm2_hf_dir
 
         cases["smollm2"] = dict(hf=str(smollm2_hf_dir()), layers=30, expand=False)
     except Exception as e:  # the real model is fetched once per machine (tests/data_artifacts.py)
@@ -157,22 +159,22 @@ def test_export_of_a_column_split_checkpoint(converted, tmp_path):
     exports it, equal to the TP=1 checkpoint's export); its row-split tensors (qkv, fc1, embedding) are still read
     as row ranges across chunks, equal to the TP=1 checkpoint's bytes."""
     from llamapro_megatron.arch import LlamaArch
-    from llamapro_megatron.checkpoint import dcp_index
+    from llamapro_megatron.checkpoint.dcp import index as dcp_index
 
     tp2, case = Path(converted["tp2"]) / "release", converted["gqa"]
     arch = LlamaArch.from_hf_dir(case["hf"])
-    reason = direct.plan_export(tp2, arch, "float32", "float32")
+    reason = direct_export.plan_export(tp2, arch, arch.padded_vocab_size(1, 128), "float32", "float32")
     assert isinstance(reason, str) and "split by columns" in reason
     mcore_to_hf(converted["tp2"], tmp_path / "export", progress=False)
     for p in Path(case["regular_export"]).glob("*.safetensors"):
         assert (tmp_path / "export" / p.name).read_bytes() == p.read_bytes(), p.name
 
     tp1 = Path(case["regular"]) / "release"
-    rows = {d: direct.RowReader(d, dcp_index.read_tensor_index(d), "float32") for d in (tp1, tp2)}
+    rows = {d: direct_export.RowReader(d, dcp_index.read_tensor_index(d), "float32") for d in (tp1, tp2)}
 
     def read(d, key, layer, r0, r1):
         out = b""
-        for p in rows[d](key, layer, r0, r1):
+        for p in rows[d](key, () if layer is None else (layer,), r0, r1):
             with open(p.path, "rb") as f:
                 f.seek(p.offset)
                 out += f.read(p.length)
@@ -191,45 +193,73 @@ def test_layout_mismatch_falls_back_to_the_regular_path(converted, tmp_path, mon
     """A plan megatron-core's sharded state dict does not confirm (as another megatron-core version might give):
     the worker refuses it, and the conversion reruns through megatron-core's writer."""
     case = converted["tied"]
-    plan_import = direct.plan_import
+    plan_import = direct_import.plan_import
 
     def wrong_plan(*args, **kwargs):
         chunks = plan_import(*args, **kwargs)
         chunks[0].key += "_renamed"
         return chunks
 
-    monkeypatch.setattr(direct, "plan_import", wrong_plan)
+    monkeypatch.setattr(direct_import, "plan_import", wrong_plan)
+    _assert_fell_back(case, tmp_path, capsys)
+
+
+def _assert_fell_back(case, tmp_path, capsys):
     out = tmp_path / "ckpt"
     hf_to_mcore(case["hf"], out, progress=False)
     assert "converting through megatron-core's writer instead" in capsys.readouterr().err
     assert not any(p.name.startswith("__direct_") for p in (out / "release").iterdir())
     want = _read_all(case["regular"], tmp_path)
     got = _read_all(str(out), tmp_path)
-    assert all(torch.equal(got[k], v) for k, v in want.items() if isinstance(v, torch.Tensor))
+    tensors = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
+    assert tensors and sorted(got) == sorted(want)
+    for k in tensors:
+        assert torch.equal(got[k], want[k]), k
 
 
-def test_copy_failure_leaves_nothing(converted, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_an_archive_that_reads_back_differently_falls_back(converted, tmp_path, monkeypatch, capsys):
+    """The worker reads the probe archive back with torch.load before anything is committed: an archive this torch
+    reads otherwise than the direct writer meant (simulated: its data bytes spoilt) makes the conversion rerun
+    through megatron-core's writer."""
+    write_chunk = direct_import.write_chunk
+
+    def spoilt(out, c):
+        write_chunk(out, c)
+        out.seek(c.file_offset + len(direct_import.archive.frame(c.dtype, c.shape, c.serial).prefix))
+        out.write(b"\xff" * 4)
+
+    monkeypatch.setattr(direct_import, "write_chunk", spoilt)
+    _assert_fell_back(converted["tied"], tmp_path, capsys)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("direct_tiny") / "hf", "gqa")
+
+
+def test_copy_failure_leaves_nothing(tiny_fp32, tmp_path, monkeypatch):
     from llamapro_megatron.errors import UserError
 
-    def fail(path, chunks, progress, stop):
+    def fail(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(direct, "write_file", fail)
+    monkeypatch.setattr(direct_import, "write_file", fail)
     out = tmp_path / "ckpt"
     with pytest.raises(UserError, match="nothing was written there: .*No space left"):
-        hf_to_mcore(converted["gqa"]["hf"], out, progress=False)
+        hf_to_mcore(tiny_fp32, out, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_plan_refuses_what_it_cannot_copy(converted):
+def test_the_plan_refuses_what_it_cannot_copy(tiny_fp32):
     """A dtype change (bytes cannot be copied as they are) leaves the conversion to the regular path."""
     from llamapro_megatron.arch import LlamaArch
     from llamapro_megatron.checkpoint.hf import HFReader
     from llamapro_megatron.expansion import ExpansionPlan
 
-    hf = converted["gqa"]["hf"]  # fp32
+    hf = tiny_fp32  # fp32
     arch = LlamaArch.from_hf_dir(hf)
     args = (HFReader(hf), arch, ExpansionPlan.identity(arch.num_layers), arch.padded_vocab_size(1, 128))
-    assert isinstance(direct.plan_import(*args, "float32"), list)
-    reason = direct.plan_import(*args, "bfloat16")
+    assert isinstance(direct_import.plan_import(*args, "float32"), list)
+    reason = direct_import.plan_import(*args, "bfloat16")
     assert isinstance(reason, str) and "float32" in reason and "bfloat16" in reason

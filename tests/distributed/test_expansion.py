@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamapro_megatron.checkpoint.expand import expand_hf
+from llamapro_megatron.checkpoint.expand_hf import expand_hf
 from llamapro_megatron.expansion import plan_from_args
 from llamapro_megatron.runtime.launch import run_workers
 from tests.expansion_reference import assert_same_values, expand_hf_state_dict, reference_layer_sources

@@ -21,7 +21,8 @@ def _real_counts(hf_dir: str) -> list[dict]:
 
     from llamapro_megatron.runtime import destroy_distributed, init_distributed
     from llamapro_megatron.training.config import load_config
-    from llamapro_megatron.training.model import apply_freeze, build_model_chunks, decoder_layers, global_layer_index
+    from llamapro_megatron.training.freeze import apply_freeze, decoder_layers, global_layer_index
+    from llamapro_megatron.training.model import build_model_chunks
     from llamapro_megatron.training.plan import model_from_hf_config
 
     out = []

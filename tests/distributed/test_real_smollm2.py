@@ -42,7 +42,7 @@ def _world(hf: str, ckpt: str, export: str, tokens: torch.Tensor):
 def smollm2_run(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamapro_megatron.checkpoint.gguf_import import smollm2_hf_dir
+    from llamapro_megatron.artifacts import smollm2_hf_dir
 
     hf = smollm2_hf_dir()
     root = tmp_path_factory.mktemp("smollm2")

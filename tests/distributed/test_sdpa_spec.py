@@ -57,8 +57,10 @@ def _worker(hf: str, ckpt: str, tokens: torch.Tensor, labels: torch.Tensor) -> d
     import torch.distributed as dist
 
     from llamapro_megatron.checkpoint.convert import hf_to_mcore
-    from llamapro_megatron.checkpoint.mcore import build_gpt_model, load_model_weights, read_meta, resolve_checkpoint
+    from llamapro_megatron.checkpoint.load import load_model_weights
+    from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
     from llamapro_megatron.runtime import destroy_distributed, init_distributed
+    from llamapro_megatron.runtime.model import build_gpt_model
     from llamapro_megatron.verify import megatron_logits
 
     dist.init_process_group("gloo")
@@ -96,8 +98,10 @@ def _cross_spec_checkpoint(meta, ckpt_dir: Path, cross: Path, tokens, labels, co
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from llamapro_megatron.checkpoint.mcore import META_FILE, build_gpt_model, load_model_weights
+    from llamapro_megatron.checkpoint.load import load_model_weights
+    from llamapro_megatron.checkpoint.mcore import META_FILE
     from llamapro_megatron.runtime import destroy_distributed, init_distributed
+    from llamapro_megatron.runtime.model import build_gpt_model
 
     init_distributed(tp=2, pp=1, seed=5)
     model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype="float32", tp=2, spec="sdpa")

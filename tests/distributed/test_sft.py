@@ -69,7 +69,7 @@ def _world(root: str, chat: str, recipe_chat: str, tokenizer: str) -> dict:
     r = Path(root)
     hf_to_mcore(r / "hf", r / "mc", progress=False)
     # the same weights with 48 padded vocabulary rows (49152 -> 49200): the output layer's hook masks them out of
-    # the loss the model computes (checkpoint/mcore.mask_padded_vocabulary); SmolLM2's vocabulary has no padding
+    # the loss the model computes (runtime/model.mask_padded_vocabulary); SmolLM2's vocabulary has no padding
     hf_to_mcore(r / "hf", r / "mc_pad", progress=False, make_vocab_size_divisible_by=100)
     common = ["--load", str(r / "mc"), "--freeze", "none", "--sft", "--data-path", chat, "--tokenizer-model",
               tokenizer, "--seq-length", str(SEQ), "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",

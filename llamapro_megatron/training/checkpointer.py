@@ -13,7 +13,7 @@ gives each decoder layer its own key (``unstack_layer_keys``): only the trainabl
 ``--save-trainable-only``: the model part of a save is the trainable tensors alone (per-layer keys), and
 ``llamapro.json`` records the base checkpoint that holds the frozen ones (``checkpoint/trainable.py``): the
 checkpoint this run loaded, or that checkpoint's own base when it was a trainable-only save itself. Loading
-either form goes through ``trainable.load``.
+either form goes through the checkpoint reader (``checkpoint/load.py``).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from llamapro_megatron.arch import torch_dtype
 from llamapro_megatron.checkpoint import trainable
+from llamapro_megatron.checkpoint.load import load
 from llamapro_megatron.checkpoint.mcore import (
     LATEST_FILE,
     META_FILE,
@@ -40,12 +41,17 @@ from llamapro_megatron.checkpoint.mcore import (
     read_meta,
     resolve_checkpoint,
 )
+from llamapro_megatron.checkpoint.output import partial_dir
 from llamapro_megatron.errors import UserError
+from llamapro_megatron.runtime.dist_ckpt import (
+    optimizer_state_for_loading,
+    rank_independent_optimizer_state,
+    unstack_layer_keys,
+)
 from llamapro_megatron.training.config import TrainConfig
 from llamapro_megatron.training.model import unwrap
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loads at any TP/PP/DP
-PARTIAL = ".partial"
 
 
 @dataclass
@@ -82,11 +88,9 @@ class Checkpointer:
                     del sd[key]
         state: dict[str, Any] = dict(model_sd)
         if with_optimizer:
-            from llamapro_megatron.runtime import unstack_layer_keys
-
             # Built from the model entries while their data are still the parameters (mapped by identity).
             optim_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
-            state["optimizer"] = _rank_independent_common(unstack_layer_keys(optim_sd), is_loading)
+            state["optimizer"] = rank_independent_optimizer_state(unstack_layer_keys(optim_sd), is_loading)
         if with_rng:
             state["rng_state"] = _rng_sharded_object()
         for i, chunk in enumerate(self.chunks):
@@ -133,11 +137,11 @@ class Checkpointer:
                         "states are not restored (they are per tensor/pipeline rank)")
         state = self._state(is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng)
         model_keys = [self._model_key(i) for i in range(len(self.chunks))]
-        loaded = trainable.load(state, self.source, self.meta, model_keys=model_keys, strict=True)
+        loaded = load(state, self.source, self.meta, model_keys=model_keys, strict=True)
         for i, chunk in enumerate(self.chunks):
             self._copy_into_model(i, chunk, loaded[self._model_key(i)])
         if with_optimizer:
-            self.optimizer.load_state_dict(_lists_back(loaded["optimizer"]))
+            self.optimizer.load_state_dict(optimizer_state_for_loading(loaded["optimizer"]))
             self.scheduler.load_state_dict(common["opt_param_scheduler"])
         else:
             self.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
@@ -163,11 +167,11 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
     def save(self, iteration: int, consumed_samples: int) -> Path:
         """Write SAVE/iter_<iteration> through a .partial directory, then move the latest pointer."""
-        from llamapro_megatron.runtime.checkpointing import save as save_sharded
+        from llamapro_megatron.runtime.dist_ckpt import save as save_sharded
 
         root = Path(self.config.checkpointing.save)
         final = root / iteration_dir_name(iteration)
-        tmp = root / (final.name + PARTIAL)
+        tmp = partial_dir(final)
         rank0 = dist.get_rank() == 0
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -255,38 +259,6 @@ def _write_atomically(path: Path, text: str) -> None:
 def _warn_rank0(message: str) -> None:
     if dist.get_rank() == 0:
         warnings.warn(message, stacklevel=3)
-
-
-# ------------------------------------------------- optimizer common state
-# dist_checkpointing writes the non-tensor ("common") part of a state dict from global rank 0 only and merges it
-# into every rank's loaded tensors. megatron-core's non-distributed optimizer leaves rank-dependent things there
-# when rank 0 holds no trainable parameter (a frozen first pipeline stage): empty per-group lists of fp32 main
-# params (then "Cannot merge two lists with different lengths" on load) and no Adam step (then torch Adam lacks
-# `step` after the load). Both are made rank-independent here.
-_MAIN_PARAMS = "fp32_from_fp16_params"
-
-
-def _rank_independent_common(optim_sd: dict, is_loading: bool) -> dict:
-    if isinstance(optim_sd.get(_MAIN_PARAMS), list):  # [[param, ...] per group] -> {group: {index: param}}
-        optim_sd[_MAIN_PARAMS] = {g: dict(enumerate(group)) for g, group in enumerate(optim_sd[_MAIN_PARAMS])}
-    inner = optim_sd.get("optimizer", optim_sd)
-    state = inner.get("state") if isinstance(inner, dict) else None
-    if not is_loading and isinstance(state, dict) and "param_groups" in inner:
-        mine = state.get("common_step")
-        from llamapro_megatron.runtime.distributed import collective_device
-
-        step = torch.tensor([0.0 if mine is None else float(mine)], dtype=torch.float64, device=collective_device())
-        dist.all_reduce(step, op=dist.ReduceOp.MAX)
-        if mine is None and step.item() > 0:
-            state["common_step"] = torch.tensor(step.item(), dtype=torch.float32)  # torch Adam's step dtype
-    return optim_sd
-
-
-def _lists_back(optim_sd: dict) -> dict:
-    main = optim_sd.get(_MAIN_PARAMS)
-    if isinstance(main, dict):
-        optim_sd[_MAIN_PARAMS] = [[main[g][i] for i in sorted(main[g])] for g in sorted(main)]
-    return optim_sd
 
 
 # ------------------------------------------------------------------- RNG

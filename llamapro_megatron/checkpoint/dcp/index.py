@@ -2,10 +2,20 @@
 
 A torch_dist directory holds PyTorch DCP metadata (`.metadata`: a pickle of
 `torch.distributed.checkpoint.metadata.Metadata`) and data files in which each chunk is a `torch.save` archive
-(`torch_archive`). Reading both needs no torch: the pickle is loaded with stand-in classes for DCP's plain
+(`archive`). Reading both needs no torch: the pickle is loaded with stand-in classes for DCP's plain
 dataclasses (and strings for dtypes, layouts, memory formats), and each archive's central directory says where
 its tensor bytes start. Anything else in the pickle (another class, a flattened tensor, a storage transform) is
-refused with `Unreadable`, and callers use megatron-core's loader instead.
+refused with `Unreadable`, and callers use megatron-core's loader instead. Nothing in the pickle is ever called:
+the unpickler's `find_class` hands out only stand-ins and plain containers.
+
+Relies on (torch 2.4 - 2.13):
+- the metadata pickle names only classes of `torch.distributed.checkpoint.{metadata,filesystem,planner}`, `torch.Size`,
+  torch dtypes / layouts / memory formats (`TensorProperties.__getstate__` puts the dtype first), and builtins;
+- the fields `state_dict_metadata`, `storage_data`, `TensorStorageMetadata.{properties,size,chunks}`,
+  `ChunkStorageMetadata.{offsets,sizes}`, `MetadataIndex.{fqn,offset}`,
+  `_StorageInfo.{relative_path,offset,length,transform_descriptors}`;
+- a chunk's archive ends with a zip end record; `data.pkl` rebuilds one tensor with `torch._utils._rebuild_tensor_v2`
+  from a persistent-id storage ('storage', <Type>Storage, key, 'cpu', numel), stored uncompressed as `data/<key>`.
 """
 from __future__ import annotations
 
@@ -15,8 +25,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamapro_megatron.checkpoint.rounds import DCP_METADATA
-from llamapro_megatron.checkpoint.torch_archive import ITEMSIZE, STORAGE_TYPES
+from llamapro_megatron.checkpoint.dcp.archive import ITEMSIZE, STORAGE_TYPES
+from llamapro_megatron.checkpoint.dcp.merge import DCP_METADATA
 
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                 "torch.distributed.checkpoint.planner")

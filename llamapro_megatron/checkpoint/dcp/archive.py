@@ -18,8 +18,14 @@ file to file in the kernel (`st_copy`), if it frames them as torch.save does. Th
     then the central directory, a zip64 end record and locator, and the end record.
 
 This is `torch.save`'s output byte for byte with CRC-32 off (`torch.serialization.set_crc32_options(False)`; its
-reader never checks them), serialization id aside: `tests/unit/test_torch_archive.py` compares the two. Archives
+reader never checks them), serialization id aside: `tests/unit/test_dcp_archive.py` compares the two. Archives
 of 2 GiB and more would need zip64 fields per record; `frame` refuses them (callers fall back to torch.save).
+
+Relies on (torch 2.4 - 2.13): DCP's file system reader `torch.load`s each chunk from exactly its recorded byte
+range (`filesystem.py`, `_StorageInfo.offset/length`), with `weights_only=True`; torch.load reads a zip archive
+whose records are stored, finds them by name through the central directory and ignores their CRC fields and the
+serialization id's value. The direct import reads one archive it wrote back with `torch.load(weights_only=True)`
+before it commits, so another torch that disagrees falls back instead of writing a checkpoint it cannot read.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`torch_archive` frames tensor bytes exactly as `torch.save` does (CRC-32 off), and `torch.load` reads them."""
+"""`dcp.archive` frames tensor bytes exactly as `torch.save` does (CRC-32 off), and `torch.load` reads them."""
 from __future__ import annotations
 
 import io
@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from llamapro_megatron.checkpoint import torch_archive
+from llamapro_megatron.checkpoint.dcp import archive
 
 ID_RECORD = b"archive/.data/serialization_idFB"
 
@@ -30,7 +30,7 @@ def test_archive_is_torch_save_byte_for_byte(dtype, shape):
         torch.save(tensor, buf)
     finally:
         torch.serialization.set_crc32_options(crc)
-    frame = torch_archive.frame(dtype, shape, serialization_id=7)
+    frame = archive.frame(dtype, shape, serialization_id=7)
     ours = frame.prefix + tensor.reshape(-1).view(torch.uint8).numpy().tobytes() + frame.suffix
     assert frame.size == len(ours) == len(buf.getvalue())
     assert _without_serialization_id(ours) == _without_serialization_id(buf.getvalue())
@@ -39,8 +39,8 @@ def test_archive_is_torch_save_byte_for_byte(dtype, shape):
 
 
 def test_unsupported_archives_are_refused():
-    assert not torch_archive.supported("int8", 4)
-    assert not torch_archive.supported("bfloat16", 0)
-    assert not torch_archive.supported("float32", torch_archive.MAX_DATA_BYTES + 4)
+    assert not archive.supported("int8", 4)
+    assert not archive.supported("bfloat16", 0)
+    assert not archive.supported("float32", archive.MAX_DATA_BYTES + 4)
     with pytest.raises(ValueError):
-        torch_archive.frame("float32", (0, 4))
+        archive.frame("float32", (0, 4))
