@@ -7,7 +7,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     from llamapro_megatron.training.config import add_arguments
-    from llamapro_megatron.training.plan import add_dry_run_arguments
+    from llamapro_megatron.training.dry_run import add_dry_run_arguments
 
     p = sub.add_parser("train", help="train the expanded blocks of a LLaMA Pro checkpoint (megatron-core)",
                        description="Train a checkpoint written by `llamapro expand` (by default only its new "
@@ -29,7 +29,7 @@ def run(args) -> int:
     if args.dry_run:
         import warnings
 
-        from llamapro_megatron.training.plan import dry_run
+        from llamapro_megatron.training.dry_run import dry_run
 
         # megatron-core's import-time notes (no Apex / TE on this machine, deprecations) say nothing about the plan
         warnings.filterwarnings("ignore", module=r"megatron\.core")

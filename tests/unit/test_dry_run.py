@@ -48,7 +48,7 @@ def test_the_paper_recipe_is_among_them():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
 def test_recipe_parses_and_dry_runs_at_its_layout(recipe, monkeypatch, capsys):
-    from llamapro_megatron.training.plan import dry_run
+    from llamapro_megatron.training.dry_run import dry_run
 
     monkeypatch.chdir(ROOT)
     parser = build_parser()
@@ -82,7 +82,7 @@ def test_recipe_parses_and_dry_runs_at_its_layout(recipe, monkeypatch, capsys):
 @pytest.mark.parametrize("variant", ["gqa", "tied", "mistral"])
 def test_tiny_model_counts_equal_transformers(variant, tmp_path):
     from llamapro_megatron.training.config import load_config
-    from llamapro_megatron.training.plan import dry_run
+    from llamapro_megatron.training.dry_run import dry_run
 
     hf = make_tiny_hf(tmp_path / variant, variant)
     for freeze in ("llamapro", "none"):
@@ -98,7 +98,8 @@ def test_tiny_model_counts_equal_transformers(variant, tmp_path):
 def test_memory_figures_follow_the_stated_formulas(tmp_path):
     """Weights, gradients and optimizer bytes from the per-rank counts; the distributed optimizer shards over DP."""
     from llamapro_megatron.training.config import load_config
-    from llamapro_megatron.training.plan import dry_run, layer_activation_bytes
+    from llamapro_megatron.training.dry_run import dry_run
+    from llamapro_megatron.training.memory import layer_activation_bytes
 
     hf = make_tiny_hf(tmp_path / "gqa", "gqa")
     base = {"model.bf16": True, "parallelism.tensor_model_parallel_size": 2,
@@ -129,7 +130,7 @@ def test_memory_figures_follow_the_stated_formulas(tmp_path):
      "--pipeline-model-parallel-size 8 does not divide 6 layers"),
 ])
 def test_bad_layouts_name_the_flag(argv, message, tmp_path, monkeypatch):
-    from llamapro_megatron.training.plan import dry_run
+    from llamapro_megatron.training.dry_run import dry_run
 
     hf = make_tiny_hf(tmp_path / "gqa", "gqa")
     groups = None if "--no-groups" in argv else 2
@@ -151,7 +152,7 @@ def test_dry_run_without_a_model_is_refused(capsys):
 def test_virtual_and_uneven_stages_are_planned_as_the_trainer_builds_them():
     """--num-layers-per-virtual-pipeline-stage and uneven end stages reach the planned layout: each rank holds the
     layers megatron-core's split gives it (arch.pipeline_stage_layers is tested against get_num_layers_to_build)."""
-    from llamapro_megatron.training.plan import dry_run
+    from llamapro_megatron.training.dry_run import dry_run
 
     def plan(*flags):
         args = build_parser().parse_args(["train", "--dry-run", "--config", "examples/llama2_7b_pro.yaml",

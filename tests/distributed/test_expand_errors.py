@@ -38,8 +38,8 @@ def _refused(capsys, argv, out, match):
 def test_bad_plan_or_layout(source, tmp_path, capsys, flags, match):
     hf, mc = source
     _refused(capsys, ["expand", "--load", str(mc), *flags], tmp_path / "x", match)
-    _refused(capsys, ["expand-hf", "--hf-dir", str(hf), *flags], tmp_path / "xhf", match) if "--pp" not in flags \
-        and "--tp" not in flags else None
+    if "--pp" not in flags and "--tp" not in flags:  # expand-hf has no layout flags
+        _refused(capsys, ["expand-hf", "--hf-dir", str(hf), *flags], tmp_path / "xhf", match)
 
 
 @pytest.mark.slow

@@ -5,34 +5,11 @@ built by megatron-core on the meta device, inside a *fake* process group of the 
 ``fake`` backend: real group bookkeeping, no communication), and the freeze policy is applied to it exactly as the
 trainer does. So parameter counts are megatron-core's own, per rank; no weight is loaded and nothing is allocated.
 
-Memory per GPU, in bytes (P = this rank's parameters, T = its trainable ones, d = data-parallel size):
-- weights: P x 2 (bf16) or 4 (fp32).
-- gradients: T x 4 (megatron-core DDP reduces into fp32 gradient buffers; frozen parameters have none).
-- optimizer: T x (8 Adam moments + 4 fp32 main params under bf16), divided by d with the distributed optimizer.
-- activations: per layer and micro batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-  Transformer Models", eq. 2 and sec. 4) redone for LLaMA blocks (RMSNorm, GQA, SwiGLU, no dropout), with
-  s = sequence, b = micro batch, h = hidden, q = heads x head dim, k = KV groups x head dim, f = FFN size,
-  a = heads, t = TP, e = 2 (bf16) or 4 (fp32) bytes:
-      s*b*e*(4h + (2q + 2k + 3f)/t)    norm inputs and outputs (4h), Q and attention output (2q), K and V (2k),
-                                        SwiGLU's gate and up (2f) and its output (f)
-    + e*a*s*s*b/t                       the attention probabilities, only with the unfused attention of the local
-                                        spec (flash attention in TE / SDPA keeps none), and not with selective
-                                        recomputation (it recomputes exactly that)
-  With sequence parallelism the 4h term is divided by t too. With full recomputation a layer keeps only its
-  input, s*b*h*e, plus the working set of one recomputed group of layers once. A layer keeps nothing when no
-  gradient flows through it: below the first trainable block of the first stage when the embedding is frozen.
-  Micro batches in flight (1F1B): min(pp - stage, micro batches) per stage; interleaved (VPP): megatron-core's
-  warm-up count + 1 of model chunks. The last stage adds the logits and loss of one micro batch:
-  s*b*V/t x (e + 4 + 4) (logits, their fp32 copy, the fp32 softmax the cross entropy keeps).
-Not counted: the CUDA context and NCCL buffers (~1-3 GiB), allocator fragmentation, temporary buffers.
-The per-layer term is what Transformer Engine's fused layers keep (the GPU spec). The local spec (CPU) keeps more:
-torch's RMSNorm and softmax save fp32 copies and GQA's K and V are saved expanded; measured with saved-tensor hooks
-on a small model it keeps 1.5x (fp32) to 2.1x (bf16) this estimate per layer.
+Memory per GPU is estimated by `memory.py` (its docstring has the formulas).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,11 +17,14 @@ from llamapro_megatron.arch import TRAIN_LAYOUT_FLAGS
 from llamapro_megatron.checkpoint.mcore import CheckpointMeta
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.training.config import TrainConfig
-
-GIB = 2**30
-GRAD_BYTES = 4  # DistributedDataParallelConfig(grad_reduce_in_fp32=True) in training/model.py
-ADAM_BYTES = 8  # exp_avg + exp_avg_sq, fp32
-MAIN_PARAM_BYTES = 4  # fp32 copy of each trainable bf16 parameter
+from llamapro_megatron.training.memory import (
+    GIB,
+    activation_bytes,
+    describe_recompute,
+    setting,
+    state_bytes,
+    virtual_stages,
+)
 
 
 @dataclass
@@ -93,7 +73,7 @@ class Plan:
             f"--freeze {c.freeze.freeze})",
             f"layout: {self.world_size} GPUs ({_machines(c, self.world_size)}) = TP {p.tensor_model_parallel_size} x "
             f"PP {p.pipeline_model_parallel_size} x DP {self.dp}"
-            + (f", VPP {p.virtual_pipeline_model_parallel_size}" if _vpp(c) else "")
+            + (f", VPP {p.virtual_pipeline_model_parallel_size}" if virtual_stages(c) else "")
             + f"; {'distributed' if p.use_distributed_optimizer else 'plain'} optimizer; "
             f"{'bf16 with fp32 main params' if c.model.bf16 else 'fp32'}",
             f"batch: global {self.global_batch_size} = micro {c.schedule.micro_batch_size} x "
@@ -116,7 +96,7 @@ class Plan:
                 f"{size(r.activations)} {size(r.total)}")
         lines += ["", f"peak: {peak.total / scale:.1f} {unit} per GPU (stage {peak.pp_rank}, TP rank {peak.tp_rank}), "
                   "plus CUDA context, NCCL buffers and fragmentation (typically 1-3 GiB); formulas: "
-                  "llamapro_megatron/training/plan.py"]
+                  "llamapro_megatron/training/memory.py"]
         return "\n".join(lines)
 
 
@@ -138,19 +118,6 @@ def _machines(config: TrainConfig, world_size: int) -> str:
     if (n.nodes or n.gpus_per_node) and nodes * gpus == world_size:
         return f"{nodes} node{'s' * (nodes > 1)} x {gpus}"
     return "--world-size"
-
-
-def _vpp(config: TrainConfig) -> int | None:
-    v = config.parallelism.virtual_pipeline_model_parallel_size
-    return v if v and v > 1 else None
-
-
-def _setting(config: TrainConfig, name: str, default=None):
-    """A setting wherever a section defines it (recomputation and sequence parallelism may live in any section)."""
-    for section in (config.model, config.parallelism, config.schedule):
-        if hasattr(section, name):
-            return getattr(section, name)
-    return default
 
 
 # ------------------------------------------------------------------ the model to plan
@@ -242,7 +209,7 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
 
     config = resolve_pipeline(config, meta.arch)  # --num-layers-per-virtual-pipeline-stage, uneven end stages
     p, s = config.parallelism, config.schedule
-    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, _vpp(config)
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, virtual_stages(config)
     meta.arch.validate_layout(tp, pp, vpp, first=p.decoder_first_pipeline_num_layers,
                               last=p.decoder_last_pipeline_num_layers, flags=TRAIN_LAYOUT_FLAGS)
     if meta.padded_vocab_size % tp:
@@ -261,10 +228,10 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
                         f"--pipeline-model-parallel-size {pp}")
     model_parameters, trainable_parameters = _whole_model_counts(meta, config)
     flash = config.model.spec != "local"
-    granularity = _setting(config, "recompute_granularity")
+    granularity = setting(config, "recompute_granularity")
     plan = Plan(source, meta, config, world_size, dp, microbatches, global_batch, model_parameters,
                 trainable_parameters, "flash (TE / SDPA)" if flash else "unfused (local spec: keeps a*s*s)",
-                _describe_recompute(config, granularity))
+                describe_recompute(config, granularity))
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             rank = tp_rank + tp * dp * pp_rank  # megatron-core's default order tp-cp-ep-dp-pp, DP rank 0
@@ -275,14 +242,10 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
                 params = sum(t.numel() for c in chunks for t in c.parameters())
                 trainable = sum(t.numel() for c in chunks for t in c.parameters() if t.requires_grad)
                 layers = [global_layer_index(layer) for c in chunks for layer in decoder_layers(c)]
-                activations = _activation_bytes(chunks, meta, config, pp_rank, microbatches, flash, granularity)
-            elt = 2 if config.model.bf16 else 4
-            opt = trainable * (ADAM_BYTES + (MAIN_PARAM_BYTES if config.model.bf16 else 0))
-            if p.use_distributed_optimizer:
-                opt = math.ceil(opt / dp)
+                activations = activation_bytes(chunks, meta, config, pp_rank, microbatches, flash, granularity)
+            weights, grads, opt = state_bytes(params, trainable, config, dp)
             plan.ranks.append(RankPlan(pp_rank, tp_rank, [tp_rank + tp * d + tp * dp * pp_rank for d in range(dp)],
-                                       sorted(layers), params, trainable, params * elt, trainable * GRAD_BYTES, opt,
-                                       activations))
+                                       sorted(layers), params, trainable, weights, grads, opt, activations))
     return plan
 
 
@@ -301,75 +264,6 @@ def _whole_model_counts(meta: CheckpointMeta, config: TrainConfig) -> tuple[int,
             total += n
             trainable += n if t.requires_grad else 0
     return total, trainable
-
-
-def _describe_recompute(config: TrainConfig, granularity: str | None) -> str:
-    if not granularity:
-        return "none"
-    if granularity == "selective":
-        return "selective (core attention)"
-    return (f"full, {_setting(config, 'recompute_method') or 'uniform'}, "
-            f"{_setting(config, 'recompute_num_layers') or 1} layer(s)")
-
-
-def layer_activation_bytes(meta: CheckpointMeta, config: TrainConfig, flash: bool, granularity: str | None) -> int:
-    """Bytes one decoder layer keeps for backward per micro batch (the module docstring's formula)."""
-    a, s = meta.arch, config.schedule
-    t = config.parallelism.tensor_model_parallel_size
-    e = 2 if config.model.bf16 else 4
-    sbe = s.seq_length * s.micro_batch_size * e
-    replicated = 4 * a.hidden_size / (t if _setting(config, "sequence_parallel") else 1)
-    q, k = a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
-    per_token = replicated + (2 * q + 2 * k + 3 * a.ffn_hidden_size) / t
-    scores = 0 if flash or granularity == "selective" else e * a.num_attention_heads * s.seq_length ** 2 * \
-        s.micro_batch_size / t
-    return int(sbe * per_token + scores)
-
-
-def _activation_bytes(chunks, meta: CheckpointMeta, config: TrainConfig, pp_rank: int, microbatches: int,
-                      flash: bool, granularity: str | None) -> int:
-    from llamapro_megatron.training.freeze import EMBEDDING, decoder_layers
-
-    s, p = config.schedule, config.parallelism
-    pp, vpp = p.pipeline_model_parallel_size, _vpp(config)
-    e = 2 if config.model.bf16 else 4
-    full_layer = layer_activation_bytes(meta, config, flash, granularity)
-    layer_input = s.seq_length * s.micro_batch_size * meta.arch.hidden_size * e
-    if _setting(config, "sequence_parallel"):
-        layer_input //= p.tensor_model_parallel_size
-    group = _setting(config, "recompute_num_layers") or 1
-    method = _setting(config, "recompute_method") or "uniform"
-    per_chunk, working_set = [], 0
-    for chunk in chunks:
-        # A layer keeps activations when a gradient flows through it: its chunk's input requires grad (a later
-        # stage: megatron-core's received tensors do; or a trainable embedding), or it is at or above a trainable one.
-        embedding = dict(chunk.named_parameters()).get(EMBEDDING)
-        flowing = not chunk.pre_process or (embedding is not None and embedding.requires_grad)
-        stored = 0
-        for i, layer in enumerate(decoder_layers(chunk)):
-            flowing = flowing or any(t.requires_grad for t in layer.parameters())
-            if not flowing:
-                continue
-            if granularity == "full" and method == "uniform":  # groups of `group` layers keep their input
-                stored += layer_input if i % group == 0 else 0
-                working_set = max(working_set, full_layer * group)
-            elif granularity == "full" and method == "block" and i < group:  # the first `group` layers do
-                stored += layer_input
-                working_set = max(working_set, full_layer)
-            else:
-                stored += full_layer
-        per_chunk.append(stored)
-    if pp == 1:
-        in_flight = 1  # forward and backward of one micro batch at a time
-    elif vpp is None:
-        in_flight = min(microbatches, pp - pp_rank)  # 1F1B warm-up + 1
-    else:  # megatron-core's interleaved warm-up, (pp - rank - 1) * 2 + (vpp - 1) * pp, + 1 chunk-micro-batches
-        in_flight = min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, microbatches * vpp)
-    total = in_flight * sum(per_chunk) / len(per_chunk) + working_set
-    if any(chunk.post_process for chunk in chunks):
-        vocab = meta.padded_vocab_size // p.tensor_model_parallel_size
-        total += s.seq_length * s.micro_batch_size * vocab * (e + 4 + 4)
-    return int(total)
 
 
 # ---------------------------------------------------------------------- the command

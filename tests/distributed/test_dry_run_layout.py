@@ -21,9 +21,9 @@ def _real_counts(hf_dir: str) -> list[dict]:
 
     from llamapro_megatron.runtime import destroy_distributed, init_distributed
     from llamapro_megatron.training.config import load_config
+    from llamapro_megatron.training.dry_run import model_from_hf_config
     from llamapro_megatron.training.freeze import apply_freeze, decoder_layers, global_layer_index
     from llamapro_megatron.training.model import build_model_chunks
-    from llamapro_megatron.training.plan import model_from_hf_config
 
     out = []
     for overrides in LAYOUTS:
@@ -45,7 +45,7 @@ def _real_counts(hf_dir: str) -> list[dict]:
 @pytest.mark.slow
 def test_dry_run_counts_equal_the_real_build_per_rank(tmp_path):
     from llamapro_megatron.training.config import load_config
-    from llamapro_megatron.training.plan import dry_run
+    from llamapro_megatron.training.dry_run import dry_run
 
     hf = make_tiny_hf(tmp_path / "gqa", "gqa")
     real = run_workers(_real_counts, 4, args=(str(hf),), timeout_s=600)

@@ -1,0 +1,127 @@
+"""The dry-run planner's memory estimate per GPU: what `llamapro train --dry-run` prints beside the counts.
+
+Memory per GPU, in bytes (P = this rank's parameters, T = its trainable ones, d = data-parallel size):
+- weights: P x 2 (bf16) or 4 (fp32).
+- gradients: T x 4 (megatron-core DDP reduces into fp32 gradient buffers; frozen parameters have none).
+- optimizer: T x (8 Adam moments + 4 fp32 main params under bf16), divided by d with the distributed optimizer.
+- activations: per layer and micro batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models", eq. 2 and sec. 4) redone for LLaMA blocks (RMSNorm, GQA, SwiGLU, no dropout), with
+  s = sequence, b = micro batch, h = hidden, q = heads x head dim, k = KV groups x head dim, f = FFN size,
+  a = heads, t = TP, e = 2 (bf16) or 4 (fp32) bytes:
+      s*b*e*(4h + (2q + 2k + 3f)/t)    norm inputs and outputs (4h), Q and attention output (2q), K and V (2k),
+                                        SwiGLU's gate and up (2f) and its output (f)
+    + e*a*s*s*b/t                       the attention probabilities, only with the unfused attention of the local
+                                        spec (flash attention in TE / SDPA keeps none), and not with selective
+                                        recomputation (it recomputes exactly that)
+  With sequence parallelism the 4h term is divided by t too. With full recomputation a layer keeps only its
+  input, s*b*h*e, plus the working set of one recomputed group of layers once. A layer keeps nothing when no
+  gradient flows through it: below the first trainable block of the first stage when the embedding is frozen.
+  Micro batches in flight (1F1B): min(pp - stage, micro batches) per stage; interleaved (VPP): megatron-core's
+  warm-up count + 1 of model chunks. The last stage adds the logits and loss of one micro batch:
+  s*b*V/t x (e + 4 + 4) (logits, their fp32 copy, the fp32 softmax the cross entropy keeps).
+Not counted: the CUDA context and NCCL buffers (~1-3 GiB), allocator fragmentation, temporary buffers.
+The per-layer term is what Transformer Engine's fused layers keep (the GPU spec). The local spec (CPU) keeps more:
+torch's RMSNorm and softmax save fp32 copies and GQA's K and V are saved expanded; measured with saved-tensor hooks
+on a small model it keeps 1.5x (fp32) to 2.1x (bf16) this estimate per layer.
+"""
+from __future__ import annotations
+
+import math
+
+from llamapro_megatron.checkpoint.mcore import CheckpointMeta
+from llamapro_megatron.training.config import TrainConfig
+
+GIB = 2**30
+GRAD_BYTES = 4  # DistributedDataParallelConfig(grad_reduce_in_fp32=True) in training/model.py
+ADAM_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+MAIN_PARAM_BYTES = 4  # fp32 copy of each trainable bf16 parameter
+
+
+def state_bytes(params: int, trainable: int, config: TrainConfig, dp: int) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes of a rank with `params` parameters, `trainable` of them training."""
+    opt = trainable * (ADAM_BYTES + (MAIN_PARAM_BYTES if config.model.bf16 else 0))
+    if config.parallelism.use_distributed_optimizer:
+        opt = math.ceil(opt / dp)
+    return params * (2 if config.model.bf16 else 4), trainable * GRAD_BYTES, opt
+
+
+def virtual_stages(config: TrainConfig) -> int | None:
+    v = config.parallelism.virtual_pipeline_model_parallel_size
+    return v if v and v > 1 else None
+
+
+def setting(config: TrainConfig, name: str, default=None):
+    """A setting wherever a section defines it (recomputation and sequence parallelism may live in any section)."""
+    for section in (config.model, config.parallelism, config.schedule):
+        if hasattr(section, name):
+            return getattr(section, name)
+    return default
+
+
+def describe_recompute(config: TrainConfig, granularity: str | None) -> str:
+    if not granularity:
+        return "none"
+    if granularity == "selective":
+        return "selective (core attention)"
+    return (f"full, {setting(config, 'recompute_method') or 'uniform'}, "
+            f"{setting(config, 'recompute_num_layers') or 1} layer(s)")
+
+
+def layer_activation_bytes(meta: CheckpointMeta, config: TrainConfig, flash: bool, granularity: str | None) -> int:
+    """Bytes one decoder layer keeps for backward per micro batch (the module docstring's formula)."""
+    a, s = meta.arch, config.schedule
+    t = config.parallelism.tensor_model_parallel_size
+    e = 2 if config.model.bf16 else 4
+    sbe = s.seq_length * s.micro_batch_size * e
+    replicated = 4 * a.hidden_size / (t if setting(config, "sequence_parallel") else 1)
+    q, k = a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
+    per_token = replicated + (2 * q + 2 * k + 3 * a.ffn_hidden_size) / t
+    scores = 0 if flash or granularity == "selective" else e * a.num_attention_heads * s.seq_length ** 2 * \
+        s.micro_batch_size / t
+    return int(sbe * per_token + scores)
+
+
+def activation_bytes(chunks, meta: CheckpointMeta, config: TrainConfig, pp_rank: int, microbatches: int,
+                      flash: bool, granularity: str | None) -> int:
+    from llamapro_megatron.training.freeze import EMBEDDING, decoder_layers
+
+    s, p = config.schedule, config.parallelism
+    pp, vpp = p.pipeline_model_parallel_size, virtual_stages(config)
+    e = 2 if config.model.bf16 else 4
+    full_layer = layer_activation_bytes(meta, config, flash, granularity)
+    layer_input = s.seq_length * s.micro_batch_size * meta.arch.hidden_size * e
+    if setting(config, "sequence_parallel"):
+        layer_input //= p.tensor_model_parallel_size
+    group = setting(config, "recompute_num_layers") or 1
+    method = setting(config, "recompute_method") or "uniform"
+    per_chunk, working_set = [], 0
+    for chunk in chunks:
+        # A layer keeps activations when a gradient flows through it: its chunk's input requires grad (a later
+        # stage: megatron-core's received tensors do; or a trainable embedding), or it is at or above a trainable one.
+        embedding = dict(chunk.named_parameters()).get(EMBEDDING)
+        flowing = not chunk.pre_process or (embedding is not None and embedding.requires_grad)
+        stored = 0
+        for i, layer in enumerate(decoder_layers(chunk)):
+            flowing = flowing or any(t.requires_grad for t in layer.parameters())
+            if not flowing:
+                continue
+            if granularity == "full" and method == "uniform":  # groups of `group` layers keep their input
+                stored += layer_input if i % group == 0 else 0
+                working_set = max(working_set, full_layer * group)
+            elif granularity == "full" and method == "block" and i < group:  # the first `group` layers do
+                stored += layer_input
+                working_set = max(working_set, full_layer)
+            else:
+                stored += full_layer
+        per_chunk.append(stored)
+    if pp == 1:
+        in_flight = 1  # forward and backward of one micro batch at a time
+    elif vpp is None:
+        in_flight = min(microbatches, pp - pp_rank)  # 1F1B warm-up + 1
+    else:  # megatron-core's interleaved warm-up, (pp - rank - 1) * 2 + (vpp - 1) * pp, + 1 chunk-micro-batches
+        in_flight = min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, microbatches * vpp)
+    total = in_flight * sum(per_chunk) / len(per_chunk) + working_set
+    if any(chunk.post_process for chunk in chunks):
+        vocab = meta.padded_vocab_size // p.tensor_model_parallel_size
+        total += s.seq_length * s.micro_batch_size * vocab * (e + 4 + 4)
+    return int(total)
