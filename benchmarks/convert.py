@@ -1,15 +1,18 @@
 """Conversion speed and memory against the floor of copying the same bytes, in one run.
 
     python benchmarks/convert.py [--layers 24 --hidden 2048 --ffn 5632 --heads 32 --kv-heads 4 --vocab 32000]
-                                 [--workers 2] [--repeats 3] [--workdir DIR]
+                                 [--workers 2] [--repeats 3] [--workdir DIR] [--trees OLD,NEW]
 
 Makes a random HF LLaMA of the given shape (default ~1.2B parameters, bf16), then times, `--repeats` times each:
 copying its safetensors files (the floor), `llamapro convert hf-to-mcore` and `llamapro convert mcore-to-hf`,
 each as a fresh process like a user runs it, on each of `--paths`: `direct` (the default path: tensor bytes copied
-file to file, `checkpoint/direct.py`) and `regular` (workers build tensors, megatron-core writes and reads them;
-what `LLAMAPRO_DIRECT_CONVERT=0` forces), interleaved within each repeat. Peak RSS is sampled (psutil, every
-50 ms) for every process of the command's tree. Prints medians, ratios to the floor, and the per-worker RSS target
-(1.5 GB + largest tensor).
+file to file, `checkpoint/direct_import.py`, `direct_export.py`) and `regular` (workers build tensors, megatron-core
+writes and reads them; what `LLAMAPRO_DIRECT_CONVERT=0` forces), interleaved within each repeat. Peak RSS is
+sampled (psutil, every 50 ms) for every process of the command's tree. Prints medians, ratios to the floor, and the
+per-worker RSS target (1.5 GB + largest tensor).
+
+`--trees A,B`: source trees of the project (e.g. a `git worktree` of the commit before a change, and this one), each
+step run once per tree in every repeat (PYTHONPATH=tree), to compare code before and after in one run.
 """
 from __future__ import annotations
 
@@ -83,6 +86,19 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def tree_env(tree: str | None, **extra: str) -> dict:
+    """The environment that runs the project from `tree` (None: as this process finds it)."""
+    env = {**os.environ, **extra}
+    if tree is not None:
+        env["PYTHONPATH"] = str(Path(tree).resolve())
+    return env
+
+
+def tree_labels(trees: list[str | None]) -> list[str]:
+    """Short names of the trees (their directory names), '' for a single tree."""
+    return [""] if trees == [None] else [Path(t).resolve().name for t in trees]
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, dict[int, int], float]:
     """Wall time, peak RSS (bytes) of every process in the command's tree, and the tree's CPU seconds.
 
@@ -138,6 +154,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--paths", default="direct,regular", help="comma-separated: direct, regular")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--trees", default=None, help="comma-separated project trees to compare in one run (see above)")
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llamapro-bench-"))
@@ -148,8 +165,11 @@ def main() -> None:
     nbytes = make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab, dtype)
     largest = args.vocab * args.hidden * dtype.itemsize
     llamapro = [sys.executable, "-m", "llamapro_megatron.cli"]
+    trees = args.trees.split(",") if args.trees else [None]
+    labels = tree_labels(trees)
     paths = args.paths.split(",")
-    steps = [(path, direction) for path in paths for direction in ("hf-to-mcore", "mcore-to-hf")]
+    steps = [(f"{label} {path}".strip(), direction) for label in labels for path in paths
+             for direction in ("hf-to-mcore", "mcore-to-hf")]
     floor, cpu_floor = [], []
     walls = {s: [] for s in steps}
     rss = {s: [] for s in steps}
@@ -163,17 +183,23 @@ def main() -> None:
         cpu_floor.append(cpu_s)
         shutil.rmtree(work / "copy")  # disk: the copy, the checkpoints and the exports would coexist
         line = [f"run {r + 1}: copy {wall:.1f}s"]
-        for path in paths:
-            env = {**os.environ, "LLAMAPRO_DIRECT_CONVERT": "1" if path == "direct" else "0"}
-            for direction, cmd in (
-                    ("hf-to-mcore", ["--hf-dir", str(hf), "--out", str(work / f"mcore_{path}")]),
-                    ("mcore-to-hf", ["--load", str(work / f"mcore_{path}"), "--out", str(work / f"export_{path}")])):
-                wall, peaks, cpu_s = run_measured([*llamapro, "convert", direction, *cmd, "--workers",
-                                                   str(args.workers), "--no-progress"], env)
-                walls[(path, direction)].append(wall)
-                rss[(path, direction)].append(max(peaks.values()))
-                cpu[(path, direction)].append(cpu_s)
-                line.append(f"{path} {direction} {wall:.1f}s ({cpu_s:.1f} CPU s)")
+        turn = (lambda x: x) if r % 2 == 0 else (lambda x: x[::-1])  # several trees: alternate their order
+        for tree, label in turn(list(zip(trees, labels))):
+            for path in paths:
+                step = f"{label} {path}".strip()
+                env = tree_env(tree, LLAMAPRO_DIRECT_CONVERT="1" if path == "direct" else "0")
+                for direction, cmd in (
+                        ("hf-to-mcore", ["--hf-dir", str(hf), "--out", str(work / f"mcore_{path}")]),
+                        ("mcore-to-hf", ["--load", str(work / f"mcore_{path}"), "--out",
+                                         str(work / f"export_{path}")])):
+                    wall, peaks, cpu_s = run_measured([*llamapro, "convert", direction, *cmd, "--workers",
+                                                       str(args.workers), "--no-progress"], env)
+                    walls[(step, direction)].append(wall)
+                    rss[(step, direction)].append(max(peaks.values()))
+                    cpu[(step, direction)].append(cpu_s)
+                    line.append(f"{step} {direction} {wall:.1f}s ({cpu_s:.1f} CPU s)")
+                for d in (f"mcore_{path}", f"export_{path}"):  # disk and page cache: one tree's outputs at a time
+                    shutil.rmtree(work / d, ignore_errors=True)
         print("  ".join(line) + f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
 
     med = statistics.median
@@ -184,16 +210,23 @@ def main() -> None:
     print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, {args.heads} heads / "
           f"{args.kv_heads} KV, vocab {args.vocab}, {args.dtype}: {nbytes / gb:.2f} GiB; workers {args.workers}; "
           f"medians of {args.repeats}")
-    print(f"{'step':<24}{'wall s':>8}{'x copy':>8}{'CPU s':>8}{'peak RSS/proc GiB':>19}{'target':>22}")
-    print(f"{'copy (floor)':<24}{med(floor):>8.1f}{1.0:>8.2f}{med(cpu_floor):>8.1f}{'':>19}")
+    width = 24 + max(len(label) for label in labels)
+    print(f"{'step':<{width}}{'wall s':>8}{'x copy':>8}{'CPU s':>8}{'peak RSS/proc GiB':>19}{'target':>22}")
+    print(f"{'copy (floor)':<{width}}{med(floor):>8.1f}{1.0:>8.2f}{med(cpu_floor):>8.1f}{'':>19}")
     for (path, direction), w in walls.items():
         ok = med(w) <= 2 * med(floor) and max(rss[(path, direction)]) <= target_rss
-        print(f"{path + ' ' + direction:<24}{med(w):>8.1f}{med(w) / med(floor):>8.2f}"
+        print(f"{path + ' ' + direction:<{width}}{med(w):>8.1f}{med(w) / med(floor):>8.2f}"
               f"{med(cpu[(path, direction)]):>8.1f}{max(rss[(path, direction)]) / gb:>19.2f}"
               f"{'<=2.00x, <=' + format(target_rss / gb, '.2f') + ' GiB':>22}  {'OK' if ok else 'MISSED'}")
     for step in steps:
         ratios = ", ".join(f"{w / f:.2f}" for w, f in zip(walls[step], floor))
         print(f"per repeat, {step[0]} {step[1]} / floor: {ratios}")
+    if len(labels) == 2:  # before / after: the second tree's wall time over the first's
+        for path in paths:
+            for direction in ("hf-to-mcore", "mcore-to-hf"):
+                a, b = walls[(f"{labels[0]} {path}", direction)], walls[(f"{labels[1]} {path}", direction)]
+                print(f"{labels[1]} / {labels[0]}, {path} {direction}: {med(b) / med(a):.2f} of the wall time "
+                      f"(per repeat {', '.join(f'{y / x:.2f}' for x, y in zip(a, b))})")
     print("command: python benchmarks/convert.py " + " ".join(sys.argv[1:]))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

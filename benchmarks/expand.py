@@ -3,6 +3,7 @@
     python benchmarks/expand.py --mergekit /work/bench/mk-venv/bin/mergekit-yaml
                                 [--layers 24 --hidden 2048 --ffn 5632 --heads 32 --kv-heads 4 --vocab 32000]
                                 [--groups 6] [--workers 2] [--repeats 3] [--workdir DIR] [--mergekit-args "..."]
+                                [--trees OLD,NEW]
 
 Makes a random HF LLaMA of the given shape (default ~1.2B parameters, bf16; `make_random_llama` from
 benchmarks/convert.py) and converts it once to Megatron (neither is timed). Then, `--repeats` times each, every
@@ -23,7 +24,9 @@ into the page cache, syncs, waits for the kernel's dirty pages to drain and then
 that every step starts hot and no step pays for the writeback of the one before it.
 
 Checks that expand-hf's output equals mergekit's tensor by tensor (same names, dtypes and values; -0.0 == 0.0,
-which is what `x * 0.0` gives for negative x). Prints medians (wall; CPU seconds of the process tree, which a
+which is what `x * 0.0` gives for negative x). `--trees A,B`: project trees compared in one run (as in
+benchmarks/convert.py): expand-hf and expand run once per tree in every repeat, the copy floors once (of the first
+tree's output). Prints medians (wall; CPU seconds of the process tree, which a
 loaded machine disturbs less), ratios, and the targets: expand-hf >= 3x faster than mergekit, <= 1/4 of its peak
 RSS per process, <= 2x the copy floor.
 
@@ -53,7 +56,13 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert import add_model_shape_args, make_random_llama, run_measured  # noqa: E402  (benchmarks/: no package)
+from convert import (  # noqa: E402  (benchmarks/: no package)
+    add_model_shape_args,
+    make_random_llama,
+    run_measured,
+    tree_env,
+    tree_labels,
+)
 
 # A fresh process that copies a directory tree, as `cp -r` would (shutil uses copy_file_range/sendfile).
 COPY_TREE = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"
@@ -145,11 +154,11 @@ def settle(seconds: float, source: Path) -> None:
     time.sleep(seconds)
 
 
-def timed(cmd: list[str], out: Path) -> tuple[float, float, int]:
+def timed(cmd: list[str], out: Path, env: dict | None = None) -> tuple[float, float, int]:
     """Wall seconds (the process, then fsync of every file it wrote), CPU seconds (user + system, of the whole
     process tree: reaped children count into their parent's) and the largest peak RSS of its processes."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall, peaks, _ = run_measured(cmd)
+    wall, peaks, _ = run_measured(cmd, env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     fsync_tree(out)
@@ -171,7 +180,10 @@ def main() -> None:
                     help="seconds to wait, after a sync and once the kernel's dirty pages have drained, before each "
                     "timed step (default: %(default)s; without it a step pays for the previous one's writeback)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--trees", default=None, help="comma-separated project trees to compare in one run (see above)")
     args = ap.parse_args()
+    trees = args.trees.split(",") if args.trees else [None]
+    labels = tree_labels(trees)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llamapro-bench-expand-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -189,30 +201,40 @@ def main() -> None:
 
     steps = {
         "copy floor (HF)": lambda: [sys.executable, "-c", COPY_TREE, str(work / "expand-hf"), str(work / "copy-hf")],
-        "expand-hf": lambda: [*llamapro, "expand-hf", "--hf-dir", str(hf), "--out", str(work / "expand-hf"),
-                              "--groups", str(args.groups), "--workers", str(args.workers), "--no-progress"],
         "mergekit": lambda: [args.mergekit, str(yaml), str(work / "mergekit"), *shlex.split(args.mergekit_args)],
         "copy floor (mcore)": lambda: [sys.executable, "-c", COPY_TREE, str(work / "expand"), str(work / "copy-mc")],
-        "expand (mcore)": lambda: [*llamapro, "expand", "--load", str(mcore), "--out", str(work / "expand"),
-                                   "--groups", str(args.groups), "--workers", str(args.workers), "--no-progress"],
     }
-    outputs = {"copy floor (HF)": "copy-hf", "expand-hf": "expand-hf", "mergekit": "mergekit",
-               "copy floor (mcore)": "copy-mc", "expand (mcore)": "expand"}
-    sources = {"copy floor (HF)": work / "expand-hf", "expand-hf": hf, "mergekit": hf,
-               "copy floor (mcore)": work / "expand", "expand (mcore)": mcore}
+    outputs = {"copy floor (HF)": "copy-hf", "mergekit": "mergekit", "copy floor (mcore)": "copy-mc"}
+    sources = {"copy floor (HF)": work / "expand-hf", "mergekit": hf, "copy floor (mcore)": work / "expand"}
+    envs = {}
+    for tree, label in zip(trees, labels):  # the project's own steps, once per tree
+        hf_step, mc_step = f"expand-hf {label}".strip(), f"expand (mcore) {label}".strip()
+        steps[hf_step] = lambda: [*llamapro, "expand-hf", "--hf-dir", str(hf), "--out", str(work / "expand-hf"),
+                                  "--groups", str(args.groups), "--workers", str(args.workers), "--no-progress"]
+        steps[mc_step] = lambda: [*llamapro, "expand", "--load", str(mcore), "--out", str(work / "expand"),
+                                  "--groups", str(args.groups), "--workers", str(args.workers), "--no-progress"]
+        outputs.update({hf_step: "expand-hf", mc_step: "expand"})
+        sources.update({hf_step: hf, mc_step: mcore})
+        envs.update({hf_step: tree_env(tree), mc_step: tree_env(tree)})
+    hf_steps = [f"expand-hf {label}".strip() for label in labels]
+    mc_steps = [f"expand (mcore) {label}".strip() for label in labels]
     # each copy floor copies the output of the expansion run just before it; copies are removed once timed
     # (the page cache of this 24 GiB machine holds the sources and the latest outputs, not every copy)
-    order = ["expand-hf", "copy floor (HF)", "expand (mcore)", "copy floor (mcore)"]
-    if args.mergekit:
-        order.insert(2, "mergekit")
+    # (with several trees their steps alternate in order between repeats; their outputs are the same bytes)
+    def order_of(r: int) -> list[str]:
+        turn = (lambda x: x) if r % 2 == 0 else (lambda x: x[::-1])
+        return [*turn(hf_steps), "copy floor (HF)", *(["mergekit"] if args.mergekit else []), *turn(mc_steps),
+                "copy floor (mcore)"]
+
+    order = order_of(0)
     walls: dict[str, list[float]] = {s: [] for s in order}
     cpus: dict[str, list[float]] = {s: [] for s in order}
     rss: dict[str, list[int]] = {s: [] for s in order}
     for r in range(args.repeats):
-        for s in order:
+        for s in order_of(r):
             shutil.rmtree(work / outputs[s], ignore_errors=True)
             settle(args.settle, sources[s])
-            wall, cpu, peak = timed(steps[s](), work / outputs[s])
+            wall, cpu, peak = timed(steps[s](), work / outputs[s], envs.get(s))
             walls[s].append(wall)
             cpus[s].append(cpu)
             rss[s].append(peak)
@@ -223,7 +245,7 @@ def main() -> None:
 
     equal = None
     if args.mergekit:
-        problems = compare_hf(work / "expand-hf", work / "mergekit")
+        problems = compare_hf(work / "expand-hf", work / "mergekit")  # the first tree's output
         equal = not problems
         n = len(tensors_of(work / "expand-hf"))
         print(f"\nexpand-hf output vs mergekit output: {n} tensors, "
@@ -243,9 +265,10 @@ def main() -> None:
     print(header)
     mk = med(walls["mergekit"]) if args.mergekit else None
     mk_rss = max(rss["mergekit"]) if args.mergekit else None
-    for s, floor in (("copy floor (HF)", "copy floor (HF)"), ("expand-hf", "copy floor (HF)"),
-                     ("mergekit", "copy floor (HF)"), ("copy floor (mcore)", "copy floor (mcore)"),
-                     ("expand (mcore)", "copy floor (mcore)")):
+    rows = [("copy floor (HF)", "copy floor (HF)"), *[(s, "copy floor (HF)") for s in hf_steps],
+            ("mergekit", "copy floor (HF)"), ("copy floor (mcore)", "copy floor (mcore)"),
+            *[(s, "copy floor (mcore)") for s in mc_steps]]
+    for s, floor in rows:
         if s not in walls:
             continue
         w = med(walls[s])
@@ -256,14 +279,18 @@ def main() -> None:
     def per_repeat(a: str, b: str) -> str:  # robust to load that changes between repeats
         return f"(per repeat: {', '.join(f'{x / y:.2f}' for x, y in zip(walls[a], walls[b]))})"
 
-    print("\ntargets for expand-hf (ratios of the medians):")
-    w, peak = med(walls["expand-hf"]), max(rss["expand-hf"])
+    if len(labels) == 2:  # before / after: the second tree's wall time over the first's
+        for a, b in (hf_steps, mc_steps):
+            print(f"{b} / {a}: {med(walls[b]) / med(walls[a]):.2f} of the wall time {per_repeat(b, a)}")
+    first = hf_steps[0]
+    print(f"\ntargets for {first} (ratios of the medians):")
+    w, peak = med(walls[first]), max(rss[first])
     ratio = w / med(walls["copy floor (HF)"])
     print(f"  <= 2x the copy floor:          {ratio:.2f}x  {'MET' if ratio <= 2 else 'MISSED'}  "
-          + per_repeat("expand-hf", "copy floor (HF)"))
+          + per_repeat(first, "copy floor (HF)"))
     if mk:
         print(f"  >= 3x faster than mergekit:    {mk / w:.2f}x  {'MET' if mk / w >= 3 else 'MISSED'}  "
-              + per_repeat("mergekit", "expand-hf"))
+              + per_repeat("mergekit", first))
         print(f"  <= 1/4 of mergekit's peak RSS: {peak / mk_rss:.2f}  {'MET' if peak <= mk_rss / 4 else 'MISSED'}")
         print(f"  output equal to mergekit's:    {'MET' if equal else 'MISSED'}")
     print("command: PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/expand.py " + shlex.join(sys.argv[1:]))
