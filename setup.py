@@ -17,9 +17,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llamapro_megatron", "llamapro_megatron.*"]),
     install_requires=[
-        # 0.16.1 is the newest release installable on Python 3.11; newer ones (3.12+) are supported too.
-        "megatron-core>=0.16.1",
-        "torch>=2.4",
+        # tested: 0.16.1 (Python 3.11, the newest there) and 0.19.x (Python 3.12); both in CI (tests/run.sh)
+        "megatron-core>=0.16.1,<0.20",
+        # tested: 2.13.0 (CI, CPU, both legs) and 2.11 (the GPU machine, CUDA 13)
+        "torch>=2.11",
         "numpy",
         "safetensors>=0.4",
         "sentencepiece>=0.2",

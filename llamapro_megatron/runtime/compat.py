@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
 import sys
 import types
 from pathlib import Path
@@ -73,22 +74,54 @@ def install_no_triton_shim() -> bool:
 
 
 # megatron-core's notes at import/config time that say nothing a user can act on here: the layer spec (TE or not)
-# is chosen and reported by this project (`runtime/specs.py`), and "full scope" is megatron-core's own default.
+# is chosen and reported by this project (`runtime/specs.py`), "full scope" is megatron-core's own default, and the
+# MIMO model (0.19, imported by megatron.core) is not used.
 _MEGATRON_NOTES = ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                   "full scope is deprecated")
+                   "full scope is deprecated", "MimoModelConfig is experimental")
 # PyTorch deprecations of APIs that megatron-core's checkpointing calls (`strategies/torch.py`)
 _MEGATRON_TORCH_DEPRECATIONS = ("`load_state_dict` is deprecated", "Please use DTensor instead and we are deprecating "
                                 "ShardedTensor")
+# PyTorch's notes on how megatron-core 0.19 calls `torch.distributed.checkpoint.load` (every rank reads its own part
+# with `no_dist=True`, the reader passed by position: `strategies/torch.py`, `serialization.load_common_state_dict`)
+_MEGATRON_TORCH_NOTES = ("torch.distributed is disabled, unavailable or uninitialized",
+                         "The argument order of load has been changed")
+# Log records (logger -> message prefixes) that are notes to megatron-core's or torch's developers, seen with
+# megatron-core 0.19 and the CUDA build of torch on a machine without a GPU:
+_LOG_NOTES = {
+    # `models/gpt/gpt_model.py`: GPTModel is what this project builds (its successor, HybridModel, is 0.19-only)
+    "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
+    # `dist_checkpointing/strategies/common.py`: reading a checkpoint's `common.pt`, which the project writes on
+    # purpose so that megatron-core 0.16 can read it (`runtime/dist_ckpt.py`)
+    "megatron.core.dist_checkpointing.strategies.common": ("load_common is deprecated",),
+    # `torch/utils/cpp_extension.py` at import: the CUDA build of torch without a GPU runtime (nothing is compiled)
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),
+}
+
+
+class _DropNotes(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
 
 
 def mute_megatron_notes() -> None:
-    """Hide megatron-core's fallback notes (one per module and process: a 2-worker conversion printed 18 lines)."""
+    """Hide megatron-core's fallback notes (one per module and process: a 2-worker conversion printed 18 lines) and
+    the developer notes of `_LOG_NOTES`; every other warning still shows. Idempotent."""
     import warnings
 
     for message in _MEGATRON_NOTES:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
     for message in _MEGATRON_TORCH_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for message in _MEGATRON_TORCH_NOTES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    for name, prefixes in _LOG_NOTES.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotes) for f in log.filters):
+            log.addFilter(_DropNotes(prefixes))
 
 
 def import_megatron_core() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import queue
 import re
 from typing import Any
@@ -27,8 +28,43 @@ def save(sharded_state_dict: dict, checkpoint_dir: str, **kwargs: Any) -> None:
     """
     from megatron.core import dist_checkpointing
 
+    _no_async_deprecation_for_sync_saves()
     with _in_process_results_queue():
         dist_checkpointing.save(sharded_state_dict, checkpoint_dir, **kwargs)
+    _write_common_pt(checkpoint_dir)
+
+
+COMMON_PT = "common.pt"
+
+
+def _write_common_pt(checkpoint_dir: str) -> None:
+    """Also store the checkpoint's common (non-sharded) state as `common.pt`, where megatron-core no longer writes it.
+
+    Why: megatron-core 0.19 moved the common state into the DCP files (a `common_state` ShardedObject) and stopped
+    writing `common.pt`; 0.16 reads only `common.pt` (`strategies/common.py`, `load_common`), and 0.19 still prefers
+    a `common.pt` when there is one (`serialization.load_common_state_dict`). Written from what the installed
+    megatron-core itself reads back, so a checkpoint saved under either version loads under the other. Rank 0 only,
+    before the caller's barrier (every caller commits a save only after one)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    path = f"{checkpoint_dir}/{COMMON_PT}"
+    if dist.get_rank() != 0 or os.path.exists(path):
+        return
+    torch.save(dist_checkpointing.load_common_state_dict(checkpoint_dir), path)
+
+
+def _no_async_deprecation_for_sync_saves() -> None:
+    """megatron-core 0.19's synchronous torch_dist save runs through its async writer and logs, once per process,
+    "MCore's async save is deprecated ... use NVRx" (`strategies/torch.py`, `TorchDistSaveShardedStrategy.save`):
+    advice for async saves, which the project never makes. Mark it as logged."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+    except ImportError:
+        return
+    if hasattr(torch_strategy, "_logged_mcore_async_deprecation"):
+        torch_strategy._logged_mcore_async_deprecation = True
 
 
 @contextlib.contextmanager
