@@ -10,10 +10,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=torch==2.13.0
 
-python312() {
-    command -v python3.12 && return
-    local root
-    root=$(pyenv root 2>/dev/null) && ls -d "$root"/versions/3.12*/bin/python3 2>/dev/null | tail -1 && return
+python312() {  # a Python 3.12 that runs (a pyenv shim on PATH may not, when 3.12 is not selected)
+    local candidate root
+    for candidate in python3.12 $(root=$(pyenv root 2>/dev/null) && ls -d "$root"/versions/3.12*/bin/python3 2>/dev/null); do
+        if "$candidate" -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1; then
+            command -v "$candidate"
+            return
+        fi
+    done
     echo "LLAMAPRO_TEST_MATRIX=1 needs Python 3.12 (python3.12 on PATH, or pyenv)" >&2
     return 1
 }
