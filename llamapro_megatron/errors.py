@@ -3,3 +3,5 @@
 
 class UserError(ValueError):
     """Bad input or an impossible request; the message names the input, what was expected and what to do."""
+
+    exit_code = 2  # the CLI's exit status for it (a refused checkpoint file: 1, `runtime.safe_load`)

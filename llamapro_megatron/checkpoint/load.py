@@ -4,6 +4,9 @@ evaluate, generate, training start and resume) loads through :func:`load`.
 A full checkpoint is read by megatron-core's `dist_checkpointing.load`. A trainable-only training save
 (`trainable.py`) holds the trained tensors only: each requested model tensor is read from the save when it stores
 it and from its base checkpoint otherwise, so such a save is accepted wherever a full one is.
+
+Nothing a checkpoint contains runs while it loads (`runtime/safe_load.py`, installed in every process that imports
+megatron-core); a refused file raises one `UnsafeCheckpoint` naming it.
 """
 from __future__ import annotations
 
@@ -25,12 +28,17 @@ def load(state: dict[str, Any], ckpt_dir: str | Path, meta: CheckpointMeta, mode
     """
     from megatron.core import dist_checkpointing
 
+    from llamapro_megatron.runtime.safe_load import refusals_surface
+
     if not trainable.is_trainable_only(meta):
-        return dist_checkpointing.load(state, str(ckpt_dir), validate_access_integrity=strict)
+        with refusals_surface(ckpt_dir):
+            return dist_checkpointing.load(state, str(ckpt_dir), validate_access_integrity=strict)
     base_dir = trainable.resolve_base(ckpt_dir, meta, base)
     own, from_base = trainable.split_state(state, meta, model_keys, ckpt_dir)
-    loaded = dist_checkpointing.load(own, str(ckpt_dir), validate_access_integrity=strict)
-    base_loaded = dist_checkpointing.load(from_base, str(base_dir), validate_access_integrity=False)
+    with refusals_surface(ckpt_dir):
+        loaded = dist_checkpointing.load(own, str(ckpt_dir), validate_access_integrity=strict)
+    with refusals_surface(base_dir):
+        base_loaded = dist_checkpointing.load(from_base, str(base_dir), validate_access_integrity=False)
     for mk in from_base:
         loaded[mk] = {**base_loaded.get(mk, {}), **loaded.get(mk, {})}
     return loaded

@@ -71,7 +71,10 @@ def resolve_checkpoint(load: str | Path, step: int | None = None, flag: str = "-
         if not latest.is_file():
             raise UserError(f"{flag} {load} is not a Megatron checkpoint directory (no {LATEST_FILE}); convert a "
                             "Hugging Face model with `llamapro convert hf-to-mcore` first")
-        tag = latest.read_text().strip()
+        tag = latest.read_text(errors="replace").strip()
+        if tag != RELEASE and not (tag.isascii() and tag.isdigit()):
+            raise UserError(f"{latest} says {tag[:40]!r}; it must hold {RELEASE!r} or an iteration number. The save "
+                            "directory is damaged: pass --ckpt-step N to load iteration N")
         path = load / (RELEASE if tag == RELEASE else iteration_dir_name(int(tag)))
     if not (path / META_FILE).is_file():
         raise UserError(f"{path} has no {META_FILE}: not a checkpoint written by llamapro-megatron (or incomplete)")

@@ -53,9 +53,12 @@ def commit_output(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def failed(out: Path, reason: str) -> UserError:
-    """The one message of a failed write (each worker's traceback, if any, is on stderr above it)."""
-    return UserError(f"writing {out} failed, nothing was written there: {reason}")
+def failed(out: Path, reason, kind: type[UserError] = UserError) -> UserError:
+    """The one message of a failed write (a crashed worker's traceback is on stderr above it); a worker's UserError
+    keeps its kind (and so its exit code)."""
+    if isinstance(reason, UserError):
+        kind = type(reason)
+    return kind(f"writing {out} failed, nothing was written there: {reason}")
 
 
 def last_line(error) -> str:
@@ -72,6 +75,11 @@ def removed_on_failure(tmp: Path, out: Path) -> Iterator[None]:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise failed(out, str(e)) from e
+    except UserError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if str(e).startswith(f"writing {out} failed"):
+            raise
+        raise failed(out, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,6 +127,9 @@ def run_job(worker, job, workers: int, out: Path, total_bytes: int = 0) -> None:
     except WorkerError as e:
         shutil.rmtree(partial_dir(out), ignore_errors=True)
         raise failed(out, last_line(e)) from e
+    except UserError as e:  # a worker's (bad input found while reading it)
+        shutil.rmtree(partial_dir(out), ignore_errors=True)
+        raise failed(out, e) from e
 
 
 def start_release_world(out: Path):

@@ -61,9 +61,9 @@ def prepare() -> bool:
     """Make megatron-core importable and usable here; call before anything imports ``megatron.core``.
 
     Idempotent. Mutes megatron-core's fallback notes (no TE/Apex), installs the no-triton import shim
-    (megatron-core 0.19+ without triton), enables CPU support when CUDA is not available and fixes
-    DistributedOptimizer's torch-Adam fallback (needed on GPUs without TE/Apex too). Returns True when CPU support
-    is active.
+    (megatron-core 0.19+ without triton), enables CPU support when CUDA is not available, fixes
+    DistributedOptimizer's torch-Adam fallback (needed on GPUs without TE/Apex too) and makes checkpoint loading
+    restricted (`safe_load`). Returns True when CPU support is active.
     """
     from .compat import load_megatron_core
 
@@ -72,6 +72,9 @@ def prepare() -> bool:
 
     on_cpu = enable_cpu_support()
     fix_torch_adam_fallback()
+    from .safe_load import install
+
+    install()  # checkpoints are data: DCP's unrestricted loads become restricted ones
     return on_cpu
 
 

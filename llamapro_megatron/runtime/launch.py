@@ -45,6 +45,11 @@ def inside_launcher() -> bool:
     return bool(os.environ.get("WORLD_SIZE"))
 
 
+def debug() -> bool:
+    """LLAMAPRO_DEBUG=1: tracebacks for user errors too (ranks print theirs)."""
+    return os.environ.get("LLAMAPRO_DEBUG", "0") not in ("", "0")
+
+
 def current_rank() -> int:
     """This process's rank in a launch (0 outside one)."""
     return int(os.environ.get("RANK", "0"))
@@ -80,8 +85,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
     for their interpreters to finish (~0.3 s for a rank with torch and megatron-core imported); only for jobs whose
     work is complete when ``fn`` returns (nothing left to flush at exit).
 
-    If a rank raises, dies (e.g. from a signal) or exits without a result, or ``timeout_s`` passes, all ranks are
-    terminated and :class:`WorkerError` is raised (with the rank's traceback text when it raised). Every spawned
+    If a rank raises a :class:`~llamapro_megatron.errors.UserError`, all ranks are terminated and that error is raised
+    here as it was (the rank prints no traceback unless LLAMAPRO_DEBUG=1). If a rank raises anything else, dies (e.g.
+    from a signal) or exits without a result, or ``timeout_s`` passes, all ranks are terminated and
+    :class:`WorkerError` is raised (with the rank's traceback text when it raised). Every spawned
     process, and what it started, is gone when this returns or raises (KeyboardInterrupt included).
 
     Inside a launcher (:func:`inside_launcher`), this process already is one rank: ``fn(*args)`` runs here and
@@ -173,6 +180,8 @@ def _collect(procs: list[mp.process.BaseProcess], conns: list[Connection], timeo
                     open_conns.discard(rank)
                 else:
                     open_conns.discard(rank)
+                    if status == "user":
+                        raise payload  # a rank's UserError, as it was raised (the user's mistake, not a crash)
                     if status == "err":
                         raise WorkerError(f"rank {rank} of {n} raised:\n{payload}", rank=rank, remote_traceback=payload)
                     results[rank], reported[rank] = payload, True
@@ -277,6 +286,13 @@ def _worker_main(fn: Callable[..., Any], args: tuple, rank: int, conn: Connectio
         if listener is not None:
             _serve_store(listener)
         result = fn(*args)
+    except UserError as e:  # the user's mistake: the error itself goes to the parent, which reports it once
+        if debug():
+            sys.stderr.write(f"[rank {rank}] {traceback.format_exc()}")
+        with contextlib.suppress(Exception):
+            conn.send_bytes(pickle.dumps(("user", e)))
+        conn.close()
+        sys.exit(1)
     except BaseException:
         text = traceback.format_exc()
         sys.stderr.write(f"[rank {rank}] {text}")

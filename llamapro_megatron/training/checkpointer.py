@@ -125,8 +125,11 @@ class Checkpointer:
         """
         from megatron.core import dist_checkpointing
 
+        from llamapro_megatron.runtime.safe_load import refusals_surface
+
         c = self.config.checkpointing
-        common = dist_checkpointing.load_common_state_dict(str(self.source))
+        with refusals_surface(self.source):
+            common = dist_checkpointing.load_common_state_dict(str(self.source))
         resuming = "opt_param_scheduler" in common and not c.finetune
         with_optimizer = resuming and not c.no_load_optim
         saved_layout = common.get("layout", {})

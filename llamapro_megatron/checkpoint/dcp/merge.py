@@ -56,9 +56,10 @@ def merge_rounds(round_dirs: list[Path], out_dir: Path) -> None:
 
 def _move_saved_files(d: Path, out_dir: Path, prefix: str):
     """Move a save's data files from `d` into `out_dir` as `prefix + name`; returns its DCP metadata and storage
-    map with the new names. (The metadata is a pickle this job's own save wrote a moment ago.)"""
-    with open(d / DCP_METADATA, "rb") as f:
-        md = pickle.load(f)
+    map with the new names."""
+    from llamapro_megatron.runtime.safe_load import load_metadata
+
+    md = load_metadata(d / DCP_METADATA)
     renamed = {}
     for info in md.storage_data.values():
         if info.relative_path not in renamed:
