@@ -1,9 +1,9 @@
 """A checkpoint is data: a planted `__reduce__` in a checkpoint's pickles never runs, in any command that reads one.
 
 The hostile pickle asks for `os.system("touch MARKER")`. Planted as a release checkpoint's `.metadata` or
-`common.pt`, a training save's `.metadata`, a trainable-only save's `.metadata` and a training save's RNG state
-objects (inside its `.distcp` files), it is refused by every reading command: one `error:` line naming the file (or
-object) and the class, exit code 1, no traceback, and the marker never appears.
+`common.pt` or in place of a tensor chunk, a training save's `.metadata`, a trainable-only save's `.metadata` and a
+training save's RNG state objects (inside its `.distcp` files), it is refused by every reading command: one
+`error:` line naming the file (or object) and the class, exit code 1, no traceback, and the marker never appears.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def _plant_metadata(ckpt: Path, marker: Path) -> None:
 
 
 def _plant_objects(ckpt: Path, prefix: str, marker: Path) -> int:
-    """Replace every stored object whose key starts with `prefix` by the hostile pickle (as torch.save writes it),
-    appended to its data file; returns how many."""
+    """Replace every stored object or tensor chunk whose key starts with `prefix` by the hostile pickle (as torch.save
+    writes it), appended to its data file; returns how many."""
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
@@ -87,6 +87,9 @@ def _case(clean: Path, tmp_path: Path, kind: str):
 
             torch.save(_Hostile(marker), ckpt / "release" / "common.pt")
             return ckpt, marker, "common.pt"
+        if kind == "tensor_chunk":  # the embedding's chunk holds the hostile pickle instead of a tensor
+            assert _plant_objects(ckpt / "release", "embedding.word_embeddings.weight", marker) == 1
+            return ckpt, marker, "tensor chunk"
         _plant_metadata(ckpt / "release", marker)
         return ckpt, marker, ".metadata"
     save = "tro" if kind == "trainable_only_metadata" else "tr"
@@ -112,7 +115,8 @@ COMMANDS = {
 CASES = [(cmd, "release_metadata") for cmd in ("mcore-to-hf", "expand", "verify", "evaluate", "generate", "train")]
 CASES += [("mcore-to-hf", "training_metadata"), ("train", "training_metadata"),  # train: a resume
           ("merge", "trainable_only_metadata"), ("mcore-to-hf", "trainable_only_metadata"),
-          ("train", "rng_objects"), ("expand", "release_common"), ("train", "release_common")]
+          ("train", "rng_objects"), ("expand", "release_common"), ("train", "release_common"),
+          ("mcore-to-hf", "tensor_chunk"), ("expand", "tensor_chunk")]
 
 
 @pytest.mark.slow
