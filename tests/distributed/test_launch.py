@@ -156,6 +156,26 @@ def _fail_on_rank1(tmp: str, mode: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _user_error_on_rank1() -> None:
+    from llamapro_megatron.runtime.safe_load import UnsafeCheckpoint
+
+    if int(os.environ["RANK"]) == 1:
+        raise UnsafeCheckpoint("x/.metadata: refused to load posix.system")
+    time.sleep(60)
+
+
+def test_a_ranks_user_error_is_raised_as_itself_without_a_traceback(capfd, monkeypatch):
+    """The user's mistake found in a rank (a refused file, a bad flag) reaches the caller as the same error, so the
+    CLI prints it once with its exit code; the rank prints no traceback (unless LLAMAPRO_DEBUG=1)."""
+    from llamapro_megatron.runtime.safe_load import UnsafeCheckpoint
+
+    monkeypatch.delenv("LLAMAPRO_DEBUG", raising=False)
+    with pytest.raises(UnsafeCheckpoint, match="refused to load posix.system") as info:
+        run_workers(_user_error_on_rank1, 2, timeout_s=60)
+    assert info.value.exit_code == 1
+    assert "Traceback" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("mode", ["raise", "sigkill"])
 def test_run_workers_reports_a_failing_rank_and_stops_the_others(tmp_path, mode):
     start = time.monotonic()
