@@ -53,12 +53,13 @@ def commit_output(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def failed(out: Path, reason, kind: type[UserError] = UserError) -> UserError:
+def failed(out: Path, reason) -> UserError:
     """The one message of a failed write (a crashed worker's traceback is on stderr above it); a worker's UserError
     keeps its kind (and so its exit code)."""
-    if isinstance(reason, UserError):
-        kind = type(reason)
-    return kind(f"writing {out} failed, nothing was written there: {reason}")
+    kind = type(reason) if isinstance(reason, UserError) else UserError
+    error = kind(f"writing {out} failed, nothing was written there: {reason}")
+    error.failed_output = Path(out)  # already says so: not wrapped again on its way out (removed_on_failure)
+    return error
 
 
 def last_line(error) -> str:
@@ -77,7 +78,7 @@ def removed_on_failure(tmp: Path, out: Path) -> Iterator[None]:
         raise failed(out, str(e)) from e
     except UserError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if str(e).startswith(f"writing {out} failed"):
+        if getattr(e, "failed_output", None) == Path(out):
             raise
         raise failed(out, e) from e
     except BaseException:

@@ -77,17 +77,14 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 class _RestrictedPickle:
-    """Stands in for the `pickle` module inside DCP's file system reader: loads restricted, dumps as pickle does."""
+    """Stands in for the `pickle` module inside DCP's file system reader, which calls `pickle.load` (`.metadata`) and
+    `pickle.dump` (its writer) only: loads restricted, dumps as pickle does."""
 
-    Pickler, dump, dumps, HIGHEST_PROTOCOL = pickle.Pickler, pickle.dump, pickle.dumps, pickle.HIGHEST_PROTOCOL
+    dump = staticmethod(pickle.dump)
 
     @staticmethod
     def load(file, **_: Any) -> Any:
         return RestrictedUnpickler(file, str(getattr(file, "name", "the checkpoint's .metadata"))).load()
-
-    @staticmethod
-    def loads(data: bytes, **_: Any) -> Any:
-        return RestrictedUnpickler(io.BytesIO(data), "the checkpoint's .metadata").load()
 
 
 def load_metadata(path) -> Any:
