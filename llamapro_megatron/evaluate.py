@@ -205,12 +205,12 @@ def hf_domain_losses(hf_dir: str | Path, domains: dict[str, list[int]], *, seq_l
                      dtype: str = "float32", progress: bool = True) -> dict[str, DomainResult]:
     """The same per-domain losses computed by transformers (the reference)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from llamapro_megatron.arch import torch_dtype
+    from llamapro_megatron.checkpoint.hf import transformers_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch_dtype(dtype)).to(device)
+    model = transformers_model(hf_dir, torch_dtype(dtype)).to(device)
     model.eval()
     vocab = model.config.vocab_size
     results = {}

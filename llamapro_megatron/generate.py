@@ -55,12 +55,12 @@ def hf_generate(hf_dir: str | Path, prompts: list[list[int]], *, max_new_tokens:
                 dtype: str = "float32") -> list[list[int]]:
     """The same with transformers' own greedy search (the reference)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from llamapro_megatron.arch import torch_dtype
+    from llamapro_megatron.checkpoint.hf import transformers_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch_dtype(dtype)).to(device).eval()
+    model = transformers_model(hf_dir, torch_dtype(dtype)).to(device).eval()
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([prompt], device=device)

@@ -47,9 +47,10 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, vocab_size:
 
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    from llamapro_megatron.checkpoint.hf import transformers_model
+
+    model = transformers_model(hf_dir, torch.float32)
     model.eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
@@ -174,7 +175,7 @@ def tokens_for(text: str | None, token_ids: str | None, tokenizer_dirs: list[Pat
         if d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(d))
+            tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
             return torch.tensor([tok(text or DEFAULT_TEXT)["input_ids"]])
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab_size, (1, 48), generator=g)

@@ -24,6 +24,7 @@ from pathlib import Path
 from llamapro_megatron.arch import LlamaArch, canonical_dtype, dtype_bytes
 from llamapro_megatron.checkpoint import direct_export, direct_import, mapping, output, trainable, units
 from llamapro_megatron.checkpoint import hf as hfio
+from llamapro_megatron.checkpoint.load import check_files
 from llamapro_megatron.checkpoint.mcore import CheckpointMeta, read_meta, resolve_checkpoint
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.expansion import ExpansionPlan, compose
@@ -111,8 +112,9 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
     out = output.check_output(out, overwrite)
     ckpt_dir = resolve_checkpoint(load, ckpt_step)
     meta = read_meta(ckpt_dir)
+    check_files(ckpt_dir)  # a missing or truncated file is named here, on either path
     if trainable.is_trainable_only(meta):
-        trainable.resolve_base(ckpt_dir, meta)  # refuse a missing or mismatched base before starting workers
+        check_files(trainable.resolve_base(ckpt_dir, meta))  # refuse a missing or mismatched base before workers
     dtype = canonical_dtype(dtype or meta.dtype)
     job = ExportJob(str(ckpt_dir), str(out), meta.to_json(), dtype, overwrite, progress,
                     units.ROUND_BYTES if round_bytes is None else round_bytes)

@@ -88,7 +88,8 @@ def gguf_to_hf(
         special = {k: hp[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hp.get(k) is not None}
         GenerationConfig(**special).save_pretrained(tmp)
 
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                  trust_remote_code=False)
         tokenizer.save_pretrained(tmp)
         _make_tokenizer_config_portable(tmp)
 

@@ -110,6 +110,17 @@ class HFReader:
         return self._open(self.weight_map[name]).get_tensor(name)
 
 
+def transformers_model(hf_dir: str | Path, dtype):
+    """transformers' model of a HF directory, as the references (verify, evaluate, generate) load it: safetensors
+    weights only (a directory with only `*.bin` gets the refusal conversion gives) and never code from the
+    directory (`trust_remote_code=False`)."""
+    from transformers import AutoModelForCausalLM
+
+    HFReader(hf_dir)  # refuses a directory without safetensors, naming any .bin files and how to re-save them
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=False)
+
+
 def read_header(path: str | Path) -> tuple[int, dict]:
     """(offset of the data section, JSON header {name: {dtype, shape, data_offsets}}) of a safetensors file;
     refuses corrupt or truncated files. Torch-free: `st_copy`'s byte-copying workers use it too."""

@@ -10,11 +10,67 @@ megatron-core); a refused file raises one `UnsafeCheckpoint` naming it.
 """
 from __future__ import annotations
 
+import functools
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 from llamapro_megatron.checkpoint import trainable
+from llamapro_megatron.checkpoint.dcp.merge import DCP_METADATA
 from llamapro_megatron.checkpoint.mcore import CheckpointMeta, read_meta
+from llamapro_megatron.errors import UserError
+
+MCORE_METADATA = "metadata.json"  # megatron-core's own marker of a dist checkpoint
+
+
+def check_files(ckpt_dir: str | Path) -> None:
+    """Every file the checkpoint's metadata lists is there, as large as the chunks it lists in it (cheap: one read of
+    `.metadata`, restricted, and a stat per data file). A missing or truncated file is named in one UserError,
+    instead of a reader's failure deep inside PyTorch's DCP on some rank."""
+    d = Path(ckpt_dir)
+    for name in (MCORE_METADATA, DCP_METADATA):
+        if not (d / name).is_file():
+            raise UserError(f"{d} has no {name}: not a complete torch_dist checkpoint (an interrupted save, or files "
+                            "lost in a copy)")
+    stat = (d / DCP_METADATA).stat()
+    _check_files(str(d), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_files(d: str, mtime_ns: int, size: int) -> None:  # once per checkpoint and process (rounds load often)
+    from llamapro_megatron.checkpoint.dcp import index as dcp_index
+
+    try:
+        extents = dcp_index.storage_extents(d)  # without torch (the direct export's parent has none)
+    except dcp_index.Unreadable:  # damaged, or a class the stand-ins do not know: the restricted reader decides
+        extents = _extents_restricted(d)
+    for name, needed in sorted(extents.items()):
+        path = os.path.join(d, name)
+        try:
+            have = os.stat(path).st_size
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing; the checkpoint's metadata lists data in it (files lost in a copy, "
+                            "or an interrupted save)") from None
+        if have < needed:
+            raise UserError(f"{path} is truncated: {have} bytes, the checkpoint's metadata lists data up to byte "
+                            f"{needed} (an interrupted copy or save)")
+
+
+def _extents_restricted(d: str) -> dict[str, int]:
+    from llamapro_megatron.runtime.safe_load import load_metadata
+
+    path = os.path.join(d, DCP_METADATA)
+    try:
+        md = load_metadata(path)
+        extents: dict[str, int] = {}
+        for info in md.storage_data.values():
+            extents[info.relative_path] = max(extents.get(info.relative_path, 0), info.offset + info.length)
+    except UserError:  # a refusal (UnsafeCheckpoint), as it is
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+    return extents
 
 
 def load(state: dict[str, Any], ckpt_dir: str | Path, meta: CheckpointMeta, model_keys=("model",),
@@ -30,11 +86,13 @@ def load(state: dict[str, Any], ckpt_dir: str | Path, meta: CheckpointMeta, mode
 
     from llamapro_megatron.runtime.safe_load import refusals_surface
 
+    check_files(ckpt_dir)
     if not trainable.is_trainable_only(meta):
         with refusals_surface(ckpt_dir):
             return dist_checkpointing.load(state, str(ckpt_dir), validate_access_integrity=strict)
     base_dir = trainable.resolve_base(ckpt_dir, meta, base)
     own, from_base = trainable.split_state(state, meta, model_keys, ckpt_dir)
+    check_files(base_dir)
     with refusals_surface(ckpt_dir):
         loaded = dist_checkpointing.load(own, str(ckpt_dir), validate_access_integrity=strict)
     with refusals_surface(base_dir):

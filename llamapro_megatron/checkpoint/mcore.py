@@ -16,6 +16,7 @@ from typing import Any
 
 from llamapro_megatron import __version__
 from llamapro_megatron.arch import LlamaArch
+from llamapro_megatron.checkpoint.meta_check import check_meta
 from llamapro_megatron.errors import UserError
 
 META_FILE = "llamapro.json"
@@ -42,8 +43,13 @@ class CheckpointMeta:
         return json.dumps({"format": "llamapro-megatron", **d}, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> CheckpointMeta:
-        d = json.loads(text)
+    def from_json(cls, text: str, source: str = META_FILE) -> CheckpointMeta:
+        """Parsed and checked (`checkpoint.meta_check`); a bad file raises a UserError naming `source`."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source} is not valid JSON ({e}). The checkpoint is damaged") from None
+        check_meta(d, source, cls)
         d.pop("format", None)
         d["arch"] = LlamaArch.from_dict(d["arch"])
         return cls(**d)
@@ -84,6 +90,7 @@ def resolve_checkpoint(load: str | Path, step: int | None = None, flag: str = "-
 def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:
     path = Path(ckpt_dir) / META_FILE
     try:
-        return CheckpointMeta.from_json(path.read_text())
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not valid llamapro-megatron metadata ({e})") from e
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    return CheckpointMeta.from_json(text, str(path))

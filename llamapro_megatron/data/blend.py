@@ -174,6 +174,9 @@ def build_datasets(
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    from llamapro_megatron.runtime.safe_load import restrict_dataset_caches
+
+    restrict_dataset_caches()  # a shared cache directory holds data, never code
     stats = corpus_stats(config)
     logger.info(describe(config, stats))
     matrix = _split_matrix(config.split)

@@ -29,7 +29,7 @@ def save(sharded_state_dict: dict, checkpoint_dir: str, **kwargs: Any) -> None:
     from megatron.core import dist_checkpointing
 
     _no_async_deprecation_for_sync_saves()
-    with _in_process_results_queue():
+    with _in_process_results_queue(), _writer_threads_not_forks():
         dist_checkpointing.save(sharded_state_dict, checkpoint_dir, **kwargs)
     _write_common_pt(checkpoint_dir)
 
@@ -82,6 +82,61 @@ def _in_process_results_queue():
         yield
     finally:
         fa._results_queue = None
+
+
+@contextlib.contextmanager
+def _writer_threads_not_forks():
+    """megatron-core 0.16's torch_dist writer forks a process per file it writes (`write_preloaded_data_multiproc`)
+    and waits for each to report, with no timeout. Forking a process that runs threads (gloo's, the rendezvous
+    store's, ours) can leave the child stuck on a lock another thread held at the fork; the save then never ends.
+    megatron-core 0.19 writes the same files from threads (`write_preloaded_data_multithread`); with 0.16 the same
+    per-file writer runs in threads here (:func:`_write_files_in_threads`)."""
+    try:
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync as writer
+    except ImportError:
+        yield
+        return
+    original = writer.__dict__.get("write_preloaded_data_multiproc")
+    if original is None or "write_preloaded_data_multithread" in writer.__dict__:
+        yield  # 0.19: threads already
+        return
+    writer.write_preloaded_data_multiproc = staticmethod(_write_files_in_threads)
+    try:
+        yield
+    finally:
+        writer.write_preloaded_data_multiproc = original
+
+
+def _write_files_in_threads(transform_list: list, use_msc: bool, rank: int, write_buckets: list,
+                            global_results_queue: Any) -> None:
+    """`write_preloaded_data_multiproc` of megatron-core 0.16 (same arguments, same result on the results queue: a
+    dict of each file's write results, or the first exception), with one thread per file instead of a fork."""
+    import threading
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync as writer
+
+    results: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()  # write_preloaded_data takes an item off and marks it done when finished
+    extra = {"use_msc": True} if use_msc else {}
+    threads = []
+    for i, bucket in enumerate(write_buckets):
+        done.put(i)
+        threads.append(threading.Thread(target=writer.write_preloaded_data, name=f"ckpt-writer-{i}",
+                                        args=(transform_list, i, bucket, results, done, True), kwargs=extra))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out: dict | Exception = {}
+    while not results.empty():
+        i, local = results.get()
+        if isinstance(local, Exception):
+            out = local
+            break
+        out[i] = local
+    if not isinstance(out, Exception) and len(out) != len(write_buckets):
+        out = RuntimeError(f"checkpoint writers reported {len(out)} of {len(write_buckets)} files")
+    global_results_queue.put(out)
 
 
 # "decoder.layers." not followed by a layer number: the stacked form of homogeneous decoder layers.

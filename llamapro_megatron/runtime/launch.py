@@ -10,6 +10,7 @@ before its job (:func:`runtime.compat.import_frameworks`: without the GC's walks
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -27,6 +28,8 @@ from ..errors import UserError
 
 _TERM_GRACE_S = 3.0
 _POLL_S = 0.2
+_STACKS_SIGNAL = signal.SIGUSR1  # a rank (and what it forked) writes every thread's Python stack to its stderr
+_STACKS_WAIT_S = 0.5  # per rank
 
 
 class WorkerError(RuntimeError):
@@ -88,8 +91,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
     If a rank raises a :class:`~llamapro_megatron.errors.UserError`, all ranks are terminated and that error is raised
     here as it was (the rank prints no traceback unless LLAMAPRO_DEBUG=1). If a rank raises anything else, dies (e.g.
     from a signal) or exits without a result, or ``timeout_s`` passes, all ranks are terminated and
-    :class:`WorkerError` is raised (with the rank's traceback text when it raised). Every spawned
-    process, and what it started, is gone when this returns or raises (KeyboardInterrupt included).
+    :class:`WorkerError` is raised (with the rank's traceback text when it raised). On a timeout, ``timeout_s`` or
+    the caller's (any exception but a rank's report or KeyboardInterrupt), the ranks still running first write every
+    thread's Python stack to their stderr. Every spawned process, and what it started, is gone when this returns or
+    raises (KeyboardInterrupt included).
 
     Inside a launcher (:func:`inside_launcher`), this process already is one rank: ``fn(*args)`` runs here and
     the returned list holds this rank's value only.
@@ -138,7 +143,17 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
             send_end.close()  # the worker holds the only write end: EOF means it is gone
             procs.append(proc)
             conns.append(recv_end)
-        return _collect(procs, conns, timeout_s, skip_exits)
+        try:
+            return _collect(procs, conns, timeout_s, skip_exits)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except WorkerError as e:
+            if e.rank is None:  # the launch timed out: say where each rank was
+                _dump_stacks(procs)
+            raise
+        except BaseException:  # the caller gave up waiting (e.g. a test's timeout): say where each rank was
+            _dump_stacks(procs)
+            raise
     finally:
         listener.close()
         _teardown(procs)
@@ -225,6 +240,22 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _dump_stacks(procs: list[mp.process.BaseProcess]) -> None:
+    """Ask every rank still running, and the processes it started, for their Python stacks (on their stderr), one
+    rank at a time so that their texts do not interleave."""
+    for proc in procs:
+        if _peek_exitcode(proc) is not None:
+            continue
+        sys.stderr.write(f"llamapro: {proc.name} (pid {proc.pid}) was still running; its Python stacks:\n")
+        sys.stderr.flush()
+        try:
+            os.killpg(proc.pid, _STACKS_SIGNAL)  # the rank and what it forked (which inherits the handler)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(proc.pid, _STACKS_SIGNAL)
+        time.sleep(_STACKS_WAIT_S)
+
+
 def _signal_group(proc: mp.process.BaseProcess, sig: int) -> None:
     if proc.pid is None:
         return
@@ -277,6 +308,7 @@ def _serve_store(listener: socket.socket) -> None:
 def _worker_main(fn: Callable[..., Any], args: tuple, rank: int, conn: Connection, parent_pid: int,
                  listener: socket.socket | None, frameworks: bool = True) -> None:
     os.setpgrp()
+    faulthandler.register(_STACKS_SIGNAL, file=sys.stderr, all_threads=True)  # see _dump_stacks
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     try:
         if frameworks:

@@ -160,6 +160,9 @@ def _raise_wrapped(e, ckpt_dir) -> None:
         if isinstance(exc, pickle.UnpicklingError):  # a tensor chunk that is not a plain tensor
             raise UnsafeCheckpoint(f"{ckpt_dir}: refused to load a tensor chunk that holds other objects "
                                    f"({_first_line(exc)}). Do not use this checkpoint") from None
+        if isinstance(exc, EOFError) or (isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)):
+            raise UserError(f"{ckpt_dir}: a stored chunk cannot be read ({_first_line(exc)}); the checkpoint is "
+                            "damaged") from None
 
 
 def _raise_common_pt(ckpt_dir) -> None:
@@ -175,6 +178,48 @@ def _raise_common_pt(ckpt_dir) -> None:
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line] or str(exc).splitlines()[:1]
     return lines[0] if lines else type(exc).__name__
+
+
+def load_index_cache(path, mmap_mode=None, **_: Any) -> Any:
+    """A megatron-core dataset index cache (`.npy` under the data cache path: integer arrays), loaded without pickle.
+
+    megatron-core loads them with `numpy.load(allow_pickle=True)` (0.16; 0.19 through its own restricted unpickler),
+    so a planted object array in a shared cache directory would run on load. An array that needs pickle is refused."""
+    import numpy
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as f:
+        version = npy.read_magic(f)
+        header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        _, _, dtype = header(f)
+    if dtype.hasobject:
+        raise UnsafeCheckpoint(f"{path}: refused to load an object array (a dataset index cache holds only integer "
+                               "arrays; this file could run code). Delete the file, or the --data-cache-path "
+                               "directory, and megatron-core rebuilds it")
+    return numpy.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+
+
+class _NumpyWithoutPickle:
+    """Stands in for `numpy` inside megatron-core's dataset modules: `load` is :func:`load_index_cache`."""
+
+    load = staticmethod(load_index_cache)
+
+    def __getattr__(self, name: str) -> Any:
+        import numpy
+
+        return getattr(numpy, name)
+
+
+def restrict_dataset_caches() -> None:
+    """Route the index-cache loads of megatron-core's GPT and blended datasets through :func:`load_index_cache`
+    (idempotent); called where the project builds those datasets (`data.blend.build_datasets`)."""
+    from megatron.core.datasets import blended_dataset, gpt_dataset
+
+    for module in (gpt_dataset, blended_dataset):
+        if not isinstance(module.numpy, _NumpyWithoutPickle):
+            module.numpy = _NumpyWithoutPickle()
+        if hasattr(module, "safe_numpy_load"):  # 0.19's loader (restricted pickle): no pickle at all instead
+            module.safe_numpy_load = load_index_cache
 
 
 def install() -> None:

@@ -217,6 +217,37 @@ def test_run_workers_cleans_up_on_keyboard_interrupt(tmp_path):
     assert not any(_alive(int(f.read_text())) for f in files)
 
 
+class _GaveUp(Exception):
+    pass
+
+
+def _give_up(signum, frame):
+    raise _GaveUp
+
+
+def test_a_caller_giving_up_gets_the_ranks_stacks_first(tmp_path, capfd):
+    # what pytest-timeout does to a hung test: an exception from a signal handler while run_workers waits
+    previous = signal.signal(signal.SIGUSR2, _give_up)
+    files = [tmp_path / "rank0", tmp_path / "rank1"]
+
+    def give_up_when_started():
+        _wait_for_files(files, timeout_s=280)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=give_up_when_started, daemon=True).start()
+    try:
+        with pytest.raises(_GaveUp):
+            run_workers(_sleep, 2, args=(str(tmp_path),), timeout_s=300)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    err = capfd.readouterr().err
+    # each rank's threads under its own heading, its main thread in the function it was running
+    texts = err.split("llamapro: llamapro-rank")[1:]
+    assert [t.split(" ")[0] for t in texts] == ["0", "1"], err
+    assert all("was still running; its Python stacks:" in t and "in _sleep" in t for t in texts), err
+    assert not any(_alive(int(f.read_text())) for f in files)
+
+
 def test_run_workers_timeout(tmp_path):
     import psutil
 

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data_artifacts import artifact
-from tests.distributed.versions import TRAIN, llamapro
-from tests.tiny_models import make_tiny_hf
+from tests.distributed.versions import TRAIN
 
 
 class _Hostile:
@@ -63,17 +61,8 @@ def _plant_objects(ckpt: Path, prefix: str, marker: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safe")
-    hf = make_tiny_hf(root / "hf", "gqa", vocab_size=32000)  # the Mistral tokenizer's vocabulary
-    shutil.copy(artifact("tokenizer.model.v1"), hf / "tokenizer.model")
-    (root / "code.jsonl").write_text('{"text": "def add(a, b):\\n    return a + b\\n"}\n' * 8)
-    llamapro("convert", "hf-to-mcore", "--hf-dir", str(hf), "--out", str(root / "mc"), "--no-progress")
-    llamapro("expand", "--load", str(root / "mc"), "--out", str(root / "pro"), "--groups", "2", "--no-progress")
-    for save, extra in (("tr", []), ("tro", ["--save-trainable-only"])):
-        llamapro("train", "--load", str(root / "pro"), "--save", str(root / save), "--train-iters", "1",
-                 "--save-interval", "1", *TRAIN, *extra)
-    return root
+def clean(workflow_checkpoints):
+    return workflow_checkpoints
 
 
 def _case(clean: Path, tmp_path: Path, kind: str):

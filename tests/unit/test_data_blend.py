@@ -128,3 +128,35 @@ def test_config_errors(corpora):
         }
     )
     assert [c.weight for c in cfg.corpora] == [1.5, 1.0] and cfg.corpora[0].name == "code_text_document"
+
+
+class _Planted:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file when unpickled
+
+
+@pytest.mark.timeout(120)
+def test_a_planted_object_array_in_the_index_cache_is_refused(process_group, corpora, tokenizer, tmp_path):
+    import numpy as np
+
+    from llamapro_megatron.runtime.safe_load import UnsafeCheckpoint
+
+    cache = tmp_path / "cache"
+    config = BlendConfig(corpora=[Corpus(corpora["code"], 1.5), Corpus(corpora["prose"], 1.0)], split="90,5,5",
+                         seq_length=64, cache_dir=str(cache))
+    first = build_datasets(config, tokenizer, (300, 20, None))[0]
+    again = build_datasets(config, tokenizer, (300, 20, None))[0]  # from the cache, loaded without pickle
+    assert all((first[i]["tokens"] == again[i]["tokens"]).all() for i in (0, 17, 299))
+    caches = sorted(cache.rglob("*.npy"))
+    assert any("document_index" in f.name for f in caches) and any("dataset_index" in f.name for f in caches)
+    marker = tmp_path / "ran"
+    for f in caches:
+        saved = f.read_bytes()
+        np.save(f, np.array([_Planted(str(marker))], dtype=object), allow_pickle=True)
+        with pytest.raises(UnsafeCheckpoint, match=f"{f}: refused to load an object array"):
+            build_datasets(config, tokenizer, (300, 20, None))[0][0]  # built, and one sample read
+        assert not marker.exists()
+        f.write_bytes(saved)

@@ -3,6 +3,7 @@ patches, the RoPE route. (run_workers, which starts ranks: tests/distributed/tes
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -200,6 +201,43 @@ def test_unstack_layer_keys_gives_each_layer_its_own_key():
         (prefix + "layers.3.mlp.linear_fc1.weight", (16, 8), (8, 0), 0),
     ]
 
+
+
+@pytest.mark.skipif("_cuda()")
+def test_save_writes_its_files_without_forking(dist_world_of_1, tmp_path, monkeypatch):
+    """megatron-core 0.16's writer forks a process per file; a fork of a process running threads can hang the save
+    for good (dist_ckpt._writer_threads_not_forks). Every file is written, from threads, and loads back equal."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    from llamapro_megatron.runtime.dist_ckpt import save
+
+    dist_world_of_1(tp=1, pp=1)
+
+    def no_fork():
+        raise AssertionError("the checkpoint save forked")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    values = {f"t{i}": torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)}
+
+    def sharded():
+        sd = {k: ShardedTensor.from_rank_offsets(k, v.clone()) for k, v in values.items()}
+        sd["rng"] = ShardedObject("rng", {"step": 3}, (1,), (0,))
+        return sd
+
+    for _ in range(2):  # the patch is undone after a save and applied again by the next
+        out = tmp_path / f"ckpt{_}"
+        out.mkdir()
+        save(sharded(), str(out))
+    written = sorted(f.name for f in out.glob("*.distcp"))
+    assert written  # 0.16 splits this save over 2 files (a thread each here), 0.19 writes 1
+    template = sharded()
+    for v in template.values():
+        if isinstance(v, ShardedTensor):
+            v.data.zero_()
+    loaded = dist_checkpointing.load(template, str(out))
+    assert all(torch.equal(loaded[k], v) for k, v in values.items()) and loaded["rng"] == {"step": 3}
 
 
 @pytest.mark.parametrize("returns", ["list", "bool"])

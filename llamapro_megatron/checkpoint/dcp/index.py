@@ -90,6 +90,21 @@ class _Unpickler(pickle.Unpickler):
         raise Unreadable(f"{module}.{name} in the checkpoint's DCP metadata")
 
 
+def storage_extents(ckpt_dir: str | Path) -> dict[str, int]:
+    """Each data file the checkpoint's DCP metadata names, and the end of the last chunk it places in it."""
+    path = Path(ckpt_dir) / DCP_METADATA
+    try:
+        with open(path, "rb") as f:
+            md = _Unpickler(f).load()
+        extents: dict[str, int] = {}
+        for info in md.storage_data.values():
+            extents[info.relative_path] = max(extents.get(info.relative_path, 0), info.offset + info.length)
+    except (OSError, pickle.UnpicklingError, AttributeError, KeyError, TypeError, ValueError, EOFError,
+            IndexError) as e:
+        raise Unreadable(f"{path}: {e!r}") from e
+    return extents
+
+
 def read_tensor_index(ckpt_dir: str | Path) -> dict[str, TensorIndex]:
     """Every tensor of the checkpoint: dtype, global size and where each of its chunks' archives is."""
     path = Path(ckpt_dir) / DCP_METADATA
