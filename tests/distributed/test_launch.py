@@ -198,22 +198,29 @@ def _sleep(tmp: str) -> None:
     time.sleep(600)  # outlives every timeout below: the test ends it
 
 
-def test_run_workers_cleans_up_on_keyboard_interrupt(tmp_path):
-    # A shell's background job (`cmd &` without job control, as CI harnesses start it) inherits SIGINT ignored,
-    # and Python then never installs its KeyboardInterrupt handler: install it for this test.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+def _interrupted_once_started(tmp_path, sig, handler, raised) -> list[Path]:
+    """run_workers of 2 sleeping ranks, interrupted by `sig` (handled by `handler`) once both run; it must raise
+    `raised`. Returns the files in which the ranks wrote their pids."""
+    previous = signal.signal(sig, handler)
     files = [tmp_path / "rank0", tmp_path / "rank1"]
 
     def interrupt_when_started():
         _wait_for_files(files, timeout_s=280)  # generous: a loaded 2-core machine can take a minute to spawn
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), sig)
 
     threading.Thread(target=interrupt_when_started, daemon=True).start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(raised):
             run_workers(_sleep, 2, args=(str(tmp_path),), timeout_s=300)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(sig, previous)
+    return files
+
+
+def test_run_workers_cleans_up_on_keyboard_interrupt(tmp_path):
+    # A shell's background job (`cmd &` without job control, as CI harnesses start it) inherits SIGINT ignored,
+    # and Python then never installs its KeyboardInterrupt handler: install it for this test.
+    files = _interrupted_once_started(tmp_path, signal.SIGINT, signal.default_int_handler, KeyboardInterrupt)
     assert not any(_alive(int(f.read_text())) for f in files)
 
 
@@ -227,19 +234,7 @@ def _give_up(signum, frame):
 
 def test_a_caller_giving_up_gets_the_ranks_stacks_first(tmp_path, capfd):
     # what pytest-timeout does to a hung test: an exception from a signal handler while run_workers waits
-    previous = signal.signal(signal.SIGUSR2, _give_up)
-    files = [tmp_path / "rank0", tmp_path / "rank1"]
-
-    def give_up_when_started():
-        _wait_for_files(files, timeout_s=280)
-        os.kill(os.getpid(), signal.SIGUSR2)
-
-    threading.Thread(target=give_up_when_started, daemon=True).start()
-    try:
-        with pytest.raises(_GaveUp):
-            run_workers(_sleep, 2, args=(str(tmp_path),), timeout_s=300)
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    files = _interrupted_once_started(tmp_path, signal.SIGUSR2, _give_up, _GaveUp)
     err = capfd.readouterr().err
     # each rank's threads under its own heading, its main thread in the function it was running
     texts = err.split("llamapro: llamapro-rank")[1:]
