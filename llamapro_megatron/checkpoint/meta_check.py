@@ -113,7 +113,8 @@ def _positive(d: dict, names: tuple[str, ...], where: str) -> None:
 
 def _check_arch(a: dict) -> None:
     if a["architecture"] not in SUPPORTED_ARCHITECTURES:
-        raise _Bad("arch.architecture", f"{a['architecture']!r} is not one of {sorted(SUPPORTED_ARCHITECTURES)}")
+        raise _Bad("arch.architecture", f"{a['architecture']!r} is not a LLaMA-family model; supported: "
+                                        f"{sorted(SUPPORTED_ARCHITECTURES)}")
     _positive(a, ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                   "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta",
                   "sliding_window"), "arch")

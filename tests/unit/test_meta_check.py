@@ -58,7 +58,7 @@ DAMAGE = [
     (_set("arch.hidden_size", 0), "arch.hidden_size", "must be positive"),
     (_set("arch.num_query_groups", 3), "arch.num_query_groups", "does not divide"),
     (_set("arch.tie_word_embeddings", 1), "arch.tie_word_embeddings", "true/false"),
-    (_set("arch.architecture", "GPT2LMHeadModel"), "arch.architecture", "is not one of"),
+    (_set("arch.architecture", "GPT2LMHeadModel"), "arch.architecture", "not a LLaMA-family model"),
     (_set("arch.rope_scaling.factor", -4.0), "arch.rope_scaling.factor", "must be positive"),
     (_set("arch.rope_scaling.shift", 1), "arch.rope_scaling", "unknown field(s) shift"),
     (_set("arch.eos_token_id", "2"), "arch.eos_token_id", "an integer or a list or null"),
