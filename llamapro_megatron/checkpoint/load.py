@@ -58,14 +58,12 @@ def _check_files(d: str, mtime_ns: int, size: int) -> None:  # once per checkpoi
 
 
 def _extents_restricted(d: str) -> dict[str, int]:
+    from llamapro_megatron.checkpoint.dcp.index import extents_of
     from llamapro_megatron.runtime.safe_load import load_metadata
 
     path = os.path.join(d, DCP_METADATA)
     try:
-        md = load_metadata(path)
-        extents: dict[str, int] = {}
-        for info in md.storage_data.values():
-            extents[info.relative_path] = max(extents.get(info.relative_path, 0), info.offset + info.length)
+        extents = extents_of(load_metadata(path))
     except UserError:  # a refusal (UnsafeCheckpoint), as it is
         raise
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as e:

@@ -87,22 +87,32 @@ def _matches(value: Any, hint: Any, where: str) -> None:
     raise TypeError(f"meta_check: no rule for {hint!r}")  # a new field type: teach _matches about it
 
 
-def _fields(value: Any, cls: type, where: str, ignore: tuple[str, ...] = ()) -> None:
-    """`value` is a JSON object with exactly `cls`'s fields (those without defaults required), each of its type."""
+def _object(value: Any, where: str, required: dict[str, Any], optional: dict[str, Any] | None = None,
+            closed: bool = True, ignore: tuple[str, ...] = ()) -> None:
+    """`value` is a JSON object with every `required` field and any `optional` one, each of its type hint; `closed`:
+    and no other field (but `ignore`)."""
+    optional = optional or {}
     if not isinstance(value, dict):
         raise _Bad(where, f"expected an object, got {value!r:.60}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(fields) - set(ignore))
+    unknown = sorted(set(value) - set(required) - set(optional) - set(ignore)) if closed else []
     if unknown:
         raise _Bad(where, f"unknown field(s) {', '.join(unknown)}")
-    for name, f in fields.items():
+    for name, hint in {**required, **optional}.items():
         sub = f"{where}.{name}" if where else name
-        if name not in value:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise _Bad(sub, "required field is missing")
-            continue
-        _matches(value[name], hints[name], sub)
+        if name in value:
+            _matches(value[name], hint, sub)
+        elif name in required:
+            raise _Bad(sub, "required field is missing")
+
+
+def _fields(value: Any, cls: type, where: str, ignore: tuple[str, ...] = ()) -> None:
+    """`value` is a JSON object with exactly `cls`'s fields (those without defaults required), each of its type."""
+    hints = typing.get_type_hints(cls)
+    required, optional = {}, {}
+    for f in dataclasses.fields(cls):
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        (optional if has_default else required)[f.name] = hints[f.name]
+    _object(value, where, required, optional, ignore=ignore)
 
 
 def _positive(d: dict, names: tuple[str, ...], where: str) -> None:
@@ -133,12 +143,9 @@ def _check_layers(d: dict) -> None:
     x = d.get("expansion")
     if x is None:
         return
-    for name, hint in (("original_num_layers", int), ("num_layers", int), ("new_layer_indices", list[int]),
-                       ("source_of_new", dict[str, int]), ("layer_origins", list[int])):
-        if name not in x:
-            raise _Bad(f"expansion.{name}", "required field is missing")
-        _matches(x[name], hint, f"expansion.{name}")
-    _matches(x.get("history", []), list[dict[str, Any]], "expansion.history")
+    _object(x, "expansion", {"original_num_layers": int, "num_layers": int, "new_layer_indices": list[int],
+                             "source_of_new": dict[str, int], "layer_origins": list[int]},
+            {"history": list[dict[str, Any]]}, closed=False)
     if x["num_layers"] != num_layers:
         raise _Bad("expansion.num_layers", f"{x['num_layers']} but arch.num_layers is {num_layers}")
     if not 0 < x["original_num_layers"] <= num_layers:
@@ -170,19 +177,9 @@ def _check_layout(layout: dict) -> None:
 def _check_trainable_only(t: dict | None) -> None:
     if t is None:
         return
-    _fields_of(t, {"base": str, "fingerprint": str, "keys": list[str]}, "trainable_only")
+    _object(t, "trainable_only", {"base": str, "fingerprint": str, "keys": list[str]})
     if not t["fingerprint"].startswith("sha256:"):
         raise _Bad("trainable_only.fingerprint", f"{t['fingerprint'][:40]!r} is not a sha256: fingerprint")
-
-
-def _fields_of(value: dict, spec: dict[str, Any], where: str) -> None:
-    unknown = sorted(set(value) - set(spec))
-    if unknown:
-        raise _Bad(where, f"unknown field(s) {', '.join(unknown)}")
-    for name, hint in spec.items():
-        if name not in value:
-            raise _Bad(f"{where}.{name}", "required field is missing")
-        _matches(value[name], hint, f"{where}.{name}")
 
 
 def check_meta(d: Any, source: str, meta_cls: type) -> None:

@@ -204,10 +204,12 @@ class _NumpyWithoutPickle:
 
     load = staticmethod(load_index_cache)
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # only for names not looked up before: each is kept on the instance
         import numpy
 
-        return getattr(numpy, name)
+        value = getattr(numpy, name)
+        setattr(self, name, value)
+        return value
 
 
 def restrict_dataset_caches() -> None:

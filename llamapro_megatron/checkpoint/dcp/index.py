@@ -90,15 +90,20 @@ class _Unpickler(pickle.Unpickler):
         raise Unreadable(f"{module}.{name} in the checkpoint's DCP metadata")
 
 
+def extents_of(md) -> dict[str, int]:
+    """Each data file a loaded DCP metadata (ours or PyTorch's own classes) names, and the end of its last chunk."""
+    extents: dict[str, int] = {}
+    for info in md.storage_data.values():
+        extents[info.relative_path] = max(extents.get(info.relative_path, 0), info.offset + info.length)
+    return extents
+
+
 def storage_extents(ckpt_dir: str | Path) -> dict[str, int]:
-    """Each data file the checkpoint's DCP metadata names, and the end of the last chunk it places in it."""
+    """:func:`extents_of` the checkpoint's `.metadata`, read with the stand-ins (no torch)."""
     path = Path(ckpt_dir) / DCP_METADATA
     try:
         with open(path, "rb") as f:
-            md = _Unpickler(f).load()
-        extents: dict[str, int] = {}
-        for info in md.storage_data.values():
-            extents[info.relative_path] = max(extents.get(info.relative_path, 0), info.offset + info.length)
+            extents = extents_of(_Unpickler(f).load())
     except (OSError, pickle.UnpicklingError, AttributeError, KeyError, TypeError, ValueError, EOFError,
             IndexError) as e:
         raise Unreadable(f"{path}: {e!r}") from e
