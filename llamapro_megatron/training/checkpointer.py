@@ -145,6 +145,7 @@ class Checkpointer:
             self._copy_into_model(i, chunk, loaded[self._model_key(i)])
         if with_optimizer:
             self.optimizer.load_state_dict(optimizer_state_for_loading(loaded["optimizer"]))
+            _model_params_from_main_params(self.optimizer)
             self.scheduler.load_state_dict(common["opt_param_scheduler"])
         else:
             self.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
@@ -265,6 +266,24 @@ def _warn_rank0(message: str) -> None:
 
 
 # ------------------------------------------------------------------- RNG
+def _model_params_from_main_params(optimizer) -> None:
+    """Round the bf16 weights from the loaded fp32 main params, as every step of the uninterrupted run left them.
+
+    The save's model part is in the originals' dtype: an fp16 copy of a bf16 weight loses the values below fp16's
+    normal range (a zero-initialised down projection has some after a few steps), so the weights loaded from it
+    are not the ones the run had. fp32 training has no separate main params (nothing to do)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        copy = getattr(opt, "_copy_main_params_to_model_params", None)
+        if copy is None:
+            continue
+        copy()
+        if isinstance(opt, DistributedOptimizer):  # each rank rounded its shard: gather the whole weights
+            for chunk in opt.model_chunks:
+                chunk.start_param_sync(force_sync=True)
+
+
 def _rng_sharded_object():
     """Megatron-LM's layout: one object per (pipeline, tensor) rank; data-parallel ranks are replicas."""
     import numpy as np
