@@ -28,6 +28,7 @@ setup(
         "transformers>=4.45",
         "psutil",  # undeclared need of megatron-core's async checkpoint writer (it hangs without it)
         "tqdm",
+        "xxhash>=3",  # the per-file checksums of every Megatron checkpoint written (checkpoint/integrity.py)
         "pyyaml",
         "tensorboard",  # --tensorboard-dir (torch's SummaryWriter)
         "protobuf",  # sentencepiece_model_pb2: rebuilding a SentencePiece model from a llama gguf vocabulary

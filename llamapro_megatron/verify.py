@@ -181,13 +181,49 @@ def tokens_for(text: str | None, token_ids: str | None, tokenizer_dirs: list[Pat
     return torch.randint(0, vocab_size, (1, 48), generator=g)
 
 
+def check_integrity(ckpt_dirs: list[Path], progress: bool = True) -> bool:
+    """`integrity.check` of each checkpoint (and of a trainable-only save's base); prints one line per checkpoint
+    and one per damaged file; returns whether all are intact."""
+    from llamapro_megatron.checkpoint import integrity, trainable
+    from llamapro_megatron.checkpoint.mcore import read_meta
+    from llamapro_megatron.progress import SharedProgress
+
+    todo = []
+    for d in ckpt_dirs:
+        todo.append(d)
+        meta = read_meta(d)
+        if trainable.is_trainable_only(meta):
+            todo.append(trainable.resolve_base(d, meta))
+    ok = True
+    for d in dict.fromkeys(todo):
+        bar = SharedProgress(None, 0, 1, integrity.total_bytes(d), "integrity", progress)
+        try:
+            report = integrity.check(d, bar.update)
+        finally:
+            bar.close()
+        verdict = "OK" if report.ok else f"FAIL, {len(report.problems)} damaged"
+        print(f"integrity of {d}: {report.files} files, {report.bytes / 2**20:.1f} MiB as recorded at save time "
+              f"({integrity.ALGORITHM}) -> {verdict}", flush=True)
+        for problem in report.problems:
+            print(f"  {d / problem}", flush=True)
+        ok = ok and report.ok
+    return ok
+
+
 def register(sub) -> None:
     p = sub.add_parser("verify", help="compare a Megatron checkpoint's logits with transformers'",
                        description="Run two models on the same tokens and compare their logits: the Hugging Face "
                        "model (transformers) against a Megatron checkpoint at a TP/PP layout (--hf-dir + --load), or "
                        "a Megatron checkpoint against its expansion at one common layout (--load + --load-expanded; "
                        "an identity expansion must match exactly). Prints max/mean |logit difference| and top-1 "
-                       "agreement; exits 1 above --tolerance.")
+                       "agreement; exits 1 above --tolerance. --integrity checks the checkpoint's files against the "
+                       "checksums recorded when it was written (alone or before the comparison); exits 1 if any "
+                       "differs.")
+    p.add_argument("--integrity", action="store_true",
+                   help="first check every file of --load (and --load-expanded; a trainable-only save's base too) "
+                   "against the size and checksum recorded when it was written: a flipped byte is named by file. "
+                   "Alone, without --hf-dir/--load-expanded, only this check runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --integrity")
     p.add_argument("--hf-dir", default=None, help="Hugging Face model directory (the reference)")
     p.add_argument("--load", required=True, help="Megatron checkpoint directory (the reference with "
                    "--load-expanded, else the model checked against --hf-dir)")
@@ -210,9 +246,17 @@ def run(args) -> int:
     from llamapro_megatron.arch import LlamaArch
     from llamapro_megatron.checkpoint.mcore import TOKENIZER_DIR, read_meta, resolve_checkpoint
 
-    if (args.hf_dir is None) == (args.load_expanded is None):
-        raise UserError("give --hf-dir (HF reference vs --load) or --load-expanded (--load vs its expansion)")
+    if args.hf_dir is not None and args.load_expanded is not None or (
+            not args.integrity and args.hf_dir is None and args.load_expanded is None):
+        raise UserError("give --hf-dir (HF reference vs --load) or --load-expanded (--load vs its expansion), or "
+                        "--integrity (the files of --load)")
     ckpt_dir = resolve_checkpoint(args.load, args.ckpt_step)
+    if args.integrity:
+        ckpt_dirs = [ckpt_dir] + ([resolve_checkpoint(args.load_expanded)] if args.load_expanded else [])
+        if not check_integrity(ckpt_dirs, progress=not args.no_progress):
+            return 1
+        if args.hf_dir is None and args.load_expanded is None:
+            return 0
     tokenizer_dirs = [ckpt_dir / TOKENIZER_DIR] + ([Path(args.hf_dir)] if args.hf_dir else [])
     if args.hf_dir:
         arch = LlamaArch.from_hf_dir(args.hf_dir)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamapro_megatron.arch import LlamaArch
-from llamapro_megatron.checkpoint import mapping, output, units
+from llamapro_megatron.checkpoint import integrity, mapping, output, units
 from llamapro_megatron.checkpoint.dcp import archive
 from llamapro_megatron.checkpoint.hf import HFReader
 from llamapro_megatron.checkpoint.mcore import RELEASE
@@ -160,14 +160,15 @@ def write_chunk(out, c: Chunk) -> None:
 
 
 def write_file(path: Path, chunks: list[Chunk], progress: Callable[[int], None], stop: threading.Event,
-               skip: Chunk | None = None) -> None:
-    """Write one data file's chunks (but `skip`, written already); stops early (leaving a short file, which the caller
-    removes) when `stop` is set."""
+               skip: Chunk | None = None) -> str | None:
+    """Write one data file's chunks (but `skip`, written already) and return its digest (`integrity`: read back while
+    the bytes are in the page cache, off the critical path like the copy); stops early (leaving a short file, which
+    the caller removes, and returning None) when `stop` is set."""
     _yield_cpu()
     with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644), "wb", buffering=0) as out:
         for c in chunks:
             if stop.is_set():
-                return
+                return None
             if c is not skip:
                 write_chunk(out, c)
                 progress(c.nbytes)
@@ -175,6 +176,7 @@ def write_file(path: Path, chunks: list[Chunk], progress: Callable[[int], None],
     expected = sum(c.length for c in chunks)
     if os.path.getsize(path) != expected:
         raise OSError(f"{path}: wrote {os.path.getsize(path)} bytes, planned {expected}")
+    return integrity.digest(path)
 
 
 # ------------------------------------------------------------------ the conversion
@@ -230,13 +232,12 @@ def convert(job, chunks: list[Chunk], workers: int) -> str | None:
             if reason is not None:
                 stop.set()
                 raise _NotConfirmed(reason)
-            for copy in copies:
-                copy.result()
+            digests = {name: copy.result() for name, copy in zip(files, copies)}
     except _NotConfirmed as e:
         return str(e)
     finally:
         bar.close()
-    output.commit_release(tmp, out, job.meta_json, Path(job.hf_dir))
+    output.commit_release(tmp, out, job.meta_json, Path(job.hf_dir), digests)
     if job.progress:
         print(f"hf-to-mcore: wrote {out} ({len(chunks)} tensor chunks in {len(files)} files, "
               f"{time.time() - t0:.1f}s)", flush=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llamapro_megatron.checkpoint import hf as hfio
+from llamapro_megatron.checkpoint import integrity
 from llamapro_megatron.checkpoint.mcore import LATEST_FILE, META_FILE, RELEASE, TOKENIZER_DIR
 from llamapro_megatron.errors import UserError
 
@@ -92,11 +93,14 @@ def release_common(meta_json: str) -> dict:
     return {"checkpoint_version": 3.0, "iteration": 0, "llamapro": json.loads(meta_json)}
 
 
-def commit_release(tmp: Path, out: Path, meta_json: str, tokenizer_src: Path) -> None:
-    """Once the torch_dist files are in `tmp/release`: metadata, latest pointer and tokenizer; rename to `out`."""
+def commit_release(tmp: Path, out: Path, meta_json: str, tokenizer_src: Path,
+                   digests: dict[str, str] | None = None) -> None:
+    """Once the torch_dist files are in `tmp/release`: metadata, tokenizer, checksums (`digests`: of the data files,
+    computed by their writers) and latest pointer; rename to `out`."""
     (tmp / RELEASE / META_FILE).write_text(meta_json)
-    (tmp / LATEST_FILE).write_text(RELEASE)
     hfio.copy_tokenizer_files(tokenizer_src, tmp / RELEASE / TOKENIZER_DIR)
+    integrity.record(tmp / RELEASE, digests)
+    (tmp / LATEST_FILE).write_text(RELEASE)
     commit_output(tmp, out)
 
 
@@ -149,13 +153,15 @@ def start_release_world(out: Path):
 
 
 def finish_release_world(info, tmp: Path, out: Path, meta_json: str, tokenizer_src: Path) -> None:
-    """Collective, after the save: rank 0 commits the release (:func:`commit_release`); the world is torn down."""
+    """Collective, after the save: the ranks hash the data files, rank 0 commits the release
+    (:func:`commit_release`); the world is torn down."""
     import torch.distributed as dist
 
     from llamapro_megatron.runtime.distributed import destroy_distributed
 
     dist.barrier()
+    digests = integrity.gathered_digests(tmp / RELEASE)
     if info.rank == 0:
-        commit_release(tmp, out, meta_json, tokenizer_src)
+        commit_release(tmp, out, meta_json, tokenizer_src, digests)
     dist.barrier()
     destroy_distributed()

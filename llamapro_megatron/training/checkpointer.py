@@ -3,6 +3,7 @@
     SAVE/latest_checkpointed_iteration.txt     moved (atomically) only after every rank finished writing
     SAVE/iter_0000500/                         model, optimizer, scheduler, iteration, consumed samples, RNG
         llamapro.json  tokenizer/              architecture + expansion metadata, tokenizer (export needs both)
+        checksums.json                         every file's size and digest (`llamapro verify --integrity`)
     SAVE/iter_0000600.partial/                 a save in progress (or one a crash interrupted): never loaded
 
 Model tensors are stored in the dtype of the weights the run started from (``llamapro.json`` ``dtype``), not
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from llamapro_megatron.arch import torch_dtype
-from llamapro_megatron.checkpoint import trainable
+from llamapro_megatron.checkpoint import integrity, trainable
 from llamapro_megatron.checkpoint.load import load
 from llamapro_megatron.checkpoint.mcore import (
     LATEST_FILE,
@@ -52,6 +53,7 @@ from llamapro_megatron.training.config import TrainConfig
 from llamapro_megatron.training.model import unwrap
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loads at any TP/PP/DP
+TRAINED_WEIGHTS = "trained_weights"  # fp32 training's trainable weights as they are (needs_trained_weights)
 
 
 @dataclass
@@ -80,7 +82,8 @@ class Checkpointer:
             self.base, self.trained_before = source.resolve(), set()
 
     # ------------------------------------------------------------ state dicts
-    def _state(self, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict[str, Any]:
+    def _state(self, is_loading: bool, with_optimizer: bool, with_rng: bool,
+               with_trained_weights: bool = False) -> dict[str, Any]:
         model_sd = {self._model_key(i): c.sharded_state_dict() for i, c in enumerate(self.chunks)}
         for sd in model_sd.values():  # TE keeps FP8 metadata here; a local-spec checkpoint has none
             for key in [k for k in sd if k.endswith("_extra_state")]:
@@ -91,6 +94,8 @@ class Checkpointer:
             # Built from the model entries while their data are still the parameters (mapped by identity).
             optim_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
             state["optimizer"] = rank_independent_optimizer_state(unstack_layer_keys(optim_sd), is_loading)
+            if with_trained_weights:
+                state[TRAINED_WEIGHTS] = self._trained_weights(model_sd, is_loading)
         if with_rng:
             state["rng_state"] = _rng_sharded_object()
         for i, chunk in enumerate(self.chunks):
@@ -100,6 +105,38 @@ class Checkpointer:
                 sd = state[self._model_key(i)] = trainable.trainable_entries(sd, names)
             self._set_stored_tensors(i, chunk, sd, is_loading)
         return state
+
+    def needs_trained_weights(self) -> bool:
+        """Whether the optimizer keeps no copy of the weights it trains (megatron-core's FP32Optimizer updates the
+        parameters themselves) while the save's model part is narrower than them: then the save also holds the
+        trainable weights as they are (`TRAINED_WEIGHTS`), or a resume would start from their rounded copies."""
+        from megatron.core.optimizer.optimizer import FP32Optimizer
+
+        narrower = any(p.requires_grad and p.dtype != self.stored_dtype
+                       for chunk in self.chunks for p in chunk.parameters())
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return narrower and any(isinstance(opt, FP32Optimizer) for opt in optimizers)
+
+    def _trained_weights(self, model_sd: dict, is_loading: bool) -> dict:
+        """The model entries of the trainable parameters under their own keys, holding the parameters (a save) or
+        buffers of their dtype (a load); per-layer keys, as only some layers train."""
+        import dataclasses
+
+        out = {}
+        for i, chunk in enumerate(self.chunks):
+            trainable_ids = {id(p) for p in chunk.parameters() if p.requires_grad}
+            for name, entry in model_sd[self._model_key(i)].items():
+                param = getattr(entry, "data", None)
+                if id(param) in trainable_ids:
+                    data = torch.empty_like(param) if is_loading else param.detach()
+                    out[f"{i}.{name}"] = dataclasses.replace(entry, key=f"{TRAINED_WEIGHTS}.{entry.key}", data=data)
+        return unstack_layer_keys(out)
+
+    def _copy_trained_weights(self, loaded: dict) -> None:
+        tensors = {f"{i}.{name}": p for i, chunk in enumerate(self.chunks) for name, p in chunk.named_parameters()}
+        with torch.no_grad():
+            for name, value in loaded.items():
+                tensors[name].copy_(value)
 
     def _model_key(self, i: int) -> str:
         return "model" if len(self.chunks) == 1 else f"model{i}"
@@ -138,7 +175,9 @@ class Checkpointer:
         if resuming and not c.no_load_rng and not same_layout:
             _warn_rank0(f"{self.source} was written at {saved_layout}, this run is {_layout(self.config)}: RNG "
                         "states are not restored (they are per tensor/pipeline rank)")
-        state = self._state(is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng)
+        with_trained = with_optimizer and common.get("has_trained_weights", False) and self.needs_trained_weights()
+        state = self._state(is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng,
+                            with_trained_weights=with_trained)
         model_keys = [self._model_key(i) for i in range(len(self.chunks))]
         loaded = load(state, self.source, self.meta, model_keys=model_keys, strict=True)
         for i, chunk in enumerate(self.chunks):
@@ -146,6 +185,8 @@ class Checkpointer:
         if with_optimizer:
             self.optimizer.load_state_dict(optimizer_state_for_loading(loaded["optimizer"]))
             _model_params_from_main_params(self.optimizer)
+            if with_trained:
+                self._copy_trained_weights(loaded[TRAINED_WEIGHTS])
             self.scheduler.load_state_dict(common["opt_param_scheduler"])
         else:
             self.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
@@ -181,11 +222,13 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        state = self._state(is_loading=False, with_optimizer=True, with_rng=True)
+        with_trained = self.needs_trained_weights()
+        state = self._state(is_loading=False, with_optimizer=True, with_rng=True, with_trained_weights=with_trained)
         trainable_only = self._trainable_only_record(state) if self.config.checkpointing.save_trainable_only else None
-        state.update(self._common(iteration, consumed_samples))
+        state.update(self._common(iteration, consumed_samples), has_trained_weights=with_trained)
         save_sharded(state, str(tmp))
         dist.barrier()  # every rank has written its shards
+        digests = integrity.gathered_digests(tmp)
         if rank0:
             meta = CheckpointMeta(arch=self.meta.arch, padded_vocab_size=self.meta.padded_vocab_size,
                                   dtype=self.meta.dtype, layout=_layout(self.config),
@@ -195,6 +238,7 @@ class Checkpointer:
             tokenizer = self.source / TOKENIZER_DIR
             if tokenizer.is_dir():
                 shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
+            integrity.record(tmp, digests)
             if final.exists():  # left by a run that died between the rename and the pointer update
                 shutil.rmtree(final)
             tmp.rename(final)

@@ -1,10 +1,11 @@
-"""A resumed bf16 run continues from the weights the interrupted run had, not from the save's model part.
+"""A resumed run continues from the weights the interrupted run had, not from the save's model part.
 
 The model part of a training save is in the originals' dtype (fp16 here). An fp16 copy of a bf16 weight loses the
 values below fp16's normal range (6.1e-5), which a zero-initialised down projection has after a few steps: the
 resumed weights must be rounded from the optimizer's fp32 main params instead. A planted 4.1425e-6 (exact in bf16;
 fp16 holds it as 4.1723e-6) shows which happened, with the plain and with the distributed optimizer (DP 2: each rank
-rounds its own shard, then the weights are gathered). One 2-rank gloo world, ~30 s.
+rounds its own shard, then the weights are gathered), in bf16 and in fp32 training (where the weights are the
+optimizer's own parameters). One 2-rank gloo world, ~20 s.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.tiny_models import make_tiny_hf
 
 PLANTED = 4.1425228118896484e-06  # a bf16 value below fp16's normal range
 ARGS = ["--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--lr", "1e-3",
-        "--eval-iters", "0", "--log-interval", "1", "--bf16", "--save-interval", "100"]
+        "--eval-iters", "0", "--log-interval", "1", "--save-interval", "100"]
 
 
 def _run(argv: list[str]):
@@ -46,7 +47,8 @@ def _world(root: str) -> dict:
     hf_to_mcore(r / "hf", r / "base", progress=False)
     expand_mcore(r / "base", r / "pro", lambda n: interleave(n, 2), progress=False)
     seen = {}
-    for name, extra in (("plain", []), ("distributed", ["--use-distributed-optimizer"])):
+    for name, extra in (("plain", ["--bf16"]), ("distributed", ["--bf16", "--use-distributed-optimizer"]),
+                        ("plain_fp32", []), ("distributed_fp32", ["--use-distributed-optimizer"])):
         save = str(r / name)
         run = _run([*ARGS, *extra, "--load", str(r / "pro"), "--save", save, "--train-iters", "1"])
         run.run(None)  # one step, so that the optimizer has state to save
@@ -70,4 +72,5 @@ def test_resumed_weights_are_the_main_params_rounded_not_the_saved_copy(tmp_path
     assert seen[0] == seen[1], seen
     fp16_copy = torch.tensor(PLANTED, dtype=torch.bfloat16).half().bfloat16().item()
     assert fp16_copy != PLANTED  # what loading the model part would give
-    assert seen[0] == {"plain": [PLANTED], "distributed": [PLANTED]}, json.dumps(seen)
+    assert seen[0] == {name: [PLANTED] for name in ("plain", "distributed", "plain_fp32", "distributed_fp32")}, \
+        json.dumps(seen)

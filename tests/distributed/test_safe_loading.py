@@ -1,9 +1,10 @@
 """A checkpoint is data: a planted `__reduce__` in a checkpoint's pickles never runs, in any command that reads one.
 
 The hostile pickle asks for `os.system("touch MARKER")`. Planted as a release checkpoint's `.metadata` or
-`common.pt` or in place of a tensor chunk, a training save's `.metadata`, a trainable-only save's `.metadata` and a
-training save's RNG state objects (inside its `.distcp` files), it is refused by every reading command: one
-`error:` line naming the file (or object) and the class, exit code 1, no traceback, and the marker never appears.
+`common.pt` or in place of a tensor chunk, a training save's `.metadata` (plain and distributed optimizer), a
+trainable-only save's `.metadata` and a training save's RNG state objects (inside its `.distcp` files), it is
+refused by every reading command: one `error:` line naming the file (or object) and the class, exit code 1, no
+traceback, and the marker never appears. (The SFT save: tests/distributed/test_sft.py.)
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def _case(clean: Path, tmp_path: Path, kind: str):
             return ckpt, marker, "tensor chunk"
         _plant_metadata(ckpt / "release", marker)
         return ckpt, marker, ".metadata"
-    save = "tro" if kind == "trainable_only_metadata" else "tr"
+    save = {"trainable_only_metadata": "tro", "distributed_optimizer_metadata": "trd"}.get(kind, "tr")
     ckpt = tmp_path / save
     shutil.copytree(clean / save, ckpt)
     if kind == "rng_objects":
@@ -105,7 +106,8 @@ CASES = [(cmd, "release_metadata") for cmd in ("mcore-to-hf", "expand", "verify"
 CASES += [("mcore-to-hf", "training_metadata"), ("train", "training_metadata"),  # train: a resume
           ("merge", "trainable_only_metadata"), ("mcore-to-hf", "trainable_only_metadata"),
           ("train", "rng_objects"), ("expand", "release_common"), ("train", "release_common"),
-          ("mcore-to-hf", "tensor_chunk"), ("expand", "tensor_chunk")]
+          ("mcore-to-hf", "tensor_chunk"), ("expand", "tensor_chunk"),
+          ("train", "distributed_optimizer_metadata"), ("mcore-to-hf", "distributed_optimizer_metadata")]
 
 
 @pytest.mark.slow

@@ -196,3 +196,25 @@ def _model_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     dcp_to_torch_save(str(ckpt_dir), str(out))
     return {k: v for k, v in torch.load(out, weights_only=False).items()
             if isinstance(v, torch.Tensor) and not k.startswith("optimizer") and "_extra_state" not in k}
+
+
+@pytest.mark.slow
+def test_the_sft_save_is_checksummed_and_read_only_as_data(sft_runs, tmp_path):
+    """The Instruct stage's save: its checksums hold, it exports, and a copy with a planted `.metadata` is refused
+    without running it (the reader of every other save; tests/distributed/test_safe_loading.py)."""
+    from llamapro_megatron.checkpoint import integrity
+    from tests.distributed.test_safe_loading import _plant_metadata, _run
+
+    _, out, _ = sft_runs
+    saved = Path(out["recipe"]["saved"])
+    assert integrity.check(saved).ok
+    proc = _run("convert", "mcore-to-hf", "--load", str(saved.parent), "--out", str(tmp_path / "hf"), "--no-progress")
+    assert proc.returncode == 0 and (tmp_path / "hf" / "config.json").is_file(), proc.stderr[-3000:]
+    hostile = tmp_path / "instruct"
+    shutil.copytree(saved.parent, hostile)
+    marker = tmp_path / "MARKER"
+    _plant_metadata(hostile / saved.name, marker)
+    proc = _run("convert", "mcore-to-hf", "--load", str(hostile), "--out", str(tmp_path / "hf2"), "--no-progress")
+    assert proc.returncode == 1 and "refused to load" in proc.stderr and "Traceback" not in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not marker.exists() and not (tmp_path / "hf2").exists()
