@@ -15,7 +15,9 @@ from typing import Any
 
 from llamapro_megatron.errors import UserError
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+# families whose q/k/v projections always have biases (no config field says so)
+_QKV_BIAS_ARCHITECTURES = {"Qwen2ForCausalLM"}
 # HF config fields whose presence (with a truthy value) means a feature this project does not convert.
 _UNSUPPORTED_TRUTHY = {
     "attention_bias": "attention biases",
@@ -62,7 +64,7 @@ class Llama3RopeScaling:
 
 @dataclass(frozen=True)
 class LlamaArch:
-    architecture: str  # "LlamaForCausalLM" | "MistralForCausalLM"
+    architecture: str  # "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -81,6 +83,7 @@ class LlamaArch:
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     dtype: str = "float32"  # the source's dtype
+    qkv_bias: bool = False  # q/k/v projection biases (Qwen2); megatron-core's add_qkv_bias
 
     # ---------------------------------------------------------------- reading
     @classmethod
@@ -109,7 +112,7 @@ class LlamaArch:
             if archs or model_type not in SUPPORTED_ARCHITECTURES.values():
                 raise UserError(f"{source}: architectures={archs} model_type={model_type!r} is not a LLaMA-family "
                                 f"model; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
-            arch = "MistralForCausalLM" if model_type == "mistral" else "LlamaForCausalLM"
+            arch = next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == model_type)
         for field, what in _UNSUPPORTED_TRUTHY.items():
             if config.get(field):
                 raise UserError(f"{source}: {field}={config[field]!r} ({what}) is not supported by LLaMA-family "
@@ -128,6 +131,13 @@ class LlamaArch:
         eps = config.get("rms_norm_eps", 1e-6)
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
         sliding = config.get("sliding_window") if arch == "MistralForCausalLM" else None
+        if arch == "Qwen2ForCausalLM":
+            if config.get("use_sliding_window"):
+                raise UserError(f"{source}: use_sliding_window=true (Qwen2's sliding window on the layers from "
+                                "max_window_layers on) is not supported; the released Qwen2/2.5 models disable it")
+            if head_dim != hidden // heads:
+                raise UserError(f"{source}: head_dim={head_dim} differs from hidden_size / num_attention_heads "
+                                f"({hidden // heads}), which Qwen2 models use")
         return cls(
             architecture=arch,
             num_layers=need("num_hidden_layers"),
@@ -148,6 +158,7 @@ class LlamaArch:
             pad_token_id=config.get("pad_token_id"),
             initializer_range=config.get("initializer_range", 0.02),
             dtype=canonical_dtype(dtype),
+            qkv_bias=arch in _QKV_BIAS_ARCHITECTURES,
         )
 
     # ------------------------------------------------------- (de)serialising
@@ -200,8 +211,11 @@ class LlamaArch:
         }
         if model_type == "llama":
             config["mlp_bias"] = False
-        else:
+        elif model_type == "mistral":
             config["sliding_window"] = self.sliding_window
+        else:  # qwen2: biases implied; its sliding-window fields present, disabled
+            del config["attention_bias"], config["head_dim"]
+            config.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
         return config
 
     # ----------------------------------------------------------- validation
@@ -269,7 +283,7 @@ class LlamaArch:
             gated_linear_unit=True,
             activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
-            add_qkv_bias=False,
+            add_qkv_bias=self.qkv_bias,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=self.initializer_range,

@@ -1,4 +1,4 @@
-"""Tiny random LLaMA-family Hugging Face checkpoints, written by transformers itself (the reference)."""
+"""Tiny random LLaMA-family (and Qwen2) Hugging Face checkpoints, written by transformers itself (the reference)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +23,11 @@ VARIANTS = {
     "mistral": dict(kind="mistral", vocab_size=130, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=8,
                     rope_theta=1000000.0),
+    # Qwen2/2.5: q/k/v biases, tied embeddings, rope theta 1e6; the sliding-window fields present but disabled
+    # (use_sliding_window false), so logits match only if the window is not applied
+    "qwen2": dict(kind="qwen2", vocab_size=210, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
+                  use_sliding_window=False, sliding_window=8, max_window_layers=2),
 }
 
 
@@ -30,12 +35,12 @@ def make_tiny_hf(out_dir: str | Path, variant: str, seed: int = 0, dtype: torch.
                  **overrides) -> Path:
     """Save a randomly initialised model of the variant (every weight random, norms too); `overrides` change
     config fields (e.g. vocab_size to match a real tokenizer)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers
 
     kwargs = {**VARIANTS[variant], **overrides}
     kind = kwargs.pop("kind")
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (MistralConfig,
-                                                                                      MistralForCausalLM)
+    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    config_cls, model_cls = getattr(transformers, family + "Config"), getattr(transformers, family + "ForCausalLM")
     config = config_cls(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None, **kwargs)
     torch.manual_seed(seed)
     model = model_cls(config)

@@ -102,7 +102,7 @@ def hf_layer_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of one decoder layer (names relative to the layer), with its shape."""
     h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    return {
+    shapes = {
         "input_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h),
         "self_attn.k_proj.weight": (kv, h),
@@ -113,6 +113,9 @@ def hf_layer_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
     }
+    if arch.qkv_bias:
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    return shapes
 
 
 def hf_global_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
@@ -156,12 +159,17 @@ def layer_tensors(arch: LlamaArch) -> tuple[StoredTensor, ...]:
     """The stored tensors of one decoder layer (HF names relative to the layer)."""
     s = hf_layer_shapes(arch)
     g, d = arch.num_query_groups, arch.head_dim
-    qkv = per_group_rows("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", g,
-                         arch.num_attention_heads // g * d, d)
+
+    def qkv(kind: str) -> tuple[Rows, ...]:
+        return per_group_rows(f"self_attn.q_proj.{kind}", f"self_attn.k_proj.{kind}", f"self_attn.v_proj.{kind}", g,
+                              arch.num_attention_heads // g * d, d)
+
+    bias = (stored_tensor("self_attention.linear_qkv.bias", (qkv("bias"),), s),) if arch.qkv_bias else ()
     return (
         stored_tensor("input_layernorm.weight", (whole("input_layernorm.weight", s),), s,
                 key="self_attention.linear_qkv.layer_norm_weight"),
-        stored_tensor("self_attention.linear_qkv.weight", (qkv,), s),
+        stored_tensor("self_attention.linear_qkv.weight", (qkv("weight"),), s),
+        *bias,
         stored_tensor("self_attention.linear_proj.weight", (whole("self_attn.o_proj.weight", s),), s, zero=True),
         stored_tensor("pre_mlp_layernorm.weight", (whole("post_attention_layernorm.weight", s),), s,
                 key="mlp.linear_fc1.layer_norm_weight"),

@@ -30,7 +30,7 @@ class FlopCounts:
 def parameter_count(arch: LlamaArch, padded_vocab: int) -> int:
     h, f = arch.hidden_size, arch.ffn_hidden_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-    per_layer = 2 * h + h * (q + 2 * kv) + q * h + 3 * h * f
+    per_layer = 2 * h + h * (q + 2 * kv) + q * h + 3 * h * f + ((q + 2 * kv) if arch.qkv_bias else 0)
     head = 0 if arch.tie_word_embeddings else padded_vocab * h
     return padded_vocab * h + arch.num_layers * per_layer + h + head
 

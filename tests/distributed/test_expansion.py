@@ -29,6 +29,7 @@ CASES = {
     "positions": ("tied", (1, 2), dict(positions="0,3"), dict(positions=[0, 3]), (2, 2), [((2, 1), (2, 2))]),
     "top": ("gqa", (1, 1), dict(where="top", num_new=2), dict(top=2), (1, 2), [((1, 1), (1, 2))]),
     "bottom": ("llama31", (1, 2), dict(where="bottom", num_new=4), dict(bottom=4), (1, 4), [((1, 2), (1, 4))]),
+    "qwen2": ("qwen2", (2, 1), dict(groups=2), dict(groups=2), (2, 2), [((2, 1), (2, 2))]),  # q/k/v biases copied
 }
 
 
@@ -89,7 +90,7 @@ def world(tmp_path_factory):
 @pytest.mark.slow
 def test_expanded_logits_equal_original_exactly(world):
     _, diffs = world
-    assert len(diffs) == 6
+    assert len(diffs) == 7
     assert all(d == 0.0 for d in diffs.values()), diffs
 
 

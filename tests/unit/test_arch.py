@@ -52,7 +52,10 @@ def test_rotary_frequencies_equal_transformers_llama3(tmp_path):
     ({"mlp_bias": True}, "mlp_bias"),
     ({"num_local_experts": 8}, "num_local_experts"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
-    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "Qwen2ForCausalLM"),
+    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, "Qwen3ForCausalLM"),
+    ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"}, "Qwen2MoeForCausalLM"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True},
+     "use_sliding_window"),
     ({"hidden_act": "gelu"}, "gelu"),
 ])
 def test_refuses_unsupported(change, field):
@@ -82,3 +85,23 @@ def test_layout_ok_and_vocab_padding():
     arch = LlamaArch.from_hf_config(BASE)
     arch.validate_layout(8, 4)
     assert arch.padded_vocab_size(1) == 32000 and arch.padded_vocab_size(4) == 32256
+
+
+def test_qwen2_has_qkv_biases_no_config_field_names():
+    arch = LlamaArch.from_hf_config(dict(BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                                         use_sliding_window=False, sliding_window=4096))
+    assert arch.qkv_bias and arch.sliding_window is None
+    assert not LlamaArch.from_hf_config(BASE).qkv_bias
+    assert arch.transformer_config().add_qkv_bias
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_parameter_count_equals_transformers(tmp_path, variant):
+    from transformers import AutoModelForCausalLM
+
+    from llamapro_megatron.training.metrics import parameter_count
+
+    hf = make_tiny_hf(tmp_path / variant, variant)
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    arch = LlamaArch.from_hf_dir(hf)
+    assert parameter_count(arch, arch.vocab_size) == sum(p.numel() for p in model.parameters())  # tied: once
