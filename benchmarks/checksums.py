@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _read_share(d: Path, rank: int, world: int) -> None:
-    files = sorted(d.glob("*.distcp"), key=lambda p: (-p.stat().st_size, p.name))
-    buf = bytearray(2 << 20)
-    for p in files[rank::world]:
+    """The floor: read (no hash) the same files `integrity.gathered_digests` has this rank hash."""
+    from llamapro_megatron.checkpoint.integrity import _BLOCK, rank_share
+
+    buf = bytearray(_BLOCK)
+    for p in rank_share(d, rank, world):
         with open(p, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass

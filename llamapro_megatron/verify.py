@@ -246,8 +246,8 @@ def run(args) -> int:
     from llamapro_megatron.arch import LlamaArch
     from llamapro_megatron.checkpoint.mcore import TOKENIZER_DIR, read_meta, resolve_checkpoint
 
-    if args.hf_dir is not None and args.load_expanded is not None or (
-            not args.integrity and args.hf_dir is None and args.load_expanded is None):
+    comparisons = (args.hf_dir is not None) + (args.load_expanded is not None)
+    if comparisons > 1 or (comparisons == 0 and not args.integrity):
         raise UserError("give --hf-dir (HF reference vs --load) or --load-expanded (--load vs its expansion), or "
                         "--integrity (the files of --load)")
     ckpt_dir = resolve_checkpoint(args.load, args.ckpt_step)
@@ -255,7 +255,7 @@ def run(args) -> int:
         ckpt_dirs = [ckpt_dir] + ([resolve_checkpoint(args.load_expanded)] if args.load_expanded else [])
         if not check_integrity(ckpt_dirs, progress=not args.no_progress):
             return 1
-        if args.hf_dir is None and args.load_expanded is None:
+        if comparisons == 0:
             return 0
     tokenizer_dirs = [ckpt_dir / TOKENIZER_DIR] + ([Path(args.hf_dir)] if args.hf_dir else [])
     if args.hf_dir:

@@ -69,15 +69,20 @@ def gathered_digests(ckpt_dir: str | Path) -> dict[str, str]:
     first, dealt round robin); every rank returns all the digests."""
     import torch.distributed as dist
 
-    root = Path(ckpt_dir)
-    files = sorted((p for p in root.glob("*.distcp") if p.is_file()), key=lambda p: (-p.stat().st_size, p.name))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = {p.name: digest(p) for p in files[rank::world]}
+    mine = {p.name: digest(p) for p in rank_share(ckpt_dir, rank, world)}
     if world == 1:
         return mine
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     return {name: d for part in everyone for name, d in part.items()}
+
+
+def rank_share(ckpt_dir: str | Path, rank: int, world: int) -> list[Path]:
+    """The data files rank `rank` of `world` hashes after a save: largest first, dealt round robin."""
+    files = sorted((p for p in Path(ckpt_dir).glob("*.distcp") if p.is_file()),
+                   key=lambda p: (-p.stat().st_size, p.name))
+    return files[rank::world]
 
 
 @dataclass
@@ -124,14 +129,11 @@ def check(ckpt_dir: str | Path, progress: Callable[[int], None] | None = None) -
         report.problems.append(f"{rel}: not among the files recorded at save time")
     for rel, entry in sorted(files.items()):
         path = root / rel
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            report.problems.append(f"{rel}: missing")
-            continue
+        size = path.stat().st_size if path.is_file() else None
         if size != entry["size"]:
-            report.problems.append(f"{rel}: {size} bytes, {entry['size']} recorded at save time")
-            if progress is not None:
+            report.problems.append(f"{rel}: missing" if size is None else
+                                   f"{rel}: {size} bytes, {entry['size']} recorded at save time")
+            if progress is not None:  # not read: the bar still reaches its total
                 progress(entry["size"])
             continue
         report.files, report.bytes = report.files + 1, report.bytes + size

@@ -114,8 +114,7 @@ class Checkpointer:
 
         narrower = any(p.requires_grad and p.dtype != self.stored_dtype
                        for chunk in self.chunks for p in chunk.parameters())
-        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        return narrower and any(isinstance(opt, FP32Optimizer) for opt in optimizers)
+        return narrower and any(isinstance(opt, FP32Optimizer) for opt in _optimizers(self.optimizer))
 
     def _trained_weights(self, model_sd: dict, is_loading: bool) -> dict:
         """The model entries of the trainable parameters under their own keys, holding the parameters (a save) or
@@ -309,7 +308,11 @@ def _warn_rank0(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-# ------------------------------------------------------------------- RNG
+def _optimizers(optimizer) -> list:
+    """megatron-core's optimizers inside a ChainedOptimizer (or the one given)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _model_params_from_main_params(optimizer) -> None:
     """Round the bf16 weights from the loaded fp32 main params, as every step of the uninterrupted run left them.
 
@@ -318,7 +321,7 @@ def _model_params_from_main_params(optimizer) -> None:
     are not the ones the run had. fp32 training has no separate main params (nothing to do)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _optimizers(optimizer):
         copy = getattr(opt, "_copy_main_params_to_model_params", None)
         if copy is None:
             continue
@@ -328,6 +331,7 @@ def _model_params_from_main_params(optimizer) -> None:
                 chunk.start_param_sync(force_sync=True)
 
 
+# ------------------------------------------------------------------- RNG
 def _rng_sharded_object():
     """Megatron-LM's layout: one object per (pipeline, tensor) rank; data-parallel ranks are replicas."""
     import numpy as np
