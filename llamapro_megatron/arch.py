@@ -15,17 +15,31 @@ from typing import Any
 
 from llamapro_megatron.errors import UserError
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                           "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
+                           "Qwen3MoeForCausalLM": "qwen3_moe"}
 # families whose q/k/v projections always have biases (no config field says so)
 _QKV_BIAS_ARCHITECTURES = {"Qwen2ForCausalLM"}
+# families with per-head RMSNorm of q and k (no config field says so either)
+_QK_NORM_ARCHITECTURES = {"Qwen3ForCausalLM", "Qwen3MoeForCausalLM"}
+MOE_ARCHITECTURES = {"MixtralForCausalLM", "Qwen3MoeForCausalLM"}
+# families whose head_dim may differ from hidden_size / num_attention_heads (megatron-core's kv_channels)
+_FREE_HEAD_DIM_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"}
+# close relatives refused by name, saying why
+_REFUSED_ARCHITECTURES = {
+    "Qwen2MoeForCausalLM": "Qwen2-MoE's shared expert with a sigmoid gate (shared_expert_intermediate_size) is not "
+                           "supported; Mixtral and Qwen3-MoE are",
+}
 # HF config fields whose presence (with a truthy value) means a feature this project does not convert.
 _UNSUPPORTED_TRUTHY = {
     "attention_bias": "attention biases",
     "mlp_bias": "MLP biases",
-    "num_local_experts": "mixture of experts",
-    "num_experts": "mixture of experts",
-    "moe_intermediate_size": "mixture of experts",
+    "shared_expert_intermediate_size": "a shared expert",
+    "router_jitter_noise": "router jitter noise",
+    "mlp_only_layers": "dense layers among the MoE layers",
 }
+# fields that mean experts, refused outside the MoE families
+_MOE_FIELDS = ("num_local_experts", "num_experts", "moe_intermediate_size")
 # validate_layout's flag names as `llamapro train` (Megatron-LM) spells them
 TRAIN_LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                       "--virtual-pipeline-model-parallel-size")
@@ -64,7 +78,7 @@ class Llama3RopeScaling:
 
 @dataclass(frozen=True)
 class LlamaArch:
-    architecture: str  # "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+    architecture: str  # a key of SUPPORTED_ARCHITECTURES
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -84,6 +98,22 @@ class LlamaArch:
     initializer_range: float = 0.02
     dtype: str = "float32"  # the source's dtype
     qkv_bias: bool = False  # q/k/v projection biases (Qwen2); megatron-core's add_qkv_bias
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3); megatron-core's qk_layernorm
+    # mixture of experts (every layer): experts per layer, experts per token (weights renormalised over the top k),
+    # each expert's FFN size (ffn_hidden_size keeps the config's intermediate_size), the HF aux-loss coefficient
+    num_experts: int | None = None
+    moe_topk: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    router_aux_loss_coef: float | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """The FFN size of the layers' MLPs: each expert's for MoE models."""
+        return self.moe_ffn_hidden_size if self.is_moe else self.ffn_hidden_size
 
     # ---------------------------------------------------------------- reading
     @classmethod
@@ -108,6 +138,9 @@ class LlamaArch:
         archs = config.get("architectures") or []
         model_type = config.get("model_type")
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        refused = next((a for a in archs if a in _REFUSED_ARCHITECTURES), None)
+        if arch is None and refused:
+            raise UserError(f"{source}: {refused}: {_REFUSED_ARCHITECTURES[refused]}")
         if arch is None:
             if archs or model_type not in SUPPORTED_ARCHITECTURES.values():
                 raise UserError(f"{source}: architectures={archs} model_type={model_type!r} is not a LLaMA-family "
@@ -117,6 +150,12 @@ class LlamaArch:
             if config.get(field):
                 raise UserError(f"{source}: {field}={config[field]!r} ({what}) is not supported by LLaMA-family "
                                 "conversion")
+        if arch not in MOE_ARCHITECTURES:
+            for field in _MOE_FIELDS:
+                if config.get(field):
+                    raise UserError(f"{source}: {field}={config[field]!r} (mixture of experts) in a {arch} config; "
+                                    f"MoE models convert as {sorted(MOE_ARCHITECTURES)}")
+        moe = _read_moe(config, arch, source) if arch in MOE_ARCHITECTURES else {}
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise UserError(f"{source}: hidden_act={act!r}; LLaMA-family models use 'silu' (SwiGLU)")
@@ -130,14 +169,13 @@ class LlamaArch:
         theta, scaling = _read_rope(config, source)
         eps = config.get("rms_norm_eps", 1e-6)
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-        sliding = config.get("sliding_window") if arch == "MistralForCausalLM" else None
-        if arch == "Qwen2ForCausalLM":
-            if config.get("use_sliding_window"):
-                raise UserError(f"{source}: use_sliding_window=true (Qwen2's sliding window on the layers from "
-                                "max_window_layers on) is not supported; the released Qwen2/2.5 models disable it")
-            if head_dim != hidden // heads:
-                raise UserError(f"{source}: head_dim={head_dim} differs from hidden_size / num_attention_heads "
-                                f"({hidden // heads}), which Qwen2 models use")
+        sliding = config.get("sliding_window") if arch in ("MistralForCausalLM", "MixtralForCausalLM") else None
+        if arch.startswith("Qwen") and config.get("use_sliding_window"):
+            raise UserError(f"{source}: use_sliding_window=true (Qwen's sliding window on the layers from "
+                            "max_window_layers on) is not supported; the released Qwen models disable it")
+        if arch not in _FREE_HEAD_DIM_ARCHITECTURES and head_dim != hidden // heads:
+            raise UserError(f"{source}: head_dim={head_dim} differs from hidden_size / num_attention_heads "
+                            f"({hidden // heads}), which {arch} models use")
         return cls(
             architecture=arch,
             num_layers=need("num_hidden_layers"),
@@ -159,6 +197,8 @@ class LlamaArch:
             initializer_range=config.get("initializer_range", 0.02),
             dtype=canonical_dtype(dtype),
             qkv_bias=arch in _QKV_BIAS_ARCHITECTURES,
+            qk_norm=arch in _QK_NORM_ARCHITECTURES,
+            **moe,
         )
 
     # ------------------------------------------------------- (de)serialising
@@ -211,24 +251,36 @@ class LlamaArch:
         }
         if model_type == "llama":
             config["mlp_bias"] = False
-        elif model_type == "mistral":
+        elif model_type in ("mistral", "mixtral"):
             config["sliding_window"] = self.sliding_window
-        else:  # qwen2: biases implied; its sliding-window fields present, disabled
-            del config["attention_bias"], config["head_dim"]
+        else:  # Qwen: the sliding-window fields present, disabled
             config.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
+        if model_type == "qwen2":  # biases implied, head_dim implied
+            del config["attention_bias"], config["head_dim"]
+        if model_type == "mixtral":
+            config.update(num_local_experts=self.num_experts, router_jitter_noise=0.0)
+            if self.head_dim == self.hidden_size // self.num_attention_heads:
+                del config["head_dim"]  # as Mixtral's configs say it: implied (transformers keeps None)
+        elif model_type == "qwen3_moe":
+            config.update(num_experts=self.num_experts, moe_intermediate_size=self.moe_ffn_hidden_size,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+        if self.is_moe:
+            config.update(num_experts_per_tok=self.moe_topk, router_aux_loss_coef=self.router_aux_loss_coef,
+                          output_router_logits=False)
         return config
 
     # ----------------------------------------------------------- validation
     def validate_layout(self, tp: int, pp: int, vpp: int | None = None, num_layers: int | None = None,
                         first: int | None = None, last: int | None = None,
-                        flags: tuple[str, str, str] = ("--tp", "--pp", "--vpp")) -> None:
+                        flags: tuple[str, ...] = ("--tp", "--pp", "--vpp", "--ep"), ep: int = 1) -> None:
         """Refuse a TP/PP/VPP layout megatron-core cannot run this model at, saying what would work.
 
         ``first``/``last``: layers on the first/last pipeline stage when they differ from the rest (Megatron-LM's
         --decoder-first/last-pipeline-num-layers); the other stages split the remaining layers evenly. ``flags``:
-        the command's names for TP / PP / VPP, used in the messages (train takes Megatron-LM's long names).
+        the command's names for TP / PP / VPP / EP, used in the messages (train takes Megatron-LM's long names).
+        ``ep``: expert parallelism (MoE models only; the experts of a layer are split over EP ranks).
         """
-        T, P, V = flags
+        T, P, V, E = (*flags, "--ep")[:4]
         layers = num_layers if num_layers is not None else self.num_layers
         if tp < 1 or pp < 1:
             raise UserError(f"{T} {tp} {P} {pp}: both must be at least 1")
@@ -239,8 +291,16 @@ class LlamaArch:
             raise UserError(f"{T} {tp} must divide the {self.num_query_groups} KV groups (query groups are split "
                             f"across TP ranks, never a group itself); choose one of "
                             f"{_divisors(math.gcd(self.num_attention_heads, self.num_query_groups))}")
-        if self.ffn_hidden_size % tp:
-            raise UserError(f"{T} {tp} does not divide the FFN size {self.ffn_hidden_size}")
+        if self.expert_ffn_size % tp:
+            what = "experts' FFN size" if self.is_moe else "FFN size"
+            raise UserError(f"{T} {tp} does not divide the {what} {self.expert_ffn_size}")
+        if ep != 1:
+            if not self.is_moe:
+                raise UserError(f"{E} {ep}: expert parallelism needs a mixture-of-experts model; this is a dense "
+                                f"{self.architecture}")
+            if ep < 1 or self.num_experts % ep:
+                raise UserError(f"{E} {ep} does not divide the {self.num_experts} experts; choose one of "
+                                f"{_divisors(self.num_experts)}")
         if pp > layers:
             raise UserError(f"{P} {pp} is larger than the {layers} layers; use at most {P} {layers}")
         stages = pipeline_stage_layers(layers, pp, first, last, pp_flag=P)
@@ -303,7 +363,18 @@ class LlamaArch:
             use_cpu_initialization=not torch.cuda.is_available(),
             sequence_parallel=False,
             window_size=self.attention_window(),
+            qk_layernorm=self.qk_norm,
         )
+        if self.is_moe:
+            # top-k on the logits, softmax over those k: Mixtral's and Qwen3-MoE's (norm_topk_prob) renormalised
+            # weights; dropless like transformers. The all-to-all dispatcher needs CUDA streams (token_dispatcher.py
+            # `torch.cuda.Stream()` in its constructor): on CPU the all-gather one
+            kwargs.update(num_moe_experts=self.num_experts, moe_router_topk=self.moe_topk,
+                          moe_ffn_hidden_size=self.moe_ffn_hidden_size, moe_router_pre_softmax=False,
+                          moe_router_load_balancing_type="aux_loss",
+                          moe_aux_loss_coeff=self.router_aux_loss_coef or 0.0,
+                          moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
+                          moe_grouped_gemm=fused_kernels)
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
 
@@ -348,6 +419,33 @@ class LlamaArch:
         smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(is_medium, smoothed, scaled)
+
+
+def _read_moe(config: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
+    """The MoE fields of a Mixtral / Qwen3-MoE config (every layer sparse, top-k weights renormalised)."""
+    # the hub's Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts for both families
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if not experts:
+        raise UserError(f"{source}: {arch} needs num_local_experts (or num_experts), the experts per layer")
+    topk = config.get("num_experts_per_tok")
+    if not topk or not 0 < topk <= experts:
+        raise UserError(f"{source}: num_experts_per_tok={topk!r} must be between 1 and the {experts} experts")
+    if arch == "Qwen3MoeForCausalLM":
+        if not config.get("norm_topk_prob"):
+            raise UserError(f"{source}: norm_topk_prob={config.get('norm_topk_prob')!r}: only renormalised top-k "
+                            "routing weights (norm_topk_prob: true, as the released Qwen3-MoE models) are supported")
+        step = config.get("decoder_sparse_step", 1)
+        if step != 1:
+            raise UserError(f"{source}: decoder_sparse_step={step!r} (dense layers between the MoE layers) is not "
+                            "supported; every layer must be an MoE layer (decoder_sparse_step 1)")
+        ffn = config.get("moe_intermediate_size")
+        if not ffn:
+            raise UserError(f"{source}: required field 'moe_intermediate_size' is missing")
+    else:  # Mixtral: the experts' FFN size is intermediate_size
+        ffn = config.get("intermediate_size")
+    coef = config.get("router_aux_loss_coef")
+    return dict(num_experts=int(experts), moe_topk=int(topk), moe_ffn_hidden_size=int(ffn),
+                router_aux_loss_coef=None if coef is None else float(coef))
 
 
 def _read_rope(config: dict[str, Any], source: str) -> tuple[float, Llama3RopeScaling | None]:

@@ -57,23 +57,25 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_logits(load: str | Path, tokens: torch.Tensor, *, tp: int = 1, pp: int = 1, dtype: str = "float32",
-                    spec: str = "auto", ckpt_step: int | None = None) -> torch.Tensor:
-    """Logits [batch, seq, padded vocab] of a Megatron checkpoint run at TP x PP ranks."""
-    return megatron_logits_many([load], tokens, tp=tp, pp=pp, dtype=dtype, spec=spec, ckpt_step=ckpt_step)[0]
+                    spec: str = "auto", ckpt_step: int | None = None, ep: int = 1) -> torch.Tensor:
+    """Logits [batch, seq, padded vocab] of a Megatron checkpoint run at TP x PP (x EP) ranks."""
+    return megatron_logits_many([load], tokens, tp=tp, pp=pp, dtype=dtype, spec=spec, ckpt_step=ckpt_step, ep=ep)[0]
 
 
 def megatron_logits_many(loads: list[str | Path], tokens: torch.Tensor, *, tp: int = 1, pp: int = 1,
-                         dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None) -> list:
-    """Logits of several checkpoints, one after the other in the same TP x PP launch."""
+                         dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None,
+                         ep: int = 1) -> list:
+    """Logits of several checkpoints, one after the other in the same TP x PP (x EP) launch."""
     return run_on_models(loads, _gathered_logits, (tokens,), tp=tp, pp=pp, dtype=dtype, spec=spec,
-                         ckpt_step=ckpt_step)
+                         ckpt_step=ckpt_step, ep=ep)
 
 
 def run_on_models(loads: list[str | Path], fn, fn_args: tuple = (), *, tp: int = 1, pp: int = 1,
-                  dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None) -> list:
+                  dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None, ep: int = 1) -> list:
     """``fn(model, meta, info, *fn_args)`` for each checkpoint, built at TP x PP on spawned ranks (or these ranks
-    under a launcher); returns rank 0's results, one per checkpoint. ``fn`` must be a picklable top-level
-    function, called collectively on every rank. In fp32, TF32 GEMMs are off there (``NVIDIA_TF32_OVERRIDE=0``
+    under a launcher); returns rank 0's results, one per checkpoint. With ``ep`` > 1 (MoE) there are TP x PP x EP
+    ranks, the EP ones data-parallel ranks that each hold a share of the experts and run the same tokens. ``fn``
+    must be a picklable top-level function, called collectively on every rank. In fp32, TF32 GEMMs are off there (``NVIDIA_TF32_OVERRIDE=0``
     unless set): verify, evaluate and generate compare against transformers' fp32."""
     from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
     from llamapro_megatron.runtime.launch import inside_launcher, run_workers
@@ -81,16 +83,17 @@ def run_on_models(loads: list[str | Path], fn, fn_args: tuple = (), *, tp: int =
     ckpt_dirs = [resolve_checkpoint(load, ckpt_step) for load in loads]
     for ckpt_dir in ckpt_dirs:
         meta = read_meta(ckpt_dir)
-        meta.arch.validate_layout(tp, pp)
+        meta.arch.validate_layout(tp, pp, ep=ep)
         if meta.padded_vocab_size % tp:
             raise UserError(f"--tp {tp} does not divide the padded vocabulary {meta.padded_vocab_size} of {ckpt_dir}")
-    args = ([str(d) for d in ckpt_dirs], tp, pp, dtype, spec, fn, tuple(fn_args))
+    args = ([str(d) for d in ckpt_dirs], tp, pp, dtype, spec, fn, tuple(fn_args), ep)
     if inside_launcher():
         return _models_worker(*args)
-    return run_workers(_models_worker, tp * pp, args=args)[0]
+    return run_workers(_models_worker, tp * pp * ep, args=args)[0]
 
 
-def _models_worker(ckpt_dirs: list[str], tp: int, pp: int, dtype: str, spec: str, fn, fn_args: tuple) -> list:
+def _models_worker(ckpt_dirs: list[str], tp: int, pp: int, dtype: str, spec: str, fn, fn_args: tuple,
+                   ep: int = 1) -> list:
     import os
 
     from llamapro_megatron.arch import canonical_dtype
@@ -104,12 +107,12 @@ def _models_worker(ckpt_dirs: list[str], tp: int, pp: int, dtype: str, spec: str
         # off transformers' fp32 logits), torch's matmul does not by default. NVIDIA libraries read this before their
         # first GEMM, which comes after this point; a value the user set is kept.
         os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
-    info = init_distributed(tp=tp, pp=pp)
+    info = init_distributed(tp=tp, pp=pp, ep=ep)
     results = []
     try:
         for ckpt_dir in ckpt_dirs:
             meta = read_meta(ckpt_dir)
-            model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, spec=spec)
+            model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, ep=ep, spec=spec)
             load_model_weights(model, ckpt_dir)
             model.to(info.device)
             results.append(fn(model, meta, info, *fn_args))
@@ -231,6 +234,8 @@ def register(sub) -> None:
     p.add_argument("--ckpt-step", type=int, default=None)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models): the experts of each layer "
+                   "split over EP ranks; TP x PP x EP ranks run")
     p.add_argument("--text", default=None, help="text to run (default: a built-in English/code/math paragraph)")
     p.add_argument("--token-ids", default=None, help="comma-separated token ids instead of text")
     p.add_argument("--tolerance", type=float, default=None,
@@ -262,7 +267,8 @@ def run(args) -> int:
         arch = LlamaArch.from_hf_dir(args.hf_dir)
         tokens = tokens_for(args.text, args.token_ids, tokenizer_dirs[::-1], arch.vocab_size)
         reference = hf_logits(args.hf_dir, tokens)
-        (candidate,) = megatron_logits_many([ckpt_dir], tokens, tp=args.tp, pp=args.pp, spec=args.spec)
+        (candidate,) = megatron_logits_many([ckpt_dir], tokens, tp=args.tp, pp=args.pp, ep=args.ep,
+                                             spec=args.spec)
         tolerance, what = 1e-3 if args.tolerance is None else args.tolerance, f"{args.hf_dir} vs {args.load}"
     else:
         arch = read_meta(ckpt_dir).arch
@@ -271,10 +277,11 @@ def run(args) -> int:
             raise UserError(f"{args.load_expanded} is not an expansion of {args.load} (architectures differ)")
         tokens = tokens_for(args.text, args.token_ids, tokenizer_dirs, arch.vocab_size)
         reference, candidate = megatron_logits_many([ckpt_dir, expanded_dir], tokens, tp=args.tp, pp=args.pp,
-                                                    spec=args.spec)
+                                                    ep=args.ep, spec=args.spec)
         tolerance, what = 0.0 if args.tolerance is None else args.tolerance, f"{args.load} vs {args.load_expanded}"
     result = compare_logits(reference, candidate, arch.vocab_size)
     ok = result.max_abs_diff <= tolerance
-    print(f"verify {what} at TP={args.tp} PP={args.pp}: {result.line()}  -> {'OK' if ok else 'FAIL'} "
+    ep = f" EP={args.ep}" if args.ep != 1 else ""
+    print(f"verify {what} at TP={args.tp} PP={args.pp}{ep}: {result.line()}  -> {'OK' if ok else 'FAIL'} "
           f"(tolerance {tolerance:g})")
     return 0 if ok else 1

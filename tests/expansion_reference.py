@@ -1,11 +1,19 @@
 """LLaMA Pro's expansion applied directly to Hugging Face weights: the tests' independent reference.
 
 Written from the paper's description, not from the project's code: P blocks in N groups of M; after each group an
-identity copy of the group's last block, whose o_proj and down_proj are zero and everything else equal.
+identity copy of the group's last block, whose o_proj and down_proj are zero and everything else equal. In an MoE
+block every expert's down projection is the MLP's output projection (Mixtral `block_sparse_moe.experts.E.w2`, Qwen3-MoE
+`mlp.experts.E.down_proj`); the router and the other projections are copied.
 """
 from __future__ import annotations
 
+import re
+
 import torch
+
+# the residual branches' output projections, relative to the layer: attention's, the dense MLP's, each expert's
+_ZEROED = re.compile(r"^(self_attn\.o_proj|mlp\.down_proj|block_sparse_moe\.experts\.\d+\.w2|"
+                     r"mlp\.experts\.\d+\.down_proj)\.weight$")
 
 
 def reference_layer_sources(num_layers: int, groups: int | None = None, positions: list[int] | None = None,
@@ -41,7 +49,7 @@ def expand_hf_state_dict(state: dict[str, torch.Tensor], sources: list[int], new
         for name, value in state.items():
             if name.startswith(prefix):
                 rel = name[len(prefix):]
-                zero = i in new and rel in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                zero = i in new and _ZEROED.match(rel) is not None
                 out[f"model.layers.{i}.{rel}"] = torch.zeros_like(value) if zero else value
     return out
 

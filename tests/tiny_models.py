@@ -1,4 +1,4 @@
-"""Tiny random LLaMA-family (and Qwen2) Hugging Face checkpoints, written by transformers itself (the reference)."""
+"""Tiny random LLaMA-family (Qwen, MoE) Hugging Face checkpoints, written by transformers itself (the reference)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +10,12 @@ VARIANTS = {
     # GQA (4 heads / 2 KV groups), untied embeddings
     "gqa": dict(kind="llama", vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0),
-    # tied embeddings, like SmolLM
+    # tied embeddings and Llama-3 rope scaling, like Llama-3.2 (SmolLM: tied, no scaling)
     "tied": dict(kind="llama", vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=100000.0),
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=100000.0,
+                 max_position_embeddings=256,
+                 rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     # Llama-3.1 rope scaling with non-default low/high factors and original max positions
     "llama31": dict(kind="llama", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
@@ -28,7 +31,24 @@ VARIANTS = {
     "qwen2": dict(kind="qwen2", vocab_size=210, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
                   use_sliding_window=False, sliding_window=8, max_window_layers=2),
+    # Qwen3: per-head q/k norms, head_dim 32 where hidden / heads is 16, untied (as Qwen3-8B)
+    "qwen3": dict(kind="qwen3", vocab_size=190, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                  rope_theta=1000000.0, use_sliding_window=False),
+    # mixture of experts (every expert's down projection is zeroed by expansion besides o_proj)
+    # Mixtral: 4 experts, top 2, the experts' FFN size is intermediate_size
+    "mixtral": dict(kind="mixtral", vocab_size=140, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                    tie_word_embeddings=False, rope_theta=1000000.0, router_aux_loss_coef=0.02),
+    # Qwen3-MoE: q/k norms, head_dim 32, 4 experts of FFN 32 (moe_intermediate_size), top 2, renormalised weights
+    "qwen3_moe": dict(kind="qwen3_moe", vocab_size=170, hidden_size=64, intermediate_size=96,
+                      moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                      tie_word_embeddings=False, rope_theta=1000000.0, router_aux_loss_coef=0.001),
 }
+MOE_VARIANTS = ("mixtral", "qwen3_moe")
+_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
+             "qwen3_moe": "Qwen3Moe"}
 
 
 def make_tiny_hf(out_dir: str | Path, variant: str, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -38,8 +58,7 @@ def make_tiny_hf(out_dir: str | Path, variant: str, seed: int = 0, dtype: torch.
     import transformers
 
     kwargs = {**VARIANTS[variant], **overrides}
-    kind = kwargs.pop("kind")
-    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    family = _FAMILIES[kwargs.pop("kind")]
     config_cls, model_cls = getattr(transformers, family + "Config"), getattr(transformers, family + "ForCausalLM")
     config = config_cls(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None, **kwargs)
     torch.manual_seed(seed)

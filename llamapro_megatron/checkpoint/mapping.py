@@ -21,8 +21,9 @@ load. What differs from HF, written once below:
 - norms are stored under the TE spec's names (`sharded_state_dict_keys_map` in gpt_layer_specs.py), so a checkpoint
   loads with either spec.
 Experts (MoE) are stored by megatron-core under one key with an expert axis after the layer axis, indexed by the
-global expert number (`SequentialMLP.sharded_state_dict`: `local_experts.E.` -> `experts.` at offset E; TE's grouped
-`linear_fc1.weightE` maps to the same key), so a checkpoint is free of the expert-parallel layout:
+global expert number (`SequentialMLP.sharded_state_dict`: `mlp.experts.local_experts.E.linear_fc1.weight` -> key
+`mlp.experts.experts.linear_fc1.weight` at expert offset E; TE's grouped `linear_fc1.weightE` maps to the same key),
+so a checkpoint is free of the expert-parallel layout:
 :attr:`StoredTensor.expert` carries (index, count) and every consumer honours that axis.
 
 Torch-free except the two tensor consumers (torch imported inside them).
@@ -98,9 +99,24 @@ class StoredTensor:
 
 
 # --------------------------------------------------------------------- HF shapes
+# HF names of an MoE layer's router and of expert E's gate / up / down projections, per family
+_MOE_HF_NAMES = {
+    "MixtralForCausalLM": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.w1.weight",
+                           "block_sparse_moe.experts.{e}.w3.weight", "block_sparse_moe.experts.{e}.w2.weight"),
+    "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
+                            "mlp.experts.{e}.down_proj.weight"),
+}
+
+
+def moe_hf_names(arch: LlamaArch, expert: int) -> tuple[str, str, str, str]:
+    """(router, gate, up, down) HF names of one expert of an MoE layer (relative to the layer)."""
+    router, *projections = _MOE_HF_NAMES[arch.architecture]
+    return (router, *(p.format(e=expert) for p in projections))
+
+
 def hf_layer_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of one decoder layer (names relative to the layer), with its shape."""
-    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    h, f, d = arch.hidden_size, arch.expert_ffn_size, arch.head_dim
     q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
     shapes = {
         "input_layernorm.weight": (h,),
@@ -109,12 +125,17 @@ def hf_layer_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
         "self_attn.v_proj.weight": (kv, h),
         "self_attn.o_proj.weight": (h, q),
         "post_attention_layernorm.weight": (h,),
-        "mlp.gate_proj.weight": (f, h),
-        "mlp.up_proj.weight": (f, h),
-        "mlp.down_proj.weight": (h, f),
     }
     if arch.qkv_bias:
         shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if arch.qk_norm:
+        shapes.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    if not arch.is_moe:
+        shapes.update({"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)})
+        return shapes
+    for e in range(arch.num_experts):
+        router, gate, up, down = moe_hf_names(arch, e)
+        shapes.update({router: (arch.num_experts, h), gate: (f, h), up: (f, h), down: (h, f)})
     return shapes
 
 
@@ -164,18 +185,40 @@ def layer_tensors(arch: LlamaArch) -> tuple[StoredTensor, ...]:
         return per_group_rows(f"self_attn.q_proj.{kind}", f"self_attn.k_proj.{kind}", f"self_attn.v_proj.{kind}", g,
                               arch.num_attention_heads // g * d, d)
 
-    bias = (stored_tensor("self_attention.linear_qkv.bias", (qkv("bias"),), s),) if arch.qkv_bias else ()
-    return (
-        stored_tensor("input_layernorm.weight", (whole("input_layernorm.weight", s),), s,
-                key="self_attention.linear_qkv.layer_norm_weight"),
+    def one(name: str, hf: str, **kw) -> StoredTensor:
+        return stored_tensor(name, (whole(hf, s),), s, **kw)
+
+    attention = [
+        one("input_layernorm.weight", "input_layernorm.weight", key="self_attention.linear_qkv.layer_norm_weight"),
         stored_tensor("self_attention.linear_qkv.weight", (qkv("weight"),), s),
-        *bias,
-        stored_tensor("self_attention.linear_proj.weight", (whole("self_attn.o_proj.weight", s),), s, zero=True),
-        stored_tensor("pre_mlp_layernorm.weight", (whole("post_attention_layernorm.weight", s),), s,
-                key="mlp.linear_fc1.layer_norm_weight"),
-        stored_tensor("mlp.linear_fc1.weight", (whole("mlp.gate_proj.weight", s), whole("mlp.up_proj.weight", s)), s),
-        stored_tensor("mlp.linear_fc2.weight", (whole("mlp.down_proj.weight", s),), s, zero=True),
-    )
+    ]
+    if arch.qkv_bias:
+        attention.append(stored_tensor("self_attention.linear_qkv.bias", (qkv("bias"),), s))
+    if arch.qk_norm:  # per head, before RoPE, one weight shared by the heads (transformers' q_norm / k_norm)
+        attention += [one("self_attention.q_layernorm.weight", "self_attn.q_norm.weight"),
+                      one("self_attention.k_layernorm.weight", "self_attn.k_norm.weight")]
+    attention.append(one("self_attention.linear_proj.weight", "self_attn.o_proj.weight", zero=True))
+    if not arch.is_moe:
+        mlp = [
+            one("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", key="mlp.linear_fc1.layer_norm_weight"),
+            stored_tensor("mlp.linear_fc1.weight", (whole("mlp.gate_proj.weight", s), whole("mlp.up_proj.weight", s)),
+                          s),
+            one("mlp.linear_fc2.weight", "mlp.down_proj.weight", zero=True),
+        ]
+        return (*attention, *mlp)
+    # MoE: the norm unfused (TE's key on every spec, `specs._local_spec`), the router, then each expert on the expert
+    # axis of one key per projection (`SequentialMLP.sharded_state_dict`: local_experts.E. -> experts.experts. at E)
+    n = arch.num_experts
+    mlp = [one("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+           one("mlp.router.weight", moe_hf_names(arch, 0)[0])]
+    for e in range(n):
+        _, gate, up, down = moe_hf_names(arch, e)
+        local = f"mlp.experts.local_experts.{e}."
+        mlp += [stored_tensor(local + "linear_fc1.weight", (whole(gate, s), whole(up, s)), s,
+                              key="mlp.experts.experts.linear_fc1.weight", expert=(e, n)),
+                stored_tensor(local + "linear_fc2.weight", (whole(down, s),), s,
+                              key="mlp.experts.experts.linear_fc2.weight", zero=True, expert=(e, n))]
+    return (*attention, *mlp)
 
 
 def global_tensors(arch: LlamaArch, padded_vocab: int) -> tuple[StoredTensor, ...]:

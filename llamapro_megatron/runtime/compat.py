@@ -78,9 +78,11 @@ def install_no_triton_shim() -> bool:
 # MIMO model (0.19, imported by megatron.core) is not used.
 _MEGATRON_NOTES = ("Transformer Engine and Apex are not installed", "Apex is not installed",
                    "full scope is deprecated", "MimoModelConfig is experimental")
-# PyTorch deprecations of APIs that megatron-core's checkpointing calls (`strategies/torch.py`)
+# PyTorch deprecations of APIs that megatron-core's checkpointing calls (`strategies/torch.py`) and its MoE token
+# dispatch with TP > 1 (`tensor_parallel/mappings.py`, the gather/scatter of `_gather_along_first_dim`)
 _MEGATRON_TORCH_DEPRECATIONS = ("`load_state_dict` is deprecated", "Please use DTensor instead and we are deprecating "
-                                "ShardedTensor")
+                                "ShardedTensor", "`torch.distributed.all_gather_into_tensor` is deprecated",
+                                "`torch.distributed.reduce_scatter_tensor` is deprecated")
 # PyTorch's notes on how megatron-core 0.19 calls `torch.distributed.checkpoint.load` (every rank reads its own part
 # with `no_dist=True`, the reader passed by position: `strategies/torch.py`, `serialization.load_common_state_dict`)
 _MEGATRON_TORCH_NOTES = ("torch.distributed is disabled, unavailable or uninitialized",
@@ -170,6 +172,26 @@ def load_megatron_core() -> None:
     mute_megatron_notes()
     install_no_triton_shim()
     import_megatron_core()
+    define_moe_te_names()
+
+
+# megatron-core 0.16.1 binds these names of moe_utils.py only when Transformer Engine imports (its lines 22-39)
+_MOE_TE_NAMES = ("fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute", "te_general_gemm")
+
+
+def define_moe_te_names() -> None:
+    """Without Transformer Engine, bind moe_utils' TE helpers to None, as megatron-core 0.19 does itself.
+
+    0.16.1's `router_gating_linear` reads `te_general_gemm` whatever is installed (moe_utils.py:1192, 1225), so
+    without TE every MoE router forward raised NameError. Idempotent; changes nothing where the names exist.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _MOE_TE_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
 
 
 def import_frameworks() -> None:

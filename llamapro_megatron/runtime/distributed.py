@@ -19,11 +19,13 @@ DEFAULT_TIMEOUT_S = 600.0
 _owns_process_group = False
 _generation = 0  # process groups created so far; each gets a fresh key prefix in the shared store
 _cached_store: tuple[tuple, dist.Store, int] | None = None
+_groups_before: set | None = None  # process groups that existed before megatron-core created its own
 
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """This process's place in the (tp, pp, dp) layout set up by :func:`init_distributed`."""
+    """This process's place in the (tp, pp, dp) layout set up by :func:`init_distributed`; ``ep`` experts' ranks
+    (MoE layers split their experts over ``ep`` of the data-parallel ranks)."""
 
     rank: int
     world_size: int
@@ -35,6 +37,7 @@ class ParallelInfo:
     dp: int
     vpp: int | None
     device: torch.device
+    ep: int = 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -55,8 +58,8 @@ def _env_int(name: str) -> int | None:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _validate_layout(world_size: int, tp: int, pp: int, vpp: int | None) -> None:
-    for name, value in (("tp", tp), ("pp", pp)):
+def _validate_layout(world_size: int, tp: int, pp: int, vpp: int | None, ep: int = 1) -> None:
+    for name, value in (("tp", tp), ("pp", pp), ("ep", ep)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if world_size % (tp * pp):
@@ -64,6 +67,10 @@ def _validate_layout(world_size: int, tp: int, pp: int, vpp: int | None) -> None
             f"the world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
             f"launch a multiple of {tp * pp} processes or choose tp and pp whose product divides {world_size}"
         )
+    if (world_size // (tp * pp)) % ep:
+        raise UserError(f"ep {ep} does not divide the {world_size // (tp * pp)} data-parallel ranks (world size "
+                        f"{world_size} / tp*pp {tp * pp}): the experts are split over data-parallel ranks; launch "
+                        f"a multiple of {tp * pp * ep} processes")
     if vpp is not None and (not isinstance(vpp, int) or vpp < 1 or pp < 2):
         raise UserError(f"vpp (virtual pipeline stages per rank) needs pp >= 2 and an integer >= 1, got pp={pp} "
                         f"vpp={vpp!r}; use vpp=None without pipeline parallelism")
@@ -91,7 +98,8 @@ def _store(world_size: int, timeout: datetime.timedelta) -> tuple[dist.Store, in
 
 
 def init_distributed(
-    tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234, timeout_s: float = DEFAULT_TIMEOUT_S
+    tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234, timeout_s: float = DEFAULT_TIMEOUT_S,
+    ep: int = 1,
 ) -> ParallelInfo:
     """Initialise torch.distributed (if needed) and megatron-core's model-parallel groups and RNG.
 
@@ -120,7 +128,7 @@ def init_distributed(
         world_size = dist.get_world_size()
     else:
         world_size = _env_int("WORLD_SIZE") or 1
-    _validate_layout(world_size, tp, pp, vpp)
+    _validate_layout(world_size, tp, pp, vpp, ep)
 
     use_cuda = torch.cuda.is_available()
     local_rank = _env_int("LOCAL_RANK") or 0
@@ -147,10 +155,13 @@ def init_distributed(
         )
         _owns_process_group = True
 
+    global _groups_before
+    _groups_before = set(_process_groups())
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     info = ParallelInfo(
@@ -164,6 +175,7 @@ def init_distributed(
         dp=ps.get_data_parallel_world_size(),
         vpp=vpp,
         device=device,
+        ep=ep,
     )
     stage_seed = seed + 100 * info.pp_rank
     random.seed(stage_seed)
@@ -188,11 +200,27 @@ def collective_device() -> torch.device:
 
 def destroy_distributed() -> None:
     """Undo :func:`init_distributed`: megatron's parallel state, then the process group if we created it."""
-    global _owns_process_group
+    global _owns_process_group, _groups_before
     if "megatron.core" in sys.modules:  # nothing to undo if megatron was never imported
         from megatron.core import parallel_state as ps
 
         ps.destroy_model_parallel()
     if _owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
+    elif _groups_before is not None and dist.is_initialized() and dist.get_backend() == "gloo":
+        # megatron-core's destroy_model_parallel forgets its groups but never destroys them: in a process group the
+        # caller keeps (a test's world, re-initialised at layout after layout), each gloo group's 3 threads stayed
+        # (~100 groups per layout, thousands of threads after a few dozen) and starved collectives. NCCL groups
+        # are left alone: their teardown can be collective, in an order this cannot know.
+        for group in reversed(_process_groups()):
+            if group not in _groups_before and group is not dist.GroupMember.WORLD:
+                dist.destroy_process_group(group)
     _owns_process_group = False
+    _groups_before = None
+
+
+def _process_groups() -> list:
+    """Every process group torch.distributed holds, in creation order (torch keeps them in a private map; empty if
+    that ever moves, and then nothing is destroyed)."""
+    world = getattr(dist.distributed_c10d, "_world", None)
+    return list(getattr(world, "pg_map", None) or {})

@@ -11,10 +11,11 @@ from llamapro_megatron.arch import LlamaArch
 
 
 def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: int = 1, pp: int = 1,
-                    vpp: int | None = None, num_layers: int | None = None, spec: str = "local",
+                    vpp: int | None = None, ep: int = 1, num_layers: int | None = None, spec: str = "local",
                     meta_device: bool = False, vp_stage: int | None = None, rope_fusion: bool | None = None,
                     **config_overrides):
-    """A megatron-core GPTModel for this rank's pipeline stage (parallel state must be initialised).
+    """A megatron-core GPTModel for this rank's pipeline stage (parallel state must be initialised); ``ep``: the
+    expert-parallel size of an MoE model (this rank builds its share of each layer's experts).
 
     meta_device=True builds it without memory, for its sharded_state_dict only (keys, global shapes).
     rope_fusion (CUDA): True (training) fuses RoPE, TE's kernel on the te spec, a compiled one otherwise
@@ -29,6 +30,8 @@ def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: 
 
     kind = resolve_spec_kind(spec)
     overrides = dict(config_overrides)
+    if ep != 1:
+        overrides["expert_model_parallel_size"] = ep
     if meta_device:
         overrides.update(use_cpu_initialization=True, perform_initialization=False)
     if kind == "te" and rope_fusion is False:
@@ -40,7 +43,8 @@ def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: 
     config = arch.transformer_config(tp=tp, pp=pp, vpp=vpp, dtype=dtype, num_layers=num_layers,
                                      fused_kernels=kind == "te", **overrides)
     ignore_virtual = vp_stage is None
-    kwargs = dict(config=config, transformer_layer_spec=gpt_layer_spec(kind),
+    spec_module = gpt_layer_spec(kind, qk_layernorm=arch.qk_norm, num_experts=arch.num_experts)
+    kwargs = dict(config=config, transformer_layer_spec=spec_module,
                   pre_process=ps.is_pipeline_first_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage),
                   post_process=ps.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage),
                   **arch.gpt_model_kwargs(padded_vocab_size))

@@ -69,26 +69,37 @@ def resolve_spec_kind(requested: str = "auto") -> str:
     return "te"
 
 
-def _te_spec(normalization: str) -> Any:
+def _te_spec(normalization: str, qk_layernorm: bool, num_experts: int | None) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    # TE norms read TransformerConfig.normalization; the spec function has no normalization argument.
-    return get_gpt_layer_with_transformer_engine_spec()
+    # TE norms read TransformerConfig.normalization; the spec function has no normalization argument. Experts are
+    # TE's grouped GEMM (TransformerConfig.moe_grouped_gemm follows the spec kind, `arch.transformer_config`).
+    return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=num_experts is not None,
+                                                      qk_layernorm=qk_layernorm)
 
 
-def _local_spec(normalization: str) -> Any:
+def _local_spec(normalization: str, qk_layernorm: bool, num_experts: int | None) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if not _accepts_kwarg(get_gpt_layer_local_spec, "normalization"):
         raise RuntimeError("this megatron-core's get_gpt_layer_local_spec() has no 'normalization' argument; "
                            "llamapro_megatron.runtime.specs needs an update for it")
-    return get_gpt_layer_local_spec(normalization=normalization)
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=qk_layernorm, normalization=normalization)
+    if num_experts is not None:
+        # An MoE layer's pre-MLP norm is not fused into an fc1 in TE's spec (`pre_mlp_layernorm=TENorm`, stored as
+        # `pre_mlp_layernorm.weight`), but the local spec maps it to `mlp.linear_fc1.layer_norm_weight` all the
+        # same (gpt_layer_specs.py, get_gpt_layer_local_spec's sharded_state_dict_keys_map): keep TE's key, so an
+        # MoE checkpoint loads with every spec.
+        keys = dict(spec.submodules.sharded_state_dict_keys_map)
+        keys.pop("pre_mlp_layernorm.", None)
+        spec.submodules.sharded_state_dict_keys_map = keys
+    return spec
 
 
-def _sdpa_spec(normalization: str) -> Any:
+def _sdpa_spec(normalization: str, qk_layernorm: bool, num_experts: int | None) -> Any:
     from .sdpa import SDPAttention
 
-    spec = _local_spec(normalization)
+    spec = _local_spec(normalization, qk_layernorm, num_experts)
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
@@ -102,14 +113,17 @@ def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-_BUILDERS: dict[str, Callable[[str], Any]] = {"te": _te_spec, "sdpa": _sdpa_spec, "local": _local_spec}
+_BUILDERS: dict[str, Callable[[str, bool, int | None], Any]] = {"te": _te_spec, "sdpa": _sdpa_spec,
+                                                                  "local": _local_spec}
 
 
-def gpt_layer_spec(kind: str, normalization: str = "RMSNorm") -> Any:
+def gpt_layer_spec(kind: str, normalization: str = "RMSNorm", qk_layernorm: bool = False,
+                   num_experts: int | None = None) -> Any:
     """megatron-core ``ModuleSpec`` of one GPT decoder layer for ``kind`` (resolved first if ``"auto"``).
 
     ``normalization`` selects the local and sdpa specs' norm; the TE spec follows ``TransformerConfig.normalization``,
-    so set that to the same value in either case.
+    so set that to the same value in either case. ``qk_layernorm``: per-head q/k norms (Qwen3); ``num_experts``: an
+    MoE layer (sequential experts on the local specs, grouped GEMM on TE; the checkpoint keys are the same).
     """
     if normalization not in NORMALIZATIONS:
         raise UserError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
@@ -117,4 +131,4 @@ def gpt_layer_spec(kind: str, normalization: str = "RMSNorm") -> Any:
 
     prepare()
     resolved = resolve_spec_kind(kind)
-    return _BUILDERS[resolved](normalization)
+    return _BUILDERS[resolved](normalization, qk_layernorm, num_experts)

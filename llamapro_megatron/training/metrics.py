@@ -8,10 +8,12 @@ AV over the full sequence, as the local spec computes them), the SwiGLU MLP and 
   attention core's backward costs twice its forward;
 - weight gradients, as much as the forward of that weight, only for weights that train.
 A frozen block below every trainable one costs its forward only; a frozen block above costs forward + input
-gradients. The conventional 6N (N = all parameters, as if all trained) is printed beside, labelled.
+gradients. The conventional 6N (N = all parameters, as if all trained) is printed beside, labelled. An MoE layer's
+MLP counts the top-k experts a token goes through, and its router (N counts every expert).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llamapro_megatron.arch import LlamaArch
@@ -28,22 +30,23 @@ class FlopCounts:
 
 
 def parameter_count(arch: LlamaArch, padded_vocab: int) -> int:
-    h, f = arch.hidden_size, arch.ffn_hidden_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-    per_layer = 2 * h + h * (q + 2 * kv) + q * h + 3 * h * f + ((q + 2 * kv) if arch.qkv_bias else 0)
-    head = 0 if arch.tie_word_embeddings else padded_vocab * h
-    return padded_vocab * h + arch.num_layers * per_layer + h + head
+    """Every parameter (every expert's), from the one tensor description."""
+    from llamapro_megatron.checkpoint import mapping
+
+    per_layer = sum(math.prod(t.shape) for t in mapping.layer_tensors(arch))
+    return arch.num_layers * per_layer + sum(math.prod(t.shape) for t in mapping.global_tensors(arch, padded_vocab))
 
 
 def flops_per_token(arch: LlamaArch, padded_vocab: int, seq_length: int, trainable_layers: set[int] | None,
                     train_embeddings: bool, train_output: bool, first_chunk_layers: int) -> FlopCounts:
     """``trainable_layers`` None means every layer trains; ``first_chunk_layers``: layers of pipeline chunk 0
     (the whole model without pipeline parallelism)."""
-    h, f = arch.hidden_size, arch.ffn_hidden_size
+    h, f = arch.hidden_size, arch.expert_ffn_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
     proj = 2 * h * (q + 2 * kv) + 2 * q * h
     core = 2 * 2 * seq_length * q
-    mlp = 2 * 3 * h * f
+    # MoE: each token through its top-k experts, and the router
+    mlp = 2 * 3 * h * f * (arch.moe_topk or 1) + (2 * h * arch.num_experts if arch.is_moe else 0)
     head = 2 * h * padded_vocab
     n = arch.num_layers
     trains = (lambda i: True) if trainable_layers is None else (lambda i: i in trainable_layers)

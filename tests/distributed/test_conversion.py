@@ -1,8 +1,9 @@
 """HF -> Megatron -> HF on tiny random models of every supported variant, in one 4-rank gloo world.
 
 Reference: transformers' own models. Checked for each variant:
-- the Megatron model's logits at TP/PP in {1,2}x{1,2} equal transformers' (fp32, max |diff| <= 1e-4);
-  the checkpoint is written once (for TP2 PP2) and megatron-core's loader reshards it for every layout;
+- the Megatron model's logits at TP/PP in {1,2}x{1,2} (MoE: also EP 2 at TP 1 and 2) equal transformers' (fp32,
+  max |diff| <= 1e-4); the checkpoint is written once (for TP2 PP2) and megatron-core's loader reshards it for
+  every layout;
 - the exported HF directory has exactly the original tensors, bit for bit, and transformers loads it.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from llamapro_megatron.runtime.launch import run_workers
-from tests.tiny_models import VARIANTS, make_tiny_hf
+from tests.tiny_models import MOE_VARIANTS, VARIANTS, make_tiny_hf
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+EP_LAYOUTS = [(1, 1, 2), (2, 1, 2)]  # (tp, pp, ep) for the MoE variants
 LOGIT_TOL = 1e-4  # fp32; different attention/softmax kernels, same math
 
 
@@ -36,6 +38,9 @@ def _matrix_worker(cases: dict, layouts: list) -> dict | None:
         if case["tokens"] is not None:
             for tp, pp in layouts:
                 logits[(tp, pp)] = megatron_logits(case["ckpt"], case["tokens"], tp=tp, pp=pp, spec="local")
+            for tp, pp, ep in EP_LAYOUTS if name in MOE_VARIANTS else ():
+                logits[(tp, pp, ep)] = megatron_logits(case["ckpt"], case["tokens"], tp=tp, pp=pp, ep=ep,
+                                                       spec="local")
         mcore_to_hf(case["ckpt"], case["export"], progress=False, **rounds)
         results[name] = logits
     rank = dist.get_rank()
@@ -81,6 +86,18 @@ def test_megatron_logits_match_transformers(matrix, variant, layout):
     assert torch.equal(got[..., :vocab].argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+@pytest.mark.parametrize("layout", EP_LAYOUTS, ids=[f"tp{t}pp{p}ep{e}" for t, p, e in EP_LAYOUTS])
+def test_moe_logits_match_transformers_with_expert_parallelism(matrix, variant, layout):
+    _, reference, logits = matrix
+    ref, got = reference[variant], logits[variant][layout]
+    vocab = VARIANTS[variant]["vocab_size"]
+    diff = (got[..., :vocab] - ref).abs().max().item()
+    assert diff <= LOGIT_TOL, f"{variant} at TP{layout[0]} PP{layout[1]} EP{layout[2]}: max |dlogit| {diff:.3e}"
+    assert torch.equal(got[..., :vocab].argmax(-1), ref.argmax(-1))
+
+
 def _tensors(hf_dir) -> dict:
     from pathlib import Path
 
@@ -114,7 +131,9 @@ def test_export_loads_in_transformers(matrix, variant):
     assert set(index["weight_map"]) == set(_tensors(export))
     original_cfg, exported_cfg = AutoConfig.from_pretrained(cases[variant]["hf"]), AutoConfig.from_pretrained(export)
     for key in ("num_hidden_layers", "hidden_size", "num_key_value_heads", "tie_word_embeddings", "vocab_size",
-                "rms_norm_eps", "rope_parameters", "sliding_window"):
+                "rms_norm_eps", "rope_parameters", "sliding_window", "head_dim", "intermediate_size",
+                "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                "router_aux_loss_coef", "decoder_sparse_step"):
         assert getattr(exported_cfg, key, None) == getattr(original_cfg, key, None), key
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     tokens = cases[variant]["tokens"]

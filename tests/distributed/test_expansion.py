@@ -1,6 +1,7 @@
 """Block expansion inside the sharded checkpoint, on tiny models, in one 4-rank gloo world.
 
 - expanded logits equal the original's exactly (fp32, same TP; PP may differ since every layer computes alone);
+  MoE models also with the experts split over 2 ranks (EP 2);
 - sources written for one layout, expanded for another; interleave, explicit positions, top, bottom, and a second
   expansion composed with the first;
 - the HF export of each expanded checkpoint, `expand-hf`, and one-pass `hf-to-mcore --groups` all equal the
@@ -30,7 +31,13 @@ CASES = {
     "top": ("gqa", (1, 1), dict(where="top", num_new=2), dict(top=2), (1, 2), [((1, 1), (1, 2))]),
     "bottom": ("llama31", (1, 2), dict(where="bottom", num_new=4), dict(bottom=4), (1, 4), [((1, 2), (1, 4))]),
     "qwen2": ("qwen2", (2, 1), dict(groups=2), dict(groups=2), (2, 2), [((2, 1), (2, 2))]),  # q/k/v biases copied
+    "qwen3": ("qwen3", (1, 2), dict(groups=2), dict(groups=2), (2, 1), [((2, 2), (2, 1))]),  # q/k norms copied
+    # every expert's down projection zeroed, the router copied; compared at EP 2 below
+    "mixtral": ("mixtral", (2, 2), dict(positions="1,4"), dict(positions=[1, 4]), (1, 2), [((1, 1), (1, 2))]),
+    "qwen3_moe": ("qwen3_moe", (1, 1), dict(groups=2), dict(groups=2), (2, 2), [((2, 2), (2, 1))]),
 }
+# MoE cases also compared with their experts split over 2 ranks: (original's tp, pp, ep) vs (expanded's)
+EP_COMPARISONS = {"mixtral": ((1, 1, 2), (1, 2, 2)), "qwen3_moe": ((2, 1, 2), (2, 1, 2))}
 
 
 def _world(root: str, cases: dict, tokens: torch.Tensor):
@@ -57,6 +64,11 @@ def _world(root: str, cases: dict, tokens: torch.Tensor):
             a = megatron_logits(src, tokens, tp=otp, pp=opp, spec="local")
             b = megatron_logits(r / f"x_{name}", tokens, tp=etp, pp=epp, spec="local")
             diffs[(name, otp, opp, etp, epp)] = (a - b).abs().max().item()
+        if name in EP_COMPARISONS:
+            (otp, opp, oep), (etp, epp, eep) = EP_COMPARISONS[name]
+            a = megatron_logits(src, tokens, tp=otp, pp=opp, ep=oep, spec="local")
+            b = megatron_logits(r / f"x_{name}", tokens, tp=etp, pp=epp, ep=eep, spec="local")
+            diffs[(name, otp, opp, oep, etp, epp, eep)] = (a - b).abs().max().item()
     # a second expansion composes with the first (6 -> 9 layers), then loads at PP=1
     expand_mcore(r / "x_groups", r / "x_twice", lambda n: plan_from_args(n, groups=3), progress=False)
     a = megatron_logits(r / "src_gqa_22", tokens, tp=1, pp=1, spec="local")
@@ -90,7 +102,7 @@ def world(tmp_path_factory):
 @pytest.mark.slow
 def test_expanded_logits_equal_original_exactly(world):
     _, diffs = world
-    assert len(diffs) == 7
+    assert len(diffs) == 12
     assert all(d == 0.0 for d in diffs.values()), diffs
 
 

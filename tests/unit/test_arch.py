@@ -47,15 +47,30 @@ def test_rotary_frequencies_equal_transformers_llama3(tmp_path):
     assert not torch.equal(got, plain)
 
 
+# a Qwen3-MoE config on the LLaMA base: 8 experts of FFN 1408, top 2
+MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 8,
+       "num_experts_per_tok": 2, "moe_intermediate_size": 1408, "norm_topk_prob": True, "decoder_sparse_step": 1,
+       "mlp_only_layers": []}
+
+
 @pytest.mark.parametrize("change, field", [
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"num_local_experts": 8}, "num_local_experts"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
-    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, "Qwen3ForCausalLM"),
-    ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"}, "Qwen2MoeForCausalLM"),
+    ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"}, "shared expert"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True},
      "use_sliding_window"),
+    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": True},
+     "use_sliding_window"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "head_dim": 256}, "head_dim"),
+    (dict(MOE, norm_topk_prob=False), "norm_topk_prob"),
+    (dict(MOE, decoder_sparse_step=2), "decoder_sparse_step"),
+    (dict(MOE, mlp_only_layers=[1]), "mlp_only_layers"),
+    (dict(MOE, num_experts_per_tok=9), "num_experts_per_tok"),
+    (dict(MOE, moe_intermediate_size=None), "moe_intermediate_size"),
+    ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 8,
+      "num_experts_per_tok": 2, "router_jitter_noise": 0.1}, "router_jitter_noise"),
     ({"hidden_act": "gelu"}, "gelu"),
 ])
 def test_refuses_unsupported(change, field):
@@ -79,6 +94,25 @@ def test_missing_field_is_named():
 def test_layout_validation(tp, pp, match):
     with pytest.raises(UserError, match=match):
         LlamaArch.from_hf_config(BASE).validate_layout(tp, pp)
+
+
+def test_moe_fields_and_expert_parallel_layouts():
+    arch = LlamaArch.from_hf_config(dict(BASE, **MOE, router_aux_loss_coef=0.001))
+    assert (arch.num_experts, arch.moe_topk, arch.moe_ffn_hidden_size, arch.router_aux_loss_coef) == (8, 2, 1408,
+                                                                                                        0.001)
+    assert arch.qk_norm and arch.expert_ffn_size == 1408 and arch.ffn_hidden_size == BASE["intermediate_size"]
+    arch.validate_layout(2, 2, ep=8)
+    with pytest.raises(UserError, match="does not divide the 8 experts"):
+        arch.validate_layout(1, 1, ep=3)
+    with pytest.raises(UserError, match="needs a mixture-of-experts model"):
+        LlamaArch.from_hf_config(BASE).validate_layout(1, 1, ep=2)
+    config = arch.transformer_config()
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (8, 2, 1408)
+    assert config.qk_layernorm and not config.moe_router_pre_softmax and config.moe_aux_loss_coeff == 0.001
+    # transformers 5 writes num_local_experts for Qwen3-MoE too
+    alias = dict(BASE, **MOE, num_local_experts=8)
+    del alias["num_experts"]
+    assert LlamaArch.from_hf_config(alias) == arch.replace(router_aux_loss_coef=None)
 
 
 def test_layout_ok_and_vocab_padding():
