@@ -1,6 +1,7 @@
 """Conversion speed and memory against the floor of copying the same bytes, in one run.
 
     python benchmarks/convert.py [--layers 24 --hidden 2048 --ffn 5632 --heads 32 --kv-heads 4 --vocab 32000]
+                                 [--experts 8 --topk 2]
                                  [--workers 2] [--repeats 3] [--workdir DIR] [--trees OLD,NEW]
 
 Makes a random HF LLaMA of the given shape (default ~1.2B parameters, bf16), then times, `--repeats` times each:
@@ -35,8 +36,11 @@ from safetensors.torch import save_file
 
 
 def make_random_llama(out: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
-                      dtype: torch.dtype, layers_per_shard: int = 6) -> int:
-    """Write a random LLaMA HF directory shard by shard (never the whole model in memory); returns bytes."""
+                      dtype: torch.dtype, layers_per_shard: int = 6, experts: int = 0, topk: int = 2) -> int:
+    """Write a random LLaMA HF directory shard by shard (never the whole model in memory); returns bytes.
+
+    ``experts`` > 0: a Mixtral (every layer an MoE layer of that many experts of FFN ``ffn``, top ``topk``), with the
+    hub's names (`block_sparse_moe.gate`, `block_sparse_moe.experts.E.w1/w2/w3`)."""
     out.mkdir(parents=True)
     d = hidden // heads
     g = torch.Generator().manual_seed(0)
@@ -62,10 +66,17 @@ def make_random_llama(out: Path, layers: int, hidden: int, ffn: int, heads: int,
                     p + "self_attn.k_proj.weight": rand(kv_heads * d, hidden),
                     p + "self_attn.v_proj.weight": rand(kv_heads * d, hidden),
                     p + "self_attn.o_proj.weight": rand(hidden, heads * d),
-                    p + "mlp.gate_proj.weight": rand(ffn, hidden),
-                    p + "mlp.up_proj.weight": rand(ffn, hidden),
-                    p + "mlp.down_proj.weight": rand(hidden, ffn),
                 })
+                if not experts:
+                    tensors.update({p + "mlp.gate_proj.weight": rand(ffn, hidden),
+                                    p + "mlp.up_proj.weight": rand(ffn, hidden),
+                                    p + "mlp.down_proj.weight": rand(hidden, ffn)})
+                    continue
+                tensors[p + "block_sparse_moe.gate.weight"] = rand(experts, hidden)
+                for e in range(experts):
+                    q = f"{p}block_sparse_moe.experts.{e}."
+                    tensors.update({q + "w1.weight": rand(ffn, hidden), q + "w3.weight": rand(ffn, hidden),
+                                    q + "w2.weight": rand(hidden, ffn)})
         name = f"model-{f + 1:05d}-of-{total_files:05d}.safetensors"
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
@@ -77,6 +88,9 @@ def make_random_llama(out: Path, layers: int, hidden: int, ffn: int, heads: int,
               "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
               "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
               "torch_dtype": str(dtype).removeprefix("torch.")}
+    if experts:
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts,
+                      num_experts_per_tok=topk, router_aux_loss_coef=0.02)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return total
 
@@ -145,6 +159,9 @@ def add_model_shape_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--experts", type=int, default=0, help="an MoE (Mixtral) model: experts per layer, each of FFN "
+                    "--ffn (e.g. --layers 16 --hidden 1024 --ffn 2816 --experts 8 --heads 16 --kv-heads 4: ~1.2B)")
+    ap.add_argument("--topk", type=int, default=2, help="with --experts: experts per token")
 
 
 def main() -> None:
@@ -162,7 +179,8 @@ def main() -> None:
     if hf.exists():
         shutil.rmtree(hf)
     dtype = getattr(torch, args.dtype)
-    nbytes = make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab, dtype)
+    nbytes = make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab, dtype,
+                               experts=args.experts, topk=args.topk)
     largest = args.vocab * args.hidden * dtype.itemsize
     llamapro = [sys.executable, "-m", "llamapro_megatron.cli"]
     trees = args.trees.split(",") if args.trees else [None]
@@ -207,7 +225,8 @@ def main() -> None:
     target_rss = 1.5 * gb + largest
     print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, {psutil.virtual_memory().total / gb:.0f} GiB, "
           f"torch {torch.__version__}, python {platform.python_version()}")
-    print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, {args.heads} heads / "
+    print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}"
+          f"{f' x {args.experts} experts (top {args.topk})' if args.experts else ''}, {args.heads} heads / "
           f"{args.kv_heads} KV, vocab {args.vocab}, {args.dtype}: {nbytes / gb:.2f} GiB; workers {args.workers}; "
           f"medians of {args.repeats}")
     width = 24 + max(len(label) for label in labels)

@@ -13,7 +13,8 @@ step a fresh process like a user runs it, times and samples the peak RSS of ever
                     shutil.copytree: sendfile): exactly the bytes an expansion has to write
   expand-hf         `llamapro expand-hf --groups G` (HF -> HF)
   mergekit          `mergekit-yaml` passthrough merge of the same layer slices, the copies as 1-layer slices with
-                    `scale` 0.0 on o_proj and down_proj (the LLaMA Pro recipe in mergekit), on CPU
+                    `scale` 0.0 on o_proj and down_proj (the LLaMA Pro recipe in mergekit; for `--experts`, Mixtral's
+                    experts' w2 too), on CPU
   copy floor (mcore) copying the output directory of this repeat's `llamapro expand` run
   expand (mcore)    `llamapro expand --groups G` (Megatron torch_dist -> Megatron torch_dist)
 
@@ -102,6 +103,8 @@ def mergekit_config(hf: Path, layers: list[tuple[int, bool]], dtype: str) -> str
             lines += ["        parameters:", "          scale:",
                       "            - filter: o_proj", "              value: 0.0",
                       "            - filter: down_proj", "              value: 0.0",
+                      # Mixtral's experts' down projections (block_sparse_moe.experts.E.w2)
+                      "            - filter: w2", "              value: 0.0",
                       "            - value: 1.0"]
     return "\n".join(lines) + "\n"
 
@@ -191,7 +194,8 @@ def main() -> None:
     for d in (hf, mcore):
         shutil.rmtree(d, ignore_errors=True)
     dtype = getattr(torch, args.dtype)
-    nbytes = make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab, dtype)
+    nbytes = make_random_llama(hf, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab, dtype,
+                               experts=args.experts, topk=args.topk)
     llamapro = [sys.executable, "-m", "llamapro_megatron.cli"]
     run_measured([*llamapro, "convert", "hf-to-mcore", "--hf-dir", str(hf), "--out", str(mcore),
                   "--workers", str(args.workers), "--no-progress"])
@@ -259,7 +263,8 @@ def main() -> None:
           f"{platform.machine()}, torch {torch.__version__}, python {platform.python_version()}, "
           f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
     print(f"model: {args.layers} -> {len(layers)} layers (--groups {args.groups}), hidden {args.hidden}, "
-          f"ffn {args.ffn}, {args.heads} heads / {args.kv_heads} KV, vocab {args.vocab}, {args.dtype}: source "
+          f"ffn {args.ffn}{f' x {args.experts} experts' if args.experts else ''}, {args.heads} heads / "
+          f"{args.kv_heads} KV, vocab {args.vocab}, {args.dtype}: source "
           f"{nbytes / gb:.2f} GiB; workers {args.workers}; medians of {args.repeats}; wall incl. fsync of the output")
     header = f"{'step':<20}{'wall s':>8}{'x floor':>9}{'x mergekit':>12}{'CPU s':>8}{'peak RSS/proc GiB':>19}"
     print(header)

@@ -42,7 +42,7 @@ _UNSUPPORTED_TRUTHY = {
 _MOE_FIELDS = ("num_local_experts", "num_experts", "moe_intermediate_size")
 # validate_layout's flag names as `llamapro train` (Megatron-LM) spells them
 TRAIN_LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                      "--virtual-pipeline-model-parallel-size")
+                      "--virtual-pipeline-model-parallel-size", "--expert-model-parallel-size")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 

@@ -75,8 +75,8 @@ def run_on_models(loads: list[str | Path], fn, fn_args: tuple = (), *, tp: int =
     """``fn(model, meta, info, *fn_args)`` for each checkpoint, built at TP x PP on spawned ranks (or these ranks
     under a launcher); returns rank 0's results, one per checkpoint. With ``ep`` > 1 (MoE) there are TP x PP x EP
     ranks, the EP ones data-parallel ranks that each hold a share of the experts and run the same tokens. ``fn``
-    must be a picklable top-level function, called collectively on every rank. In fp32, TF32 GEMMs are off there (``NVIDIA_TF32_OVERRIDE=0``
-    unless set): verify, evaluate and generate compare against transformers' fp32."""
+    must be a picklable top-level function, called collectively on every rank. In fp32, TF32 GEMMs are off there
+    (``NVIDIA_TF32_OVERRIDE=0`` unless set): verify, evaluate and generate compare against transformers' fp32."""
     from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
     from llamapro_megatron.runtime.launch import inside_launcher, run_workers
 

@@ -25,7 +25,7 @@ from llamapro_megatron.arch import LlamaArch, canonical_dtype, dtype_bytes
 from llamapro_megatron.checkpoint import direct_export, direct_import, mapping, output, trainable, units
 from llamapro_megatron.checkpoint import hf as hfio
 from llamapro_megatron.checkpoint.load import check_files
-from llamapro_megatron.checkpoint.mcore import CheckpointMeta, read_meta, resolve_checkpoint
+from llamapro_megatron.checkpoint.mcore import CheckpointMeta, read_meta, recorded_layout, resolve_checkpoint
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.expansion import ExpansionPlan, compose
 
@@ -54,7 +54,7 @@ class ImportJob:
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                dtype: str | None = None, workers: int = 1, overwrite: bool = False,
+                ep: int = 1, dtype: str | None = None, workers: int = 1, overwrite: bool = False,
                 plan: ExpansionPlan | None = None, make_vocab_size_divisible_by: int = 128,
                 progress: bool = True, round_bytes: int | None = None) -> Path:
     """Convert a HF LLaMA-family directory into a Megatron-LM style torch_dist checkpoint at `out`.
@@ -67,14 +67,14 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
     if plan.source_num_layers != arch.num_layers:
         raise UserError(f"the expansion plan is for {plan.source_num_layers} layers; {hf_dir} has {arch.num_layers}")
     num_layers = plan.num_layers
-    arch.validate_layout(tp, pp, vpp, num_layers=num_layers)
+    arch.validate_layout(tp, pp, vpp, num_layers=num_layers, ep=ep)
     reader = hfio.HFReader(hf_dir)
     hfio.validate_hf_tensors(reader, mapping.expected_hf_shapes(arch))
     dtype = canonical_dtype(dtype or arch.dtype)
     padded = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
     out_arch = arch.replace(num_layers=num_layers)
     meta = CheckpointMeta(arch=out_arch, padded_vocab_size=padded, dtype=dtype,
-                          layout={"tp": tp, "pp": pp, "vpp": vpp},
+                          layout=recorded_layout(tp, pp, vpp, ep),
                           source={"kind": "huggingface", "path": str(hf_dir.resolve())},
                           expansion=compose(None, plan) if plan.new_indices else None)
     job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from llamapro_megatron.arch import canonical_dtype, dtype_bytes
 from llamapro_megatron.checkpoint import mapping, output, trainable, units
-from llamapro_megatron.checkpoint.mcore import TOKENIZER_DIR, CheckpointMeta, read_meta, resolve_checkpoint
+from llamapro_megatron.checkpoint.mcore import (
+    TOKENIZER_DIR,
+    CheckpointMeta,
+    read_meta,
+    recorded_layout,
+    resolve_checkpoint,
+)
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.expansion import ExpansionPlan, compose, describe
 from llamapro_megatron.progress import SharedProgress
@@ -34,8 +40,8 @@ class ExpandJob:
 
 
 def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                 dtype: str | None = None, workers: int = 1, ckpt_step: int | None = None, overwrite: bool = False,
-                 progress: bool = True, round_bytes: int | None = None) -> Path:
+                 ep: int = 1, dtype: str | None = None, workers: int = 1, ckpt_step: int | None = None,
+                 overwrite: bool = False, progress: bool = True, round_bytes: int | None = None) -> Path:
     """Expand a Megatron checkpoint. `plan_fn(num_source_layers) -> ExpansionPlan` (the CLI's plan flags)."""
     out = output.check_output(out, overwrite)
     src_dir = resolve_checkpoint(load, ckpt_step)
@@ -43,14 +49,14 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
     if trainable.is_trainable_only(src):
         trainable.resolve_base(src_dir, src)  # refuse a missing or mismatched base before starting workers
     plan = plan_fn(src.arch.num_layers)
-    src.arch.validate_layout(tp, pp, vpp, num_layers=plan.num_layers)
+    src.arch.validate_layout(tp, pp, vpp, num_layers=plan.num_layers, ep=ep)
     if src.padded_vocab_size % tp:
         raise UserError(f"--tp {tp} does not divide the checkpoint's padded vocabulary {src.padded_vocab_size}; "
                         "re-convert with --tp set to the layout you will train at")
     if progress:
         print(describe(plan, pp, vpp), flush=True)
     meta = CheckpointMeta(arch=src.arch.replace(num_layers=plan.num_layers), padded_vocab_size=src.padded_vocab_size,
-                          dtype=canonical_dtype(dtype or src.dtype), layout={"tp": tp, "pp": pp, "vpp": vpp},
+                          dtype=canonical_dtype(dtype or src.dtype), layout=recorded_layout(tp, pp, vpp, ep),
                           source={"kind": "megatron", "path": str(src_dir.resolve()), "source": src.source},
                           expansion=compose(src.expansion, plan))
     job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress,

@@ -25,6 +25,11 @@ TOKENIZER_DIR = "tokenizer"
 RELEASE = "release"
 
 
+def recorded_layout(tp: int, pp: int, vpp: int | None, ep: int = 1) -> dict[str, int | None]:
+    """The intended layout a checkpoint's metadata records (EP only for expert parallelism)."""
+    return {"tp": tp, "pp": pp, "vpp": vpp, **({"ep": ep} if ep != 1 else {})}
+
+
 @dataclass
 class CheckpointMeta:
     arch: LlamaArch

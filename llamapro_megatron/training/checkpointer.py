@@ -40,6 +40,7 @@ from llamapro_megatron.checkpoint.mcore import (
     CheckpointMeta,
     iteration_dir_name,
     read_meta,
+    recorded_layout,
     resolve_checkpoint,
 )
 from llamapro_megatron.checkpoint.output import partial_dir
@@ -293,8 +294,8 @@ def resolve_load(config: TrainConfig) -> tuple[Path, CheckpointMeta]:
 
 def _layout(config: TrainConfig) -> dict[str, int | None]:
     p = config.parallelism
-    return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-            "vpp": p.virtual_pipeline_model_parallel_size}
+    return recorded_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                           p.virtual_pipeline_model_parallel_size, p.expert_model_parallel_size)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -39,6 +39,7 @@ RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 SFT_PACKING = ("packed", "padded")
+MOE_DISPATCHERS = ("allgather", "alltoall")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -52,12 +53,17 @@ class ModelSection:
     no_rope_fusion: bool = False  # on CUDA RoPE is fused (TE's kernel, else torch.compile) unless this is set
     # megatron-core's compiled vocab-parallel cross-entropy for the loss; None: on with CUDA, off on CPU
     cross_entropy_loss_fusion: bool | None = None
+    # MoE: the load-balancing loss's coefficient (None: the HF config's router_aux_loss_coef), counted for the
+    # routers that train only; the token dispatcher (None: alltoall on CUDA, allgather on CPU)
+    moe_aux_loss_coeff: float | None = None
+    moe_token_dispatcher_type: str | None = None
 
 
 @dataclass(kw_only=True, slots=True)
 class ParallelismSection:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1  # MoE: each layer's experts split over this many data-parallel ranks
     virtual_pipeline_model_parallel_size: int | None = None  # model chunks per pipeline rank (interleaved)
     num_layers_per_virtual_pipeline_stage: int | None = None  # alternative to the above: layers per chunk
     decoder_first_pipeline_num_layers: int | None = None  # uneven stages: layers on the first stage
@@ -176,6 +182,20 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--bf16": ("model", "bf16", dict(_BOOL, help="bf16 training with fp32 main params")),
     "--tensor-model-parallel-size": ("parallelism", "tensor_model_parallel_size", dict(type=int)),
     "--pipeline-model-parallel-size": ("parallelism", "pipeline_model_parallel_size", dict(type=int)),
+    "--expert-model-parallel-size": ("parallelism", "expert_model_parallel_size",
+                                     dict(type=int, help="MoE models: split each layer's experts over this many "
+                                                         "data-parallel ranks (it must divide the experts and the "
+                                                         "data-parallel size)")),
+    "--moe-aux-loss-coeff": ("model", "moe_aux_loss_coeff",
+                             dict(type=float, help="MoE models: coefficient of the load-balancing loss (default: "
+                                                   "the model's router_aux_loss_coef). It is megatron-core's per-layer "
+                                                   "switch loss, added for the routers that train (the new blocks') "
+                                                   "only: a frozen block's router neither moves nor adds a loss "
+                                                   "that would pull the new blocks toward balancing it")),
+    "--moe-token-dispatcher-type": ("model", "moe_token_dispatcher_type",
+                                    dict(choices=MOE_DISPATCHERS,
+                                         help="MoE models: how tokens reach their experts' ranks (default: alltoall "
+                                              "on CUDA, allgather on CPU, where alltoall needs CUDA streams)")),
     "--virtual-pipeline-model-parallel-size": ("parallelism", "virtual_pipeline_model_parallel_size",
                                                dict(type=int, help="model chunks per pipeline rank")),
     "--num-layers-per-virtual-pipeline-stage": (
@@ -384,6 +404,12 @@ def validate(config: TrainConfig, plan_only: bool = False) -> None:
         raise UserError(f"--exit-duration-in-mins {s.exit_duration_in_mins}: must be positive")
     _validate_parallelism(config.parallelism)
     _validate_recompute(config.model)
+    m = config.model
+    if m.moe_token_dispatcher_type not in (None, *MOE_DISPATCHERS):
+        raise UserError(f"--moe-token-dispatcher-type {m.moe_token_dispatcher_type!r}: choose one of "
+                        f"{', '.join(MOE_DISPATCHERS)}")
+    if m.moe_aux_loss_coeff is not None and m.moe_aux_loss_coeff < 0:
+        raise UserError(f"--moe-aux-loss-coeff {m.moe_aux_loss_coeff}: must be 0 or more")
 
 
 def _validate_parallelism(p: ParallelismSection) -> None:
@@ -413,6 +439,8 @@ def _validate_parallelism(p: ParallelismSection) -> None:
     if p.sequence_parallel and p.tensor_model_parallel_size < 2:
         raise UserError("--sequence-parallel splits activations over tensor-parallel ranks: it needs "
                         f"--tensor-model-parallel-size 2 or more (got {p.tensor_model_parallel_size})")
+    if p.expert_model_parallel_size < 1:
+        raise UserError(f"--expert-model-parallel-size {p.expert_model_parallel_size}: must be at least 1")
 
 
 def _validate_recompute(m: ModelSection) -> None:

@@ -66,7 +66,9 @@ class Plan:
         lines = [
             f"dry run (meta device, fake process group; nothing allocated) of {self.source}",
             f"model: {a.architecture}, {a.num_layers} layers ({len(new)} new: {new}), hidden {a.hidden_size}, "
-            f"FFN {a.ffn_hidden_size}, heads {a.num_attention_heads} / {a.num_query_groups} KV groups, vocabulary "
+            f"FFN {a.ffn_hidden_size}"
+            + (f" ({a.num_experts} experts of FFN {a.moe_ffn_hidden_size}, top {a.moe_topk})" if a.is_moe else "")
+            + f", heads {a.num_attention_heads} / {a.num_query_groups} KV groups, vocabulary "
             f"{a.vocab_size} (padded to {self.meta.padded_vocab_size})",
             f"parameters: {self.model_parameters:,} (as transformers counts them), trainable "
             f"{self.trainable_parameters:,} ({100 * self.trainable_parameters / self.model_parameters:.1f}%, "
@@ -74,6 +76,8 @@ class Plan:
             f"layout: {self.world_size} GPUs ({_machines(c, self.world_size)}) = TP {p.tensor_model_parallel_size} x "
             f"PP {p.pipeline_model_parallel_size} x DP {self.dp}"
             + (f", VPP {p.virtual_pipeline_model_parallel_size}" if virtual_stages(c) else "")
+            + (f", EP {p.expert_model_parallel_size} (experts split over data-parallel ranks)"
+               if p.expert_model_parallel_size > 1 else "")
             + f"; {'distributed' if p.use_distributed_optimizer else 'plain'} optimizer; "
             f"{'bf16 with fp32 main params' if c.model.bf16 else 'fp32'}",
             f"batch: global {self.global_batch_size} = micro {c.schedule.micro_batch_size} x "
@@ -157,7 +161,7 @@ def model_from_hf_config(path: str, groups: int | None, tp: int) -> tuple[Checkp
 
 # --------------------------------------------------------------------- simulation
 @contextlib.contextmanager
-def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None):
+def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None, ep: int = 1):
     """megatron-core parallel state for one rank of a world that does not exist (torch's ``fake`` backend)."""
     import torch.distributed as dist
 
@@ -175,7 +179,8 @@ def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None):
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                     virtual_pipeline_model_parallel_size=vpp, create_gloo_process_groups=False)
+                                     virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
+                                     create_gloo_process_groups=False)
         yield ps
     finally:
         ps.destroy_model_parallel()
@@ -197,7 +202,8 @@ def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None
     overrides = {**transformer_overrides(config, meta.arch, kind), "sequence_parallel": False}
     chunks = [build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                               tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
-                              spec="local", meta_device=True, vp_stage=v if vpp else None, **overrides)
+                              ep=p.expert_model_parallel_size, spec="local", meta_device=True,
+                              vp_stage=v if vpp else None, **overrides)
               for v in range(vpp or 1)]
     apply_freeze(chunks, meta, config.freeze)
     return chunks
@@ -210,14 +216,18 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
     config = resolve_pipeline(config, meta.arch)  # --num-layers-per-virtual-pipeline-stage, uneven end stages
     p, s = config.parallelism, config.schedule
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, virtual_stages(config)
+    ep = p.expert_model_parallel_size
     meta.arch.validate_layout(tp, pp, vpp, first=p.decoder_first_pipeline_num_layers,
-                              last=p.decoder_last_pipeline_num_layers, flags=TRAIN_LAYOUT_FLAGS)
+                              last=p.decoder_last_pipeline_num_layers, flags=TRAIN_LAYOUT_FLAGS, ep=ep)
     if meta.padded_vocab_size % tp:
         raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary "
                         f"{meta.padded_vocab_size}")
     if world_size % (tp * pp):
         raise UserError(f"--world-size {world_size} is not a multiple of TP x PP = {tp * pp}")
     dp = world_size // (tp * pp)
+    if dp % ep:
+        raise UserError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
+                        f"(--world-size {world_size} / TP x PP {tp * pp}): experts are split over data-parallel ranks")
     global_batch = s.global_batch_size or s.micro_batch_size * dp
     if global_batch % (s.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
@@ -235,15 +245,17 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             rank = tp_rank + tp * dp * pp_rank  # megatron-core's default order tp-cp-ep-dp-pp, DP rank 0
-            with fake_world(rank, world_size, tp, pp, vpp) as ps:
+            with fake_world(rank, world_size, tp, pp, vpp, ep) as ps:
                 if (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()) != (tp_rank, pp_rank):
                     raise RuntimeError(f"megatron-core placed rank {rank} elsewhere than tp {tp_rank} pp {pp_rank}")
                 chunks = build_rank_chunks(meta, config, vpp)
                 params = sum(t.numel() for c in chunks for t in c.parameters())
                 trainable = sum(t.numel() for c in chunks for t in c.parameters() if t.requires_grad)
+                expert_trainable = sum(t.numel() for c in chunks for n, t in c.named_parameters()
+                                       if t.requires_grad and ".mlp.experts." in n) if ep > 1 else 0
                 layers = [global_layer_index(layer) for c in chunks for layer in decoder_layers(c)]
                 activations = activation_bytes(chunks, meta, config, pp_rank, microbatches, flash, granularity)
-            weights, grads, opt = state_bytes(params, trainable, config, dp)
+            weights, grads, opt = state_bytes(params, trainable, config, dp, expert_trainable)
             plan.ranks.append(RankPlan(pp_rank, tp_rank, [tp_rank + tp * d + tp * dp * pp_rank for d in range(dp)],
                                        sorted(layers), params, trainable, weights, grads, opt, activations))
     return plan
@@ -274,7 +286,7 @@ def add_dry_run_arguments(parser) -> None:
                    "parameters and memory (weights, gradients, optimizer states, activations); trains nothing")
     g.add_argument("--world-size", type=int, default=None,
                    help="GPUs to plan for (default: --nnodes x --gpus-per-node, i.e. the recipe's launch section; "
-                   "without one: TP x PP, a single model replica)")
+                   "without one: TP x PP (x EP), a single model replica)")
     g.add_argument("--hf-config", default=None, metavar="CONFIG_JSON",
                    help="plan from a Hugging Face config.json (or its directory) instead of the --load checkpoint, "
                    "before converting anything")
@@ -289,7 +301,7 @@ def dry_run(config: TrainConfig, world_size: int | None = None, hf_config: str |
     if world_size is None:
         n, p = config.launch, config.parallelism
         world_size = ((n.nodes or 1) * (n.gpus_per_node or 1) if n.nodes or n.gpus_per_node
-                      else p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+                      else p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     if world_size < 1:
         raise UserError(f"--world-size {world_size}: must be at least 1")
     tp = config.parallelism.tensor_model_parallel_size

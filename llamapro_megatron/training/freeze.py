@@ -74,6 +74,13 @@ def apply_freeze(chunks: list[torch.nn.Module], meta: CheckpointMeta, freeze: Fr
             in_plan = global_layer_index(layer) in layers
             for name, param in layer.named_parameters():
                 param.requires_grad = in_plan or (freeze.train_norms and _is_norm(name))
+            router = getattr(layer.mlp, "router", None)
+            if router is not None and not in_plan:
+                # A frozen MoE block adds no load-balancing loss: its router does not move, and its loss would
+                # only pull the new blocks below toward balancing it. Routing itself is unchanged (megatron-core's
+                # TopKRouter routes by top-k whatever its routing_type unless "sinkhorn"; "none" switches every
+                # aux loss off, router.py `is_aux_loss_enabled`).
+                router.routing_type = "none"
 
 
 @dataclass
@@ -83,14 +90,19 @@ class StageCounts:
     frozen: int
     trainable_layers: list[int]
     layers: list[int]  # every decoder layer of the stage, chunk by chunk
+    # of the above, this rank's share of expert-parallel experts (EP > 1: each EP rank holds its own experts)
+    expert_trainable: int = 0
+    expert_frozen: int = 0
 
 
 def stage_counts(chunks: list[torch.nn.Module], pp_rank: int, tp_rank: int = 0) -> StageCounts:
     """This rank's share of the model's parameters, so that summing over the TP ranks and pipeline stages (of one
     data-parallel replica) counts every parameter once: tensor-parallel shards count on their rank, replicated
     parameters (norms) on TP rank 0 only, and the tied embedding's copy on the last pipeline stage not at all
-    (megatron-core marks that copy ``shared``; `LanguageModule.setup_embeddings_and_output_layer`)."""
-    trainable = frozen = 0
+    (megatron-core marks that copy ``shared``; `LanguageModule.setup_embeddings_and_output_layer`). Experts split
+    over expert-parallel ranks (megatron-core marks them ``allreduce = False``) are also counted apart, for the
+    caller to add up over the EP ranks."""
+    trainable = frozen = expert_trainable = expert_frozen = 0
     layers, every_layer = [], []
     for chunk in chunks:
         for param in chunk.parameters():
@@ -98,11 +110,14 @@ def stage_counts(chunks: list[torch.nn.Module], pp_rank: int, tp_rank: int = 0) 
                 continue
             if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
                 continue
+            expert = not getattr(param, "allreduce", True)
             if param.requires_grad:
                 trainable += param.numel()
+                expert_trainable += param.numel() if expert else 0
             else:
                 frozen += param.numel()
+                expert_frozen += param.numel() if expert else 0
         layers += [global_layer_index(layer) for layer in decoder_layers(chunk)
                    if any(p.requires_grad for p in layer.parameters())]
         every_layer += [global_layer_index(layer) for layer in decoder_layers(chunk)]
-    return StageCounts(pp_rank, trainable, frozen, sorted(layers), every_layer)
+    return StageCounts(pp_rank, trainable, frozen, sorted(layers), every_layer, expert_trainable, expert_frozen)

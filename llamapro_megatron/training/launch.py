@@ -19,7 +19,7 @@ def launch(config: TrainConfig, nproc: int | None = None) -> None:
         _rank_main(config)
         return
     p = config.parallelism
-    n = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    n = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size
     try:
         run_workers(_rank_main, n, args=(config,))
     except WorkerError as e:

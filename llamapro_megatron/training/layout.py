@@ -23,12 +23,6 @@ WINDOWED_SPECS = ("te", "local", "sdpa")
 def resolve_pipeline(config: TrainConfig, arch: LlamaArch) -> TrainConfig:
     """A copy of ``config`` whose virtual pipeline size is set (from --num-layers-per-virtual-pipeline-stage when
     that was given) and whose pipeline split has been checked against the model's layers."""
-    if arch.is_moe:
-        # not yet: the trainer's expert-parallel layout, the optimizer's expert groups and how the frozen blocks'
-        # load-balancing losses count are the next slice of the MoE work
-        raise UserError(f"training a mixture-of-experts model ({arch.architecture}) is not supported yet; its "
-                        "conversion, expansion, verify and export are (train a dense model, or export the expanded "
-                        "MoE checkpoint with `llamapro convert mcore-to-hf`)")
     p = config.parallelism
     stages = pipeline_stage_layers(arch.num_layers, p.pipeline_model_parallel_size,
                                    p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
@@ -102,6 +96,7 @@ def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) 
                                       else _cuda_available()),
         "cross_entropy_fusion_impl": "native",
     }
+    overrides.update(moe_overrides(config, arch))
     if p.virtual_pipeline_model_parallel_size:
         # Megatron-LM's interleaved defaults. They also keep the two directions apart: with batched p2p at PP 2
         # both neighbours are the same rank, and gloo pairs an activation send with a gradient receive (same
@@ -110,4 +105,24 @@ def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) 
     if m.recompute_granularity is not None:
         overrides.update(recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
                          recompute_num_layers=m.recompute_num_layers)
+    return overrides
+
+
+def moe_overrides(config: TrainConfig, arch: LlamaArch) -> dict[str, Any]:
+    """TransformerConfig fields of an MoE model's training: the aux-loss coefficient and the dispatcher (EP itself
+    is `build_gpt_model`'s ``ep``). Refuses the MoE flags for a dense model."""
+    m = config.model
+    if not arch.is_moe:
+        for flag, value in (("--moe-aux-loss-coeff", m.moe_aux_loss_coeff),
+                            ("--moe-token-dispatcher-type", m.moe_token_dispatcher_type)):
+            if value is not None:
+                raise UserError(f"{flag} is for mixture-of-experts models; this is a dense {arch.architecture}")
+        return {}
+    if m.moe_token_dispatcher_type == "alltoall" and not _cuda_available():
+        raise UserError("--moe-token-dispatcher-type alltoall needs CUDA (megatron-core's all-to-all dispatcher "
+                        "creates CUDA streams); on CPU use allgather (the default there)")
+    overrides: dict[str, Any] = {"moe_aux_loss_coeff": (m.moe_aux_loss_coeff if m.moe_aux_loss_coeff is not None
+                                                        else arch.router_aux_loss_coef or 0.0)}
+    if m.moe_token_dispatcher_type is not None:
+        overrides["moe_token_dispatcher_type"] = m.moe_token_dispatcher_type
     return overrides

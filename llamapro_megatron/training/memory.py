@@ -3,7 +3,8 @@
 Memory per GPU, in bytes (P = this rank's parameters, T = its trainable ones, d = data-parallel size):
 - weights: P x 2 (bf16) or 4 (fp32).
 - gradients: T x 4 (megatron-core DDP reduces into fp32 gradient buffers; frozen parameters have none).
-- optimizer: T x (8 Adam moments + 4 fp32 main params under bf16), divided by d with the distributed optimizer.
+- optimizer: T x (8 Adam moments + 4 fp32 main params under bf16), divided by d with the distributed optimizer
+  (experts split over EP ranks: by d / EP, their data-parallel ranks).
 - activations: per layer and micro batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models", eq. 2 and sec. 4) redone for LLaMA blocks (RMSNorm, GQA, SwiGLU, no dropout), with
   s = sequence, b = micro batch, h = hidden, q = heads x head dim, k = KV groups x head dim, f = FFN size,
@@ -16,6 +17,7 @@ Memory per GPU, in bytes (P = this rank's parameters, T = its trainable ones, d 
   With sequence parallelism the 4h term is divided by t too. With full recomputation a layer keeps only its
   input, s*b*h*e, plus the working set of one recomputed group of layers once. A layer keeps nothing when no
   gradient flows through it: below the first trainable block of the first stage when the embedding is frozen.
+  An MoE layer: f is top-k x the experts' FFN size (dropless routing), plus the router's probabilities (E per token).
   Micro batches in flight (1F1B): min(pp - stage, micro batches) per stage; interleaved (VPP): megatron-core's
   warm-up count + 1 of model chunks. The last stage adds the logits and loss of one micro batch:
   s*b*V/t x (e + 4 + 4) (logits, their fp32 copy, the fp32 softmax the cross entropy keeps).
@@ -37,12 +39,17 @@ ADAM_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MAIN_PARAM_BYTES = 4  # fp32 copy of each trainable bf16 parameter
 
 
-def state_bytes(params: int, trainable: int, config: TrainConfig, dp: int) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer state) bytes of a rank with `params` parameters, `trainable` of them training."""
-    opt = trainable * (ADAM_BYTES + (MAIN_PARAM_BYTES if config.model.bf16 else 0))
+def state_bytes(params: int, trainable: int, config: TrainConfig, dp: int,
+                expert_trainable: int = 0) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes of a rank with `params` parameters, `trainable` of them training,
+    `expert_trainable` of those experts split over EP ranks: the distributed optimizer shards their state over the
+    experts' data-parallel ranks only (DP / EP), the rest over DP."""
+    per_param = ADAM_BYTES + (MAIN_PARAM_BYTES if config.model.bf16 else 0)
+    dense, experts = (trainable - expert_trainable) * per_param, expert_trainable * per_param
     if config.parallelism.use_distributed_optimizer:
-        opt = math.ceil(opt / dp)
-    return params * (2 if config.model.bf16 else 4), trainable * GRAD_BYTES, opt
+        dense = math.ceil(dense / dp)
+        experts = math.ceil(experts / max(1, dp // config.parallelism.expert_model_parallel_size))
+    return params * (2 if config.model.bf16 else 4), trainable * GRAD_BYTES, dense + experts
 
 
 def virtual_stages(config: TrainConfig) -> int | None:
@@ -75,7 +82,9 @@ def layer_activation_bytes(meta: CheckpointMeta, config: TrainConfig, flash: boo
     sbe = s.seq_length * s.micro_batch_size * e
     replicated = 4 * a.hidden_size / (t if setting(config, "sequence_parallel") else 1)
     q, k = a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
-    per_token = replicated + (2 * q + 2 * k + 3 * a.ffn_hidden_size) / t
+    # an MoE layer keeps each token's top-k experts' activations (dropless), plus its routing probabilities
+    ffn = a.expert_ffn_size * (a.moe_topk or 1) + (a.num_experts if a.is_moe else 0)
+    per_token = replicated + (2 * q + 2 * k + 3 * ffn) / t
     scores = 0 if flash or granularity == "selective" else e * a.num_attention_heads * s.seq_length ** 2 * \
         s.micro_batch_size / t
     return int(sbe * per_token + scores)

@@ -28,7 +28,7 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
     vpp = p.virtual_pipeline_model_parallel_size if (p.virtual_pipeline_model_parallel_size or 1) > 1 else None
     meta.arch.validate_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vpp,
                               first=p.decoder_first_pipeline_num_layers, last=p.decoder_last_pipeline_num_layers,
-                              flags=TRAIN_LAYOUT_FLAGS)
+                              flags=TRAIN_LAYOUT_FLAGS, ep=p.expert_model_parallel_size)
     if meta.padded_vocab_size % p.tensor_model_parallel_size:
         raise UserError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size} does not divide the "
                         f"checkpoint's padded vocabulary {meta.padded_vocab_size}; reconvert with that --tp")
@@ -39,14 +39,31 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
     for vp_stage in range(vpp or 1):
         model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                                 tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
-                                spec=kind, vp_stage=vp_stage if vpp else None,
+                                ep=p.expert_model_parallel_size, spec=kind, vp_stage=vp_stage if vpp else None,
                                 rope_fusion=not config.model.no_rope_fusion,
                                 # SFT: the loss is a mean over the global batch's assistant tokens, not a mean of
                                 # micro-batch means (megatron-core's per-token loss; DDP then sums gradients)
                                 calculate_per_token_loss=config.data.sft, **overrides)
         mask_padded_vocabulary(model, meta.arch.vocab_size, meta.padded_vocab_size)
+        if meta.arch.is_moe:
+            mark_experts_as_expert_parallel(model)
         chunks.append(model.to(device))
     return chunks
+
+
+def mark_experts_as_expert_parallel(model: torch.nn.Module) -> None:
+    """Treat the experts as expert-parallel at EP 1 too, as megatron-core does from EP 2 on.
+
+    megatron-core marks expert weights ``allreduce = False`` only when EP > 1 (`tensor_parallel/layers.py`:
+    ``not (is_expert and expert_parallel)``); DDP and ``get_megatron_optimizer`` then give them their own
+    buffers and their own optimizer, so an EP > 1 save holds a chained optimizer (``chained_0.`` dense,
+    ``chained_1.`` experts) and an EP 1 save one optimizer, under other keys: neither resumed at the other's EP.
+    Marked at every EP, the optimizer state is laid out alike and resumes at any EP. At EP 1 the experts'
+    data-parallel group is the data-parallel group, so gradients reduce over the same ranks as before.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def ensure_stage_output_requires_grad(chunk: torch.nn.Module) -> None:

@@ -38,6 +38,8 @@ class TrainResult:
     exit_reason: str = "done"
     seconds_per_step: list[float] = field(default_factory=list)
     optimizer_state_bytes: int = 0  # Adam moments (+ fp32 main params under bf16), summed over all ranks
+    # MoE: iteration -> {layer: its router's load-balancing loss, per micro batch}; only routers that train add one
+    moe_aux_losses: dict[int, dict[int, float]] = field(default_factory=dict)
 
 
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -49,7 +51,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
     config = resolve_pipeline(config, resolve_load(config)[1].arch)  # virtual stages need the layer count
     p = config.parallelism
     info = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                            p.virtual_pipeline_model_parallel_size, seed=config.seed)
+                            p.virtual_pipeline_model_parallel_size, seed=config.seed, ep=p.expert_model_parallel_size)
     try:
         return _Run(config, info).run(on_step)
     finally:
@@ -115,6 +117,7 @@ class _Run:
             t0 = time.time()
             batches = self.data.train_batches(result.consumed_samples)
             local_loss = self._forward_backward(batches, forward_only=False)
+            aux_losses = self._moe_aux_losses(len(batches)) if self.meta.arch.is_moe else {}
             elapsed_min = (time.time() - started) / 60
             loss, stop_signal, timed_out = self._agree(local_loss, self.stop_signal, s.exit_duration_in_mins
                                                        is not None and elapsed_min > s.exit_duration_in_mins)
@@ -132,6 +135,8 @@ class _Run:
             self.scheduler.step(increment=1)
             result.iteration, result.consumed_samples = step, result.consumed_samples + self.shape.global_batch_size
             result.losses[step] = loss
+            if aux_losses:
+                result.moe_aux_losses[step] = aux_losses
             if grad_norm is not None:
                 result.grad_norms[step] = float(grad_norm)
             result.seconds_per_step.append(time.time() - t0)  # the step alone: no logging, eval or save
@@ -139,7 +144,7 @@ class _Run:
             if on_step is not None:
                 on_step(step, loss)
             if step % config.logging.log_interval == 0 or step == self.steps.train_iters:
-                self._log_step(step, loss, grad_norm, window_seconds, window_steps)
+                self._log_step(step, loss, grad_norm, window_seconds, window_steps, aux_losses)
                 window_seconds, window_steps = 0.0, 0
             if step % config.logging.eval_interval == 0 or step == self.steps.train_iters:
                 self._evaluate(step, result)
@@ -177,6 +182,20 @@ class _Run:
         value = torch.tensor([total], dtype=torch.float64, device=self.info.device)
         dist.all_reduce(value)
         return int(value.item())
+
+    def _moe_aux_losses(self, num_microbatches: int) -> dict[int, float]:
+        """This step's load-balancing loss of each MoE layer whose router adds one (the trainable ones, `freeze.py`),
+        as megatron-core's tracker recorded it (summed over pipeline stages, averaged over data-parallel ranks), per
+        micro batch; then the tracker is cleared for the next step. Collective."""
+        from megatron.core.transformer.moe import moe_utils
+
+        name = "load_balancing_loss"
+        if name not in moe_utils.get_moe_layer_wise_logging_tracker():
+            return {}
+        moe_utils.reduce_aux_losses_tracker_across_ranks([name])
+        values = moe_utils.get_moe_layer_wise_logging_tracker()[name]["values"].tolist()
+        moe_utils.clear_aux_losses_tracker()
+        return {layer: v / num_microbatches for layer, v in enumerate(values) if v != 0}
 
     def _forward_backward(self, batches: list[dict], forward_only: bool) -> tuple[float, float] | None:
         """(loss sum, weight) over this rank's micro batches (last pipeline stage), None elsewhere.
@@ -256,7 +275,8 @@ class _Run:
         self._log(f"validation at step {step}: loss {total / iters:.4f}  ppl {math.exp(min(total / iters, 50)):.2f}")
         self.writer.add({"lm-loss-validation": total / iters}, step)
 
-    def _log_step(self, step: int, loss: float, grad_norm: float | None, seconds: float, steps: int) -> None:
+    def _log_step(self, step: int, loss: float, grad_norm: float | None, seconds: float, steps: int,
+                  aux_losses: dict[int, float]) -> None:
         from llamapro_megatron.training.optimizer import current_lr
 
         tokens = steps * self.shape.global_batch_size * self.config.schedule.seq_length
@@ -268,9 +288,13 @@ class _Run:
         self._log(f"step {step}/{self.steps.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
                   f"{grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | {seconds / steps:.2f} s/step | "
                   f"{tokens_per_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device (counted) MFU {mfu} | "
-                  f"6N convention: {six_n:.3f} TFLOP/s/device")
+                  f"6N convention: {six_n:.3f} TFLOP/s/device"
+                  + (f" | load-balancing loss {sum(aux_losses.values()) / len(aux_losses):.4f} (mean of the "
+                     f"{len(aux_losses)} trained routers)" if aux_losses else ""))
         values = {"lm-loss": loss, "learning-rate": lr, "tokens-per-second": tokens_per_s,
                   "tflops-per-device": tflops, "tflops-per-device-6n": six_n}
+        if aux_losses:
+            values["load-balancing-loss"] = sum(aux_losses.values()) / len(aux_losses)
         if grad_norm is not None:
             values["grad-norm"] = grad_norm
         if self.peak:
@@ -282,6 +306,9 @@ class _Run:
 
         gathered = [None] * self.info.world_size
         dist.all_gather_object(gathered, (ps.get_data_parallel_rank(), counts))
+        # experts split over EP ranks: each EP rank of data-parallel replica 0's expert group adds its own
+        experts = [None] * self.info.world_size
+        dist.all_gather_object(experts, (ps.get_expert_data_parallel_rank(), ps.get_data_parallel_rank(), counts))
         self.stage_layers = {}
         for _, c in gathered:
             self.stage_layers.setdefault(c.pp_rank, set()).update(c.trainable_layers)
@@ -291,6 +318,10 @@ class _Run:
         by_stage: dict[int, list] = {}
         for dp_rank, c in gathered:
             if dp_rank == 0:
+                by_stage.setdefault(c.pp_rank, []).append(c)
+        for expert_dp_rank, dp_rank, c in experts:
+            if expert_dp_rank == 0 and dp_rank != 0:
+                c.trainable, c.frozen = c.expert_trainable, c.expert_frozen  # only its experts are not counted yet
                 by_stage.setdefault(c.pp_rank, []).append(c)
         self.parameter_counts = {"trainable": sum(c.trainable for cs in by_stage.values() for c in cs),
                            "frozen": sum(c.frozen for cs in by_stage.values() for c in cs)}

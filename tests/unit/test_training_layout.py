@@ -148,3 +148,23 @@ def test_weight_gradient_fusion_needs_apex_even_with_fused_kernels(monkeypatch, 
     fused = arch.transformer_config(tp=1, pp=1, dtype="float32", fused_kernels=True, apply_rope_fusion=False)
     assert fused.gradient_accumulation_fusion is apex
     assert not arch.transformer_config(tp=1, pp=1, dtype="float32").gradient_accumulation_fusion
+
+
+def test_moe_flags_set_megatron_core_and_are_refused_for_a_dense_model():
+    from tests.unit.test_arch import MOE
+
+    moe = LlamaArch.from_hf_config({**TINY, **MOE, "num_experts": 4, "moe_intermediate_size": 32,
+                                    "router_aux_loss_coef": 0.001})
+    default = transformer_overrides(config_from_argv(BASE_ARGV), moe, "local")
+    assert default["moe_aux_loss_coeff"] == 0.001 and "moe_token_dispatcher_type" not in default
+    chosen = transformer_overrides(config_from_argv([*BASE_ARGV, "--moe-aux-loss-coeff", "0.01",
+                                                     "--moe-token-dispatcher-type", "allgather"]), moe, "local")
+    assert chosen["moe_aux_loss_coeff"] == 0.01 and chosen["moe_token_dispatcher_type"] == "allgather"
+    with pytest.raises(UserError, match="alltoall needs CUDA"):
+        transformer_overrides(config_from_argv([*BASE_ARGV, "--moe-token-dispatcher-type", "alltoall"]), moe,
+                              "local")
+    dense = LlamaArch.from_hf_config(TINY)
+    with pytest.raises(UserError, match="--moe-aux-loss-coeff is for mixture-of-experts models"):
+        transformer_overrides(config_from_argv([*BASE_ARGV, "--moe-aux-loss-coeff", "0.01"]), dense, "local")
+    with pytest.raises(UserError, match="--expert-model-parallel-size 0: must be at least 1"):
+        config_from_argv([*BASE_ARGV, "--expert-model-parallel-size", "0"])
