@@ -25,7 +25,8 @@ into the page cache, syncs, waits for the kernel's dirty pages to drain and then
 that every step starts hot and no step pays for the writeback of the one before it.
 
 Checks that expand-hf's output equals mergekit's tensor by tensor (same names, dtypes and values; -0.0 == 0.0,
-which is what `x * 0.0` gives for negative x). `--trees A,B`: project trees compared in one run (as in
+which is what `x * 0.0` gives for negative x; mergekit writes a Mixtral's experts fused, as transformers 5 holds
+them, which the check splits into the hub's per-expert names). `--trees A,B`: project trees compared in one run (as in
 benchmarks/convert.py): expand-hf and expand run once per tree in every repeat, the copy floors once (of the first
 tree's output). Prints medians (wall; CPU seconds of the process tree, which a
 loaded machine disturbs less), ratios, and the targets: expand-hf >= 3x faster than mergekit, <= 1/4 of its peak
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -50,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -109,22 +112,45 @@ def mergekit_config(hf: Path, layers: list[tuple[int, bool]], dtype: str) -> str
     return "\n".join(lines) + "\n"
 
 
-def tensors_of(model_dir: Path) -> dict[str, Path]:
+# transformers 5 keeps a Mixtral layer's experts fused, and mergekit (which loads through it) writes them so:
+# mlp.experts.gate_up_proj [E, 2F, H] (gate rows, then up), mlp.experts.down_proj [E, H, F], the router mlp.gate.
+# The hub, and expand-hf, name them per expert: block_sparse_moe.experts.E.w1 (gate) / w3 (up) / w2 (down).
+FUSED_MIXTRAL = re.compile(r"^(model\.layers\.\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
+
+
+def tensors_of(model_dir: Path) -> dict[str, tuple[Path, str, Callable]]:
+    """Every tensor of a HF directory under its hub name: (file, stored name, its safetensors slice -> the tensor)."""
     names = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
-            names.update({k: f for k in h.keys()})
+            for k in h.keys():
+                m = FUSED_MIXTRAL.match(k)
+                if m is None:
+                    names[k] = (f, k, lambda sl: sl[:])
+                    continue
+                layer, what = m.groups()
+                if what == "gate.weight":
+                    names[f"{layer}.block_sparse_moe.gate.weight"] = (f, k, lambda sl: sl[:])
+                    continue
+                for e in range(h.get_slice(k).get_shape()[0]):
+                    base = f"{layer}.block_sparse_moe.experts.{e}"
+                    if what == "experts.down_proj":
+                        names[f"{base}.w2.weight"] = (f, k, lambda sl, e=e: sl[e])
+                    else:
+                        names[f"{base}.w1.weight"] = (f, k, lambda sl, e=e: sl[e].chunk(2)[0])
+                        names[f"{base}.w3.weight"] = (f, k, lambda sl, e=e: sl[e].chunk(2)[1])
     return names
 
 
 def compare_hf(a: Path, b: Path) -> list[str]:
-    """Differences between two HF directories' tensors (names, dtypes, values); empty when equal."""
+    """Differences between two HF directories' tensors (hub names, dtypes, values); empty when equal."""
     ta, tb = tensors_of(a), tensors_of(b)
     problems = [f"only in {a.name}: {n}" for n in sorted(ta.keys() - tb.keys())]
     problems += [f"only in {b.name}: {n}" for n in sorted(tb.keys() - ta.keys())]
     for name in sorted(ta.keys() & tb.keys()):
-        with safe_open(str(ta[name]), framework="pt") as ha, safe_open(str(tb[name]), framework="pt") as hb:
-            x, y = ha.get_tensor(name), hb.get_tensor(name)
+        (fa, ka, pick_a), (fb, kb, pick_b) = ta[name], tb[name]
+        with safe_open(str(fa), framework="pt") as ha, safe_open(str(fb), framework="pt") as hb:
+            x, y = pick_a(ha.get_slice(ka)), pick_b(hb.get_slice(kb))
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):  # equal: -0.0 == 0.0
             problems.append(f"{name}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}, "
                             f"max |diff| {(x.float() - y.float()).abs().max().item() if x.shape == y.shape else '-'}")

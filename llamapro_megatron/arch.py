@@ -42,7 +42,8 @@ _UNSUPPORTED_TRUTHY = {
 _MOE_FIELDS = ("num_local_experts", "num_experts", "moe_intermediate_size")
 # validate_layout's flag names as `llamapro train` (Megatron-LM) spells them
 TRAIN_LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                      "--virtual-pipeline-model-parallel-size", "--expert-model-parallel-size")
+                      "--virtual-pipeline-model-parallel-size", "--expert-model-parallel-size",
+                      "--expert-tensor-parallel-size")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 
@@ -74,6 +75,12 @@ class Llama3RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+def layout_world_size(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """The fewest ranks a layout runs on: megatron-core lays TP x PP (x DP) and, for the experts, ETP x EP x PP
+    (x expert DP) over the same world, so both products must divide it."""
+    return pp * math.lcm(tp, (etp or tp) * ep)
 
 
 @dataclass(frozen=True)
@@ -272,15 +279,17 @@ class LlamaArch:
     # ----------------------------------------------------------- validation
     def validate_layout(self, tp: int, pp: int, vpp: int | None = None, num_layers: int | None = None,
                         first: int | None = None, last: int | None = None,
-                        flags: tuple[str, ...] = ("--tp", "--pp", "--vpp", "--ep"), ep: int = 1) -> None:
+                        flags: tuple[str, ...] = ("--tp", "--pp", "--vpp", "--ep", "--etp"), ep: int = 1,
+                        etp: int | None = None) -> None:
         """Refuse a TP/PP/VPP layout megatron-core cannot run this model at, saying what would work.
 
         ``first``/``last``: layers on the first/last pipeline stage when they differ from the rest (Megatron-LM's
         --decoder-first/last-pipeline-num-layers); the other stages split the remaining layers evenly. ``flags``:
-        the command's names for TP / PP / VPP / EP, used in the messages (train takes Megatron-LM's long names).
-        ``ep``: expert parallelism (MoE models only; the experts of a layer are split over EP ranks).
+        the command's names for TP / PP / VPP / EP / ETP, used in the messages (train takes Megatron-LM's long names).
+        ``ep``: expert parallelism (MoE models only; the experts of a layer are split over EP ranks); ``etp``: each
+        expert's tensor-parallel size (MoE only; None: TP), which then splits the experts' FFN instead of TP.
         """
-        T, P, V, E = (*flags, "--ep")[:4]
+        T, P, V, E, ET = (*flags, "--ep", "--etp")[:5]
         layers = num_layers if num_layers is not None else self.num_layers
         if tp < 1 or pp < 1:
             raise UserError(f"{T} {tp} {P} {pp}: both must be at least 1")
@@ -291,7 +300,13 @@ class LlamaArch:
             raise UserError(f"{T} {tp} must divide the {self.num_query_groups} KV groups (query groups are split "
                             f"across TP ranks, never a group itself); choose one of "
                             f"{_divisors(math.gcd(self.num_attention_heads, self.num_query_groups))}")
-        if self.expert_ffn_size % tp:
+        if etp is not None:
+            if not self.is_moe:
+                raise UserError(f"{ET} {etp}: expert tensor parallelism needs a mixture-of-experts model; this is a "
+                                f"dense {self.architecture}")
+            if etp < 1 or self.expert_ffn_size % etp:
+                raise UserError(f"{ET} {etp} does not divide the experts' FFN size {self.expert_ffn_size}")
+        elif self.expert_ffn_size % tp:
             what = "experts' FFN size" if self.is_moe else "FFN size"
             raise UserError(f"{T} {tp} does not divide the {what} {self.expert_ffn_size}")
         if ep != 1:

@@ -130,34 +130,39 @@ def _batches(wins: list[list[int]], batch_size: int) -> list[list[list[int]]]:
 def megatron_domain_losses(load: str | Path, domains: dict[str, list[int]], *, seq_length: int, tp: int = 1,
                            pp: int = 1, micro_batch_size: int = 4, dtype: str = "float32", spec: str = "auto",
                            ckpt_step: int | None = None, loads: list[str | Path] | None = None,
-                           progress: bool = True) -> list[dict[str, DomainResult]]:
-    """Per-domain loss of one checkpoint (or of each of `loads`, in one launch) at TP x PP; data parallel over
-    whatever ranks remain (under a launcher)."""
+                           progress: bool = True, ep: int = 1, etp: int | None = None) -> list[dict[str, DomainResult]]:
+    """Per-domain loss of one checkpoint (or of each of `loads`, in one launch) at TP x PP (x EP, ETP: MoE); data
+    parallel over whatever ranks remain (under a launcher)."""
     from llamapro_megatron.verify import run_on_models
 
     wins = {name: windows(tokens, seq_length) for name, tokens in domains.items()}
     return run_on_models(loads or [load], _losses_worker, (wins, micro_batch_size, progress), tp=tp, pp=pp,
-                         dtype=dtype, spec=spec, ckpt_step=ckpt_step)
+                         dtype=dtype, spec=spec, ckpt_step=ckpt_step, ep=ep, etp=etp)
 
 
 def _losses_worker(model, meta, info, wins: dict[str, list[list[int]]], micro_batch_size: int,
                    progress: bool) -> dict[str, DomainResult]:
     import torch
+    from megatron.core import parallel_state as ps
 
     from llamapro_megatron.runtime.model import mask_padded_vocabulary
 
     mask_padded_vocabulary(model, meta.arch.vocab_size, meta.padded_vocab_size)
+    # Windows split over the data-parallel replicas; an MoE layer's expert-parallel ranks exchange their tokens
+    # (equal shapes), so they run the same windows and the first of them counts the losses. Dense: EP 1, the same.
+    share, shares = ps.get_expert_data_parallel_rank(), ps.get_expert_data_parallel_world_size()
+    counts = ps.get_expert_model_parallel_rank() == 0
     results = {}
     for name, domain_wins in wins.items():
         t0 = time.time()
-        mine = domain_wins[info.dp_rank :: info.dp]  # windows split over the data-parallel replicas
+        mine = domain_wins[share::shares]
         local = torch.zeros(2, dtype=torch.float64)
         batches = _batches(mine, micro_batch_size)
         shapes: dict[tuple[int, int], list] = {}  # the pipeline schedule needs one micro-batch shape per call
         for b in batches:
             shapes.setdefault((len(b), len(b[0])), []).append(torch.tensor(b))
         for group in shapes.values():
-            local += _schedule_losses(model, group, info)
+            local += _schedule_losses(model, group, info) * counts
         local = local.to(info.device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(local)
         total, count = local.tolist()
@@ -257,8 +262,10 @@ def model_tokenizer(load: str | Path | None = None, hf_dir: str | Path | None = 
 def evaluate(data: dict[str, str | Path], *, load: str | Path | None = None, hf_dir: str | Path | None = None,
              seq_length: int = DEFAULT_SEQ_LENGTH, max_tokens: int | None = None, tp: int = 1, pp: int = 1,
              micro_batch_size: int = 4, ckpt_step: int | None = None, tokenizer: str | Path | None = None,
-             json_key: str = "text", dtype: str = "float32", progress: bool = True) -> list[DomainResult]:
-    """Per-domain perplexity of a Megatron checkpoint (`load`, at TP x PP) or a Hugging Face directory (`hf_dir`).
+             json_key: str = "text", dtype: str = "float32", progress: bool = True, ep: int = 1,
+             etp: int | None = None) -> list[DomainResult]:
+    """Per-domain perplexity of a Megatron checkpoint (`load`, at TP x PP, EP and ETP for MoE) or a Hugging Face
+    directory (`hf_dir`).
 
     `data` maps a domain name to a text file, a .jsonl(.gz) file (`json_key`) or an indexed-dataset prefix.
     """
@@ -270,7 +277,7 @@ def evaluate(data: dict[str, str | Path], *, load: str | Path | None = None, hf_
     if load is not None:
         (results,) = megatron_domain_losses(load, domains, seq_length=seq_length, tp=tp, pp=pp,
                                             micro_batch_size=micro_batch_size, dtype=dtype, ckpt_step=ckpt_step,
-                                            progress=progress)
+                                            progress=progress, ep=ep, etp=etp)
     else:
         results = hf_domain_losses(hf_dir, domains, seq_length=seq_length, batch_size=micro_batch_size,
                                    dtype=dtype, progress=progress)
@@ -305,13 +312,17 @@ def register(sub) -> None:
 
 
 def add_model_args(p) -> None:
-    """The model to run, as `evaluate` and `generate` take it: a Megatron checkpoint at --tp/--pp, or a HF model."""
+    """The model to run, as `evaluate` and `generate` take it: a Megatron checkpoint at --tp/--pp (--ep/--etp), or a
+    HF model."""
+    from llamapro_megatron.checkpoint.cli import add_expert_args
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="Megatron checkpoint or training save directory (latest iteration)")
     src.add_argument("--hf-dir", help="Hugging Face model directory (run by transformers)")
     p.add_argument("--ckpt-step", type=int, default=None, help="iteration of a training save (default: latest)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to run --load at")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to run --load at")
+    add_expert_args(p, "run --load with the experts of each layer split over EP ranks")
     p.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's own")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
 
@@ -322,7 +333,7 @@ def run(args) -> int:
     results = evaluate(parse_data_args(args.data), load=args.load, hf_dir=args.hf_dir, seq_length=args.seq_length,
                        max_tokens=args.max_tokens, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size,
                        ckpt_step=args.ckpt_step, tokenizer=args.tokenizer, json_key=args.json_key,
-                       dtype=canonical_dtype(args.dtype))
+                       dtype=canonical_dtype(args.dtype), ep=args.ep, etp=args.etp)
     print(format_table(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"model": args.load or args.hf_dir, "seq_length": args.seq_length,

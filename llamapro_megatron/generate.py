@@ -15,13 +15,14 @@ DEFAULT_MAX_NEW_TOKENS = 32
 
 
 def megatron_generate(load: str | Path, prompts: list[list[int]], *, max_new_tokens: int, eos: int | None,
-                      tp: int = 1, pp: int = 1, dtype: str = "float32", ckpt_step: int | None = None
-                      ) -> list[list[int]]:
-    """The generated token ids (prompt excluded) of each prompt, greedy, at TP x PP."""
+                      tp: int = 1, pp: int = 1, dtype: str = "float32", ckpt_step: int | None = None, ep: int = 1,
+                      etp: int | None = None) -> list[list[int]]:
+    """The generated token ids (prompt excluded) of each prompt, greedy, at TP x PP (x EP, ETP: MoE). Every rank
+    runs every prompt."""
     from llamapro_megatron.verify import run_on_models
 
     (out,) = run_on_models([load], _generate_worker, (prompts, max_new_tokens, eos), tp=tp, pp=pp, dtype=dtype,
-                           ckpt_step=ckpt_step)
+                           ckpt_step=ckpt_step, ep=ep, etp=etp)
     return out
 
 
@@ -76,7 +77,7 @@ def hf_generate(hf_dir: str | Path, prompts: list[list[int]], *, max_new_tokens:
 def generate(prompts: list[str], *, load: str | Path | None = None, hf_dir: str | Path | None = None,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, tp: int = 1, pp: int = 1, ckpt_step: int | None = None,
              tokenizer: str | Path | None = None, dtype: str = "float32",
-             tok=None) -> list[tuple[list[int], list[int]]]:
+             tok=None, ep: int = 1, etp: int | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, generated ids) of each prompt, from a Megatron checkpoint or a Hugging Face directory.
 
     `tok`: the model's tokenizer already loaded (``evaluate.model_tokenizer``); loaded here when None."""
@@ -94,7 +95,7 @@ def generate(prompts: list[str], *, load: str | Path | None = None, hf_dir: str 
     eos = tok.eod if tok.eod >= 0 else None
     if load is not None:
         out = megatron_generate(load, ids, max_new_tokens=max_new_tokens, eos=eos, tp=tp, pp=pp, dtype=dtype,
-                                ckpt_step=ckpt_step)
+                                ckpt_step=ckpt_step, ep=ep, etp=etp)
     else:
         out = hf_generate(hf_dir, ids, max_new_tokens=max_new_tokens, eos=eos, dtype=dtype)
     return list(zip(ids, out))
@@ -122,7 +123,8 @@ def run(args) -> int:
 
     tok = model_tokenizer(args.load, args.hf_dir, args.ckpt_step, args.tokenizer)
     results = generate(args.prompt, load=args.load, hf_dir=args.hf_dir, max_new_tokens=args.max_new_tokens,
-                       tp=args.tp, pp=args.pp, ckpt_step=args.ckpt_step, dtype=canonical_dtype(args.dtype), tok=tok)
+                       tp=args.tp, pp=args.pp, ckpt_step=args.ckpt_step, dtype=canonical_dtype(args.dtype), tok=tok,
+                       ep=args.ep, etp=args.etp)
     for prompt, (_, new) in zip(args.prompt, results):
         text = new[:-1] if new and new[-1] == tok.eod else new  # the end-of-document token ends, it is no text
         print(f"--- prompt: {prompt!r}\n{prompt}{tok.detokenize(text)}")

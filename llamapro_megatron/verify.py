@@ -57,43 +57,48 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_logits(load: str | Path, tokens: torch.Tensor, *, tp: int = 1, pp: int = 1, dtype: str = "float32",
-                    spec: str = "auto", ckpt_step: int | None = None, ep: int = 1) -> torch.Tensor:
-    """Logits [batch, seq, padded vocab] of a Megatron checkpoint run at TP x PP (x EP) ranks."""
-    return megatron_logits_many([load], tokens, tp=tp, pp=pp, dtype=dtype, spec=spec, ckpt_step=ckpt_step, ep=ep)[0]
+                    spec: str = "auto", ckpt_step: int | None = None, ep: int = 1,
+                    etp: int | None = None) -> torch.Tensor:
+    """Logits [batch, seq, padded vocab] of a Megatron checkpoint run at TP x PP (x EP, ETP) ranks."""
+    return megatron_logits_many([load], tokens, tp=tp, pp=pp, dtype=dtype, spec=spec, ckpt_step=ckpt_step, ep=ep,
+                                etp=etp)[0]
 
 
 def megatron_logits_many(loads: list[str | Path], tokens: torch.Tensor, *, tp: int = 1, pp: int = 1,
                          dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None,
-                         ep: int = 1) -> list:
-    """Logits of several checkpoints, one after the other in the same TP x PP (x EP) launch."""
+                         ep: int = 1, etp: int | None = None) -> list:
+    """Logits of several checkpoints, one after the other in the same TP x PP (x EP, ETP) launch."""
     return run_on_models(loads, _gathered_logits, (tokens,), tp=tp, pp=pp, dtype=dtype, spec=spec,
-                         ckpt_step=ckpt_step, ep=ep)
+                         ckpt_step=ckpt_step, ep=ep, etp=etp)
 
 
 def run_on_models(loads: list[str | Path], fn, fn_args: tuple = (), *, tp: int = 1, pp: int = 1,
-                  dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None, ep: int = 1) -> list:
+                  dtype: str = "float32", spec: str = "auto", ckpt_step: int | None = None, ep: int = 1,
+                  etp: int | None = None) -> list:
     """``fn(model, meta, info, *fn_args)`` for each checkpoint, built at TP x PP on spawned ranks (or these ranks
     under a launcher); returns rank 0's results, one per checkpoint. With ``ep`` > 1 (MoE) there are TP x PP x EP
-    ranks, the EP ones data-parallel ranks that each hold a share of the experts and run the same tokens. ``fn``
+    ranks, the EP ones data-parallel ranks that each hold a share of the experts and run the same tokens; ``etp``
+    (MoE): each expert's tensor-parallel size, None for TP (the ranks: ``layout_world_size``). ``fn``
     must be a picklable top-level function, called collectively on every rank. In fp32, TF32 GEMMs are off there
     (``NVIDIA_TF32_OVERRIDE=0`` unless set): verify, evaluate and generate compare against transformers' fp32."""
+    from llamapro_megatron.arch import layout_world_size
     from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
     from llamapro_megatron.runtime.launch import inside_launcher, run_workers
 
     ckpt_dirs = [resolve_checkpoint(load, ckpt_step) for load in loads]
     for ckpt_dir in ckpt_dirs:
         meta = read_meta(ckpt_dir)
-        meta.arch.validate_layout(tp, pp, ep=ep)
+        meta.arch.validate_layout(tp, pp, ep=ep, etp=etp)
         if meta.padded_vocab_size % tp:
             raise UserError(f"--tp {tp} does not divide the padded vocabulary {meta.padded_vocab_size} of {ckpt_dir}")
-    args = ([str(d) for d in ckpt_dirs], tp, pp, dtype, spec, fn, tuple(fn_args), ep)
+    args = ([str(d) for d in ckpt_dirs], tp, pp, dtype, spec, fn, tuple(fn_args), ep, etp)
     if inside_launcher():
         return _models_worker(*args)
-    return run_workers(_models_worker, tp * pp * ep, args=args)[0]
+    return run_workers(_models_worker, layout_world_size(tp, pp, ep, etp), args=args)[0]
 
 
 def _models_worker(ckpt_dirs: list[str], tp: int, pp: int, dtype: str, spec: str, fn, fn_args: tuple,
-                   ep: int = 1) -> list:
+                   ep: int = 1, etp: int | None = None) -> list:
     import os
 
     from llamapro_megatron.arch import canonical_dtype
@@ -107,12 +112,13 @@ def _models_worker(ckpt_dirs: list[str], tp: int, pp: int, dtype: str, spec: str
         # off transformers' fp32 logits), torch's matmul does not by default. NVIDIA libraries read this before their
         # first GEMM, which comes after this point; a value the user set is kept.
         os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
-    info = init_distributed(tp=tp, pp=pp, ep=ep)
+    info = init_distributed(tp=tp, pp=pp, ep=ep, etp=etp)
     results = []
     try:
         for ckpt_dir in ckpt_dirs:
             meta = read_meta(ckpt_dir)
-            model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, ep=ep, spec=spec)
+            model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=dtype, tp=tp, pp=pp, ep=ep, etp=etp,
+                                    spec=spec)
             load_model_weights(model, ckpt_dir)
             model.to(info.device)
             results.append(fn(model, meta, info, *fn_args))
@@ -234,8 +240,9 @@ def register(sub) -> None:
     p.add_argument("--ckpt-step", type=int, default=None)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models): the experts of each layer "
-                   "split over EP ranks; TP x PP x EP ranks run")
+    from llamapro_megatron.checkpoint.cli import add_expert_args
+
+    add_expert_args(p, "the experts of each layer split over EP ranks, run on TP x PP x EP ranks")
     p.add_argument("--text", default=None, help="text to run (default: a built-in English/code/math paragraph)")
     p.add_argument("--token-ids", default=None, help="comma-separated token ids instead of text")
     p.add_argument("--tolerance", type=float, default=None,
@@ -268,7 +275,7 @@ def run(args) -> int:
         tokens = tokens_for(args.text, args.token_ids, tokenizer_dirs[::-1], arch.vocab_size)
         reference = hf_logits(args.hf_dir, tokens)
         (candidate,) = megatron_logits_many([ckpt_dir], tokens, tp=args.tp, pp=args.pp, ep=args.ep,
-                                             spec=args.spec)
+                                             etp=args.etp, spec=args.spec)
         tolerance, what = 1e-3 if args.tolerance is None else args.tolerance, f"{args.hf_dir} vs {args.load}"
     else:
         arch = read_meta(ckpt_dir).arch
@@ -277,11 +284,11 @@ def run(args) -> int:
             raise UserError(f"{args.load_expanded} is not an expansion of {args.load} (architectures differ)")
         tokens = tokens_for(args.text, args.token_ids, tokenizer_dirs, arch.vocab_size)
         reference, candidate = megatron_logits_many([ckpt_dir, expanded_dir], tokens, tp=args.tp, pp=args.pp,
-                                                    ep=args.ep, spec=args.spec)
+                                                    ep=args.ep, etp=args.etp, spec=args.spec)
         tolerance, what = 0.0 if args.tolerance is None else args.tolerance, f"{args.load} vs {args.load_expanded}"
     result = compare_logits(reference, candidate, arch.vocab_size)
     ok = result.max_abs_diff <= tolerance
-    ep = f" EP={args.ep}" if args.ep != 1 else ""
+    ep = (f" EP={args.ep}" if args.ep != 1 else "") + (f" ETP={args.etp}" if args.etp is not None else "")
     print(f"verify {what} at TP={args.tp} PP={args.pp}{ep}: {result.line()}  -> {'OK' if ok else 'FAIL'} "
           f"(tolerance {tolerance:g})")
     return 0 if ok else 1

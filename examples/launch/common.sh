@@ -17,6 +17,7 @@
 #   NUM_GROUPS   expansion groups: one new block per group         (default 8)
 #   TP, PP       tensor / pipeline parallel sizes                  (default 4 and 2, the recipe's)
 #   EP           expert-parallel size, MoE bases only               (default 1)
+#   ETP          each expert's tensor-parallel size, MoE bases only (default: TP)
 #   MATH_INPUT   Proof-Pile-2 .jsonl/.jsonl.gz/.parquet files, space separated (default raw/proof-pile-2/*.jsonl.gz)
 #   CODE_INPUT   the Stack's Python files, likewise                (default raw/stack-python/*.jsonl.gz)
 #   WORK         where checkpoints, datasets, logs and the export go (default work)
@@ -30,6 +31,9 @@ NUM_GROUPS=${NUM_GROUPS:-8}
 TP=${TP:-4}
 PP=${PP:-2}
 EP=${EP:-1}
+ETP=${ETP:-}
+CONVERT_ETP=(); TRAIN_ETP=()  # only when set: the default is megatron-core's (TP)
+if [ -n "$ETP" ]; then CONVERT_ETP=(--etp "$ETP"); TRAIN_ETP=(--expert-tensor-parallel-size "$ETP"); fi
 MATH_INPUT=${MATH_INPUT:-raw/proof-pile-2/*.jsonl.gz}
 CODE_INPUT=${CODE_INPUT:-raw/stack-python/*.jsonl.gz}
 WORK=${WORK:-work}
@@ -47,10 +51,12 @@ run() {
     if [ -z "${DRY_RUN:-}" ]; then "$@"; fi
 }
 
-step_convert() { run "${LAUNCH[@]}" convert hf-to-mcore --hf-dir "$HF_DIR" --out "$BASE" --tp "$TP" --pp "$PP" --ep "$EP"; }
+step_convert() { run "${LAUNCH[@]}" convert hf-to-mcore --hf-dir "$HF_DIR" --out "$BASE" --tp "$TP" --pp "$PP" --ep "$EP" \
+    "${CONVERT_ETP[@]}"; }
 
 step_expand() {
-    run "${LAUNCH[@]}" expand --load "$BASE" --out "$PRO" --groups "$NUM_GROUPS" --tp "$TP" --pp "$PP" --ep "$EP"
+    run "${LAUNCH[@]}" expand --load "$BASE" --out "$PRO" --groups "$NUM_GROUPS" --tp "$TP" --pp "$PP" --ep "$EP" \
+        "${CONVERT_ETP[@]}"
 }
 
 step_preprocess() {
@@ -65,6 +71,7 @@ step_preprocess() {
 
 TRAIN_FLAGS=(--config "$RECIPE" --load "$PRO" --save "$TRAINED"
              --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
+             "${TRAIN_ETP[@]}"
              --data-path 1.0 "$DATA/proofpile2_text_document" 1.5 "$DATA/stack_python_text_document"
              --data-cache-path "$DATA/cache" --tensorboard-dir "$WORK/runs")
 

@@ -15,8 +15,15 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    "recorded for (a torch_dist checkpoint loads at any TP/PP)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size, likewise")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank, likewise")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models), likewise: it must divide "
+    add_expert_args(p, "likewise")
+
+
+def add_expert_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--ep and --etp, the expert layout of an MoE model, as every command that takes a layout spells them."""
+    p.add_argument("--ep", type=int, default=1, help=f"expert-parallel size (MoE models): {what}; it must divide "
                    "the experts of a layer")
+    p.add_argument("--etp", type=int, default=None, help="tensor-parallel size of each expert (MoE models; default: "
+                   "--tp): it must divide the experts' FFN size; the world then holds TP x PP and ETP x EP x PP alike")
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -151,8 +158,8 @@ def run_hf_to_mcore(args) -> int:
         plan = make_plan(LlamaArch.from_hf_dir(args.hf_dir).num_layers)
         if args.progress:
             print(describe(plan, args.pp, args.vpp), flush=True)
-    hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, dtype=args.dtype,
-                workers=args.workers, overwrite=args.overwrite, plan=plan,
+    hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp,
+                dtype=args.dtype, workers=args.workers, overwrite=args.overwrite, plan=plan,
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, progress=args.progress,
                 round_bytes=args.max_round_mb << 20)
     return 0
@@ -170,8 +177,8 @@ def run_expand(args) -> int:
     from llamapro_megatron.checkpoint.expand import expand_mcore
 
     expand_mcore(args.load, args.out, plan_fn(args, required=True), tp=args.tp, pp=args.pp, vpp=args.vpp,
-                 ep=args.ep, dtype=args.dtype, workers=args.workers, ckpt_step=args.ckpt_step, overwrite=args.overwrite,
-                 progress=args.progress, round_bytes=args.max_round_mb << 20)
+                 ep=args.ep, etp=args.etp, dtype=args.dtype, workers=args.workers, ckpt_step=args.ckpt_step,
+                 overwrite=args.overwrite, progress=args.progress, round_bytes=args.max_round_mb << 20)
     return 0
 
 

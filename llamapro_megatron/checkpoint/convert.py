@@ -54,8 +54,8 @@ class ImportJob:
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                ep: int = 1, dtype: str | None = None, workers: int = 1, overwrite: bool = False,
-                plan: ExpansionPlan | None = None, make_vocab_size_divisible_by: int = 128,
+                ep: int = 1, etp: int | None = None, dtype: str | None = None, workers: int = 1,
+                overwrite: bool = False, plan: ExpansionPlan | None = None, make_vocab_size_divisible_by: int = 128,
                 progress: bool = True, round_bytes: int | None = None) -> Path:
     """Convert a HF LLaMA-family directory into a Megatron-LM style torch_dist checkpoint at `out`.
 
@@ -67,14 +67,14 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
     if plan.source_num_layers != arch.num_layers:
         raise UserError(f"the expansion plan is for {plan.source_num_layers} layers; {hf_dir} has {arch.num_layers}")
     num_layers = plan.num_layers
-    arch.validate_layout(tp, pp, vpp, num_layers=num_layers, ep=ep)
+    arch.validate_layout(tp, pp, vpp, num_layers=num_layers, ep=ep, etp=etp)
     reader = hfio.HFReader(hf_dir)
     hfio.validate_hf_tensors(reader, mapping.expected_hf_shapes(arch))
     dtype = canonical_dtype(dtype or arch.dtype)
     padded = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
     out_arch = arch.replace(num_layers=num_layers)
     meta = CheckpointMeta(arch=out_arch, padded_vocab_size=padded, dtype=dtype,
-                          layout=recorded_layout(tp, pp, vpp, ep),
+                          layout=recorded_layout(tp, pp, vpp, ep, etp),
                           source={"kind": "huggingface", "path": str(hf_dir.resolve())},
                           expansion=compose(None, plan) if plan.new_indices else None)
     job = ImportJob(str(hf_dir), str(out), out_arch.to_dict(), padded, dtype, meta.to_json(), plan, overwrite,

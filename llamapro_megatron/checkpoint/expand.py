@@ -40,8 +40,9 @@ class ExpandJob:
 
 
 def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                 ep: int = 1, dtype: str | None = None, workers: int = 1, ckpt_step: int | None = None,
-                 overwrite: bool = False, progress: bool = True, round_bytes: int | None = None) -> Path:
+                 ep: int = 1, etp: int | None = None, dtype: str | None = None, workers: int = 1,
+                 ckpt_step: int | None = None, overwrite: bool = False, progress: bool = True,
+                 round_bytes: int | None = None) -> Path:
     """Expand a Megatron checkpoint. `plan_fn(num_source_layers) -> ExpansionPlan` (the CLI's plan flags)."""
     out = output.check_output(out, overwrite)
     src_dir = resolve_checkpoint(load, ckpt_step)
@@ -49,14 +50,14 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
     if trainable.is_trainable_only(src):
         trainable.resolve_base(src_dir, src)  # refuse a missing or mismatched base before starting workers
     plan = plan_fn(src.arch.num_layers)
-    src.arch.validate_layout(tp, pp, vpp, num_layers=plan.num_layers, ep=ep)
+    src.arch.validate_layout(tp, pp, vpp, num_layers=plan.num_layers, ep=ep, etp=etp)
     if src.padded_vocab_size % tp:
         raise UserError(f"--tp {tp} does not divide the checkpoint's padded vocabulary {src.padded_vocab_size}; "
                         "re-convert with --tp set to the layout you will train at")
     if progress:
         print(describe(plan, pp, vpp), flush=True)
     meta = CheckpointMeta(arch=src.arch.replace(num_layers=plan.num_layers), padded_vocab_size=src.padded_vocab_size,
-                          dtype=canonical_dtype(dtype or src.dtype), layout=recorded_layout(tp, pp, vpp, ep),
+                          dtype=canonical_dtype(dtype or src.dtype), layout=recorded_layout(tp, pp, vpp, ep, etp),
                           source={"kind": "megatron", "path": str(src_dir.resolve()), "source": src.source},
                           expansion=compose(src.expansion, plan))
     job = ExpandJob(str(src_dir), str(out), src.to_json(), meta.to_json(), plan, progress,

@@ -25,9 +25,9 @@ TOKENIZER_DIR = "tokenizer"
 RELEASE = "release"
 
 
-def recorded_layout(tp: int, pp: int, vpp: int | None, ep: int = 1) -> dict[str, int | None]:
-    """The intended layout a checkpoint's metadata records (EP only for expert parallelism)."""
-    return {"tp": tp, "pp": pp, "vpp": vpp, **({"ep": ep} if ep != 1 else {})}
+def recorded_layout(tp: int, pp: int, vpp: int | None, ep: int = 1, etp: int | None = None) -> dict[str, int | None]:
+    """The intended layout a checkpoint's metadata records (EP and ETP only for MoE layouts that set them)."""
+    return {"tp": tp, "pp": pp, "vpp": vpp, **({"ep": ep} if ep != 1 else {}), **({"etp": etp} if etp else {})}
 
 
 @dataclass

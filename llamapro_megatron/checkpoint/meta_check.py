@@ -166,7 +166,7 @@ def _check_layers(d: dict) -> None:
 
 
 def _check_layout(layout: dict) -> None:
-    unknown = sorted(set(layout) - {"tp", "pp", "vpp", "ep", "dp", "cp"})
+    unknown = sorted(set(layout) - {"tp", "pp", "vpp", "ep", "etp", "dp", "cp"})
     if unknown:
         raise _Bad("layout", f"unknown field(s) {', '.join(unknown)}")
     for k, v in layout.items():

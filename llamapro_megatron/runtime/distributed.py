@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..arch import layout_world_size
 from ..errors import UserError
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -25,7 +26,8 @@ _groups_before: set | None = None  # process groups that existed before megatron
 @dataclass(frozen=True)
 class ParallelInfo:
     """This process's place in the (tp, pp, dp) layout set up by :func:`init_distributed`; ``ep`` experts' ranks
-    (MoE layers split their experts over ``ep`` of the data-parallel ranks)."""
+    (MoE layers split their experts over ``ep`` of the data-parallel ranks), ``etp`` the tensor-parallel size of
+    each expert (None: ``tp``)."""
 
     rank: int
     world_size: int
@@ -38,6 +40,7 @@ class ParallelInfo:
     vpp: int | None
     device: torch.device
     ep: int = 1
+    etp: int | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -58,8 +61,8 @@ def _env_int(name: str) -> int | None:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _validate_layout(world_size: int, tp: int, pp: int, vpp: int | None, ep: int = 1) -> None:
-    for name, value in (("tp", tp), ("pp", pp), ("ep", ep)):
+def _validate_layout(world_size: int, tp: int, pp: int, vpp: int | None, ep: int = 1, etp: int | None = None) -> None:
+    for name, value in (("tp", tp), ("pp", pp), ("ep", ep), ("etp", tp if etp is None else etp)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if world_size % (tp * pp):
@@ -67,10 +70,14 @@ def _validate_layout(world_size: int, tp: int, pp: int, vpp: int | None, ep: int
             f"the world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
             f"launch a multiple of {tp * pp} processes or choose tp and pp whose product divides {world_size}"
         )
-    if (world_size // (tp * pp)) % ep:
+    if etp is None and (world_size // (tp * pp)) % ep:
         raise UserError(f"ep {ep} does not divide the {world_size // (tp * pp)} data-parallel ranks (world size "
                         f"{world_size} / tp*pp {tp * pp}): the experts are split over data-parallel ranks; launch "
                         f"a multiple of {tp * pp * ep} processes")
+    if etp is not None and world_size % (etp * ep * pp):
+        raise UserError(f"the world size {world_size} is not divisible by etp*ep*pp = {etp}*{ep}*{pp}: the experts "
+                        f"are laid out over the same ranks; launch a multiple of {layout_world_size(tp, pp, ep, etp)} "
+                        "processes")
     if vpp is not None and (not isinstance(vpp, int) or vpp < 1 or pp < 2):
         raise UserError(f"vpp (virtual pipeline stages per rank) needs pp >= 2 and an integer >= 1, got pp={pp} "
                         f"vpp={vpp!r}; use vpp=None without pipeline parallelism")
@@ -99,7 +106,7 @@ def _store(world_size: int, timeout: datetime.timedelta) -> tuple[dist.Store, in
 
 def init_distributed(
     tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234, timeout_s: float = DEFAULT_TIMEOUT_S,
-    ep: int = 1,
+    ep: int = 1, etp: int | None = None,
 ) -> ParallelInfo:
     """Initialise torch.distributed (if needed) and megatron-core's model-parallel groups and RNG.
 
@@ -128,7 +135,7 @@ def init_distributed(
         world_size = dist.get_world_size()
     else:
         world_size = _env_int("WORLD_SIZE") or 1
-    _validate_layout(world_size, tp, pp, vpp, ep)
+    _validate_layout(world_size, tp, pp, vpp, ep, etp)
 
     use_cuda = torch.cuda.is_available()
     local_rank = _env_int("LOCAL_RANK") or 0
@@ -162,6 +169,7 @@ def init_distributed(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     info = ParallelInfo(
@@ -176,6 +184,7 @@ def init_distributed(
         vpp=vpp,
         device=device,
         ep=ep,
+        etp=etp,
     )
     stage_seed = seed + 100 * info.pp_rank
     random.seed(stage_seed)

@@ -11,11 +11,12 @@ from llamapro_megatron.arch import LlamaArch
 
 
 def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: int = 1, pp: int = 1,
-                    vpp: int | None = None, ep: int = 1, num_layers: int | None = None, spec: str = "local",
-                    meta_device: bool = False, vp_stage: int | None = None, rope_fusion: bool | None = None,
-                    **config_overrides):
+                    vpp: int | None = None, ep: int = 1, etp: int | None = None, num_layers: int | None = None,
+                    spec: str = "local", meta_device: bool = False, vp_stage: int | None = None,
+                    rope_fusion: bool | None = None, **config_overrides):
     """A megatron-core GPTModel for this rank's pipeline stage (parallel state must be initialised); ``ep``: the
-    expert-parallel size of an MoE model (this rank builds its share of each layer's experts).
+    expert-parallel size of an MoE model (this rank builds its share of each layer's experts), ``etp`` the
+    tensor-parallel size of each expert (None: ``tp``).
 
     meta_device=True builds it without memory, for its sharded_state_dict only (keys, global shapes).
     rope_fusion (CUDA): True (training) fuses RoPE, TE's kernel on the te spec, a compiled one otherwise
@@ -32,6 +33,8 @@ def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: 
     overrides = dict(config_overrides)
     if ep != 1:
         overrides["expert_model_parallel_size"] = ep
+    if etp is not None:
+        overrides["expert_tensor_parallel_size"] = etp
     if meta_device:
         overrides.update(use_cpu_initialization=True, perform_initialization=False)
     if kind == "te" and rope_fusion is False:

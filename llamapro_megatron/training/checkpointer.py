@@ -295,7 +295,8 @@ def resolve_load(config: TrainConfig) -> tuple[Path, CheckpointMeta]:
 def _layout(config: TrainConfig) -> dict[str, int | None]:
     p = config.parallelism
     return recorded_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                           p.virtual_pipeline_model_parallel_size, p.expert_model_parallel_size)
+                           p.virtual_pipeline_model_parallel_size, p.expert_model_parallel_size,
+                           p.expert_tensor_parallel_size)
 
 
 def _write_atomically(path: Path, text: str) -> None:

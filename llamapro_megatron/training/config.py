@@ -64,6 +64,7 @@ class ParallelismSection:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1  # MoE: each layer's experts split over this many data-parallel ranks
+    expert_tensor_parallel_size: int | None = None  # MoE: each expert split over this many ranks (None: TP)
     virtual_pipeline_model_parallel_size: int | None = None  # model chunks per pipeline rank (interleaved)
     num_layers_per_virtual_pipeline_stage: int | None = None  # alternative to the above: layers per chunk
     decoder_first_pipeline_num_layers: int | None = None  # uneven stages: layers on the first stage
@@ -186,6 +187,10 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                      dict(type=int, help="MoE models: split each layer's experts over this many "
                                                          "data-parallel ranks (it must divide the experts and the "
                                                          "data-parallel size)")),
+    "--expert-tensor-parallel-size": ("parallelism", "expert_tensor_parallel_size",
+                                     dict(type=int, help="MoE models: split each expert's FFN over this many ranks "
+                                                         "instead of --tensor-model-parallel-size (default: the "
+                                                         "same); the world holds TP x PP and ETP x EP x PP alike")),
     "--moe-aux-loss-coeff": ("model", "moe_aux_loss_coeff",
                              dict(type=float, help="MoE models: coefficient of the load-balancing loss (default: "
                                                    "the model's router_aux_loss_coef). It is megatron-core's per-layer "
@@ -441,6 +446,8 @@ def _validate_parallelism(p: ParallelismSection) -> None:
                         f"--tensor-model-parallel-size 2 or more (got {p.tensor_model_parallel_size})")
     if p.expert_model_parallel_size < 1:
         raise UserError(f"--expert-model-parallel-size {p.expert_model_parallel_size}: must be at least 1")
+    if p.expert_tensor_parallel_size is not None and p.expert_tensor_parallel_size < 1:
+        raise UserError(f"--expert-tensor-parallel-size {p.expert_tensor_parallel_size}: must be at least 1")
 
 
 def _validate_recompute(m: ModelSection) -> None:

@@ -13,7 +13,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamapro_megatron.arch import TRAIN_LAYOUT_FLAGS
+from llamapro_megatron.arch import TRAIN_LAYOUT_FLAGS, layout_world_size
 from llamapro_megatron.checkpoint.mcore import CheckpointMeta
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.training.config import TrainConfig
@@ -78,6 +78,10 @@ class Plan:
             + (f", VPP {p.virtual_pipeline_model_parallel_size}" if virtual_stages(c) else "")
             + (f", EP {p.expert_model_parallel_size} (experts split over data-parallel ranks)"
                if p.expert_model_parallel_size > 1 else "")
+            + (f", ETP {p.expert_tensor_parallel_size} ("
+               + ("each expert whole on one rank" if p.expert_tensor_parallel_size == 1
+                  else f"each expert split over {p.expert_tensor_parallel_size} ranks") + ")"
+               if p.expert_tensor_parallel_size is not None else "")
             + f"; {'distributed' if p.use_distributed_optimizer else 'plain'} optimizer; "
             f"{'bf16 with fp32 main params' if c.model.bf16 else 'fp32'}",
             f"batch: global {self.global_batch_size} = micro {c.schedule.micro_batch_size} x "
@@ -161,7 +165,7 @@ def model_from_hf_config(path: str, groups: int | None, tp: int) -> tuple[Checkp
 
 # --------------------------------------------------------------------- simulation
 @contextlib.contextmanager
-def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None, ep: int = 1):
+def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None, ep: int = 1, etp: int | None = None):
     """megatron-core parallel state for one rank of a world that does not exist (torch's ``fake`` backend)."""
     import torch.distributed as dist
 
@@ -180,7 +184,7 @@ def fake_world(rank: int, world_size: int, tp: int, pp: int, vpp: int | None, ep
     try:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                      virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
-                                     create_gloo_process_groups=False)
+                                     expert_tensor_parallel_size=etp, create_gloo_process_groups=False)
         yield ps
     finally:
         ps.destroy_model_parallel()
@@ -202,7 +206,8 @@ def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None
     overrides = {**transformer_overrides(config, meta.arch, kind), "sequence_parallel": False}
     chunks = [build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                               tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
-                              ep=p.expert_model_parallel_size, spec="local", meta_device=True,
+                              ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size, spec="local",
+                              meta_device=True,
                               vp_stage=v if vpp else None, **overrides)
               for v in range(vpp or 1)]
     apply_freeze(chunks, meta, config.freeze)
@@ -216,18 +221,22 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
     config = resolve_pipeline(config, meta.arch)  # --num-layers-per-virtual-pipeline-stage, uneven end stages
     p, s = config.parallelism, config.schedule
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, virtual_stages(config)
-    ep = p.expert_model_parallel_size
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
     meta.arch.validate_layout(tp, pp, vpp, first=p.decoder_first_pipeline_num_layers,
-                              last=p.decoder_last_pipeline_num_layers, flags=TRAIN_LAYOUT_FLAGS, ep=ep)
+                              last=p.decoder_last_pipeline_num_layers, flags=TRAIN_LAYOUT_FLAGS, ep=ep, etp=etp)
     if meta.padded_vocab_size % tp:
         raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary "
                         f"{meta.padded_vocab_size}")
     if world_size % (tp * pp):
         raise UserError(f"--world-size {world_size} is not a multiple of TP x PP = {tp * pp}")
     dp = world_size // (tp * pp)
-    if dp % ep:
+    if etp is None and dp % ep:
         raise UserError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
                         f"(--world-size {world_size} / TP x PP {tp * pp}): experts are split over data-parallel ranks")
+    if etp is not None and world_size % (etp * ep * pp):
+        raise UserError(f"--world-size {world_size} is not a multiple of ETP x EP x PP = {etp * ep * pp}: the "
+                        "experts are laid out over the same ranks")
+    expert_dp = world_size // ((etp or tp) * ep * pp)  # the ranks that hold the same experts
     global_batch = s.global_batch_size or s.micro_batch_size * dp
     if global_batch % (s.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
@@ -245,17 +254,17 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             rank = tp_rank + tp * dp * pp_rank  # megatron-core's default order tp-cp-ep-dp-pp, DP rank 0
-            with fake_world(rank, world_size, tp, pp, vpp, ep) as ps:
+            with fake_world(rank, world_size, tp, pp, vpp, ep, etp) as ps:
                 if (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()) != (tp_rank, pp_rank):
                     raise RuntimeError(f"megatron-core placed rank {rank} elsewhere than tp {tp_rank} pp {pp_rank}")
                 chunks = build_rank_chunks(meta, config, vpp)
                 params = sum(t.numel() for c in chunks for t in c.parameters())
                 trainable = sum(t.numel() for c in chunks for t in c.parameters() if t.requires_grad)
                 expert_trainable = sum(t.numel() for c in chunks for n, t in c.named_parameters()
-                                       if t.requires_grad and ".mlp.experts." in n) if ep > 1 else 0
+                                       if t.requires_grad and ".mlp.experts." in n)
                 layers = [global_layer_index(layer) for c in chunks for layer in decoder_layers(c)]
                 activations = activation_bytes(chunks, meta, config, pp_rank, microbatches, flash, granularity)
-            weights, grads, opt = state_bytes(params, trainable, config, dp, expert_trainable)
+            weights, grads, opt = state_bytes(params, trainable, config, dp, expert_trainable, expert_dp)
             plan.ranks.append(RankPlan(pp_rank, tp_rank, [tp_rank + tp * d + tp * dp * pp_rank for d in range(dp)],
                                        sorted(layers), params, trainable, weights, grads, opt, activations))
     return plan
@@ -301,7 +310,8 @@ def dry_run(config: TrainConfig, world_size: int | None = None, hf_config: str |
     if world_size is None:
         n, p = config.launch, config.parallelism
         world_size = ((n.nodes or 1) * (n.gpus_per_node or 1) if n.nodes or n.gpus_per_node
-                      else p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
+                      else layout_world_size(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                             p.expert_model_parallel_size, p.expert_tensor_parallel_size))
     if world_size < 1:
         raise UserError(f"--world-size {world_size}: must be at least 1")
     tp = config.parallelism.tensor_model_parallel_size

@@ -86,37 +86,40 @@ def apply_freeze(chunks: list[torch.nn.Module], meta: CheckpointMeta, freeze: Fr
 @dataclass
 class StageCounts:
     pp_rank: int
-    trainable: int
+    trainable: int  # this rank's share of the dense (non-expert) parameters
     frozen: int
     trainable_layers: list[int]
     layers: list[int]  # every decoder layer of the stage, chunk by chunk
-    # of the above, this rank's share of expert-parallel experts (EP > 1: each EP rank holds its own experts)
+    # MoE: this rank's experts (its share of the experts over EP ranks, of each expert over ETP ranks)
     expert_trainable: int = 0
     expert_frozen: int = 0
 
 
 def stage_counts(chunks: list[torch.nn.Module], pp_rank: int, tp_rank: int = 0) -> StageCounts:
-    """This rank's share of the model's parameters, so that summing over the TP ranks and pipeline stages (of one
-    data-parallel replica) counts every parameter once: tensor-parallel shards count on their rank, replicated
-    parameters (norms) on TP rank 0 only, and the tied embedding's copy on the last pipeline stage not at all
-    (megatron-core marks that copy ``shared``; `LanguageModule.setup_embeddings_and_output_layer`). Experts split
-    over expert-parallel ranks (megatron-core marks them ``allreduce = False``) are also counted apart, for the
-    caller to add up over the EP ranks."""
+    """This rank's share of the model's parameters, so that summing the dense counts over the TP ranks and pipeline
+    stages of one data-parallel replica, and the expert counts over the ranks of one expert-data-parallel replica
+    (its ETP x EP ranks of each stage), counts every parameter once: tensor-parallel shards count on their rank,
+    replicated parameters (norms, routers) on TP rank 0 only, and the tied embedding's copy on the last pipeline stage
+    not at all (megatron-core marks that copy ``shared``; `LanguageModule.setup_embeddings_and_output_layer`). Experts
+    are the parameters under ``.mlp.experts.`` (`model.mark_experts_as_expert_parallel`)."""
     trainable = frozen = expert_trainable = expert_frozen = 0
     layers, every_layer = [], []
     for chunk in chunks:
-        for param in chunk.parameters():
+        for name, param in chunk.named_parameters():
             if getattr(param, "shared", False) and getattr(param, "shared_embedding", False):
+                continue
+            if ".mlp.experts." in name:
+                if param.requires_grad:
+                    expert_trainable += param.numel()
+                else:
+                    expert_frozen += param.numel()
                 continue
             if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
                 continue
-            expert = not getattr(param, "allreduce", True)
             if param.requires_grad:
                 trainable += param.numel()
-                expert_trainable += param.numel() if expert else 0
             else:
                 frozen += param.numel()
-                expert_frozen += param.numel() if expert else 0
         layers += [global_layer_index(layer) for layer in decoder_layers(chunk)
                    if any(p.requires_grad for p in layer.parameters())]
         every_layer += [global_layer_index(layer) for layer in decoder_layers(chunk)]

@@ -13,13 +13,15 @@ def _rank_main(config: TrainConfig):
 
 
 def launch(config: TrainConfig, nproc: int | None = None) -> None:
+    from llamapro_megatron.arch import layout_world_size
     from llamapro_megatron.runtime.launch import WorkerError, inside_launcher, run_workers
 
     if inside_launcher():
         _rank_main(config)
         return
     p = config.parallelism
-    n = nproc or p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size
+    n = nproc or layout_world_size(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                   p.expert_model_parallel_size, p.expert_tensor_parallel_size)
     try:
         run_workers(_rank_main, n, args=(config,))
     except WorkerError as e:

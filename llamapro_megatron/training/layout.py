@@ -118,6 +118,13 @@ def moe_overrides(config: TrainConfig, arch: LlamaArch) -> dict[str, Any]:
             if value is not None:
                 raise UserError(f"{flag} is for mixture-of-experts models; this is a dense {arch.architecture}")
         return {}
+    p = config.parallelism
+    if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        # megatron-core's MoELayer.forward raises in training otherwise (moe/moe_layer.py, "performance may degrade")
+        raise UserError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size}: an MoE model trains with "
+                        "tensor parallelism only with --sequence-parallel (megatron-core's MoE layer requires it), "
+                        "which needs the TE spec on a GPU; otherwise train at TP 1 and split the experts with "
+                        "--expert-model-parallel-size and --expert-tensor-parallel-size")
     if m.moe_token_dispatcher_type == "alltoall" and not _cuda_available():
         raise UserError("--moe-token-dispatcher-type alltoall needs CUDA (megatron-core's all-to-all dispatcher "
                         "creates CUDA streams); on CPU use allgather (the default there)")

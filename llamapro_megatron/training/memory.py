@@ -39,16 +39,16 @@ ADAM_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MAIN_PARAM_BYTES = 4  # fp32 copy of each trainable bf16 parameter
 
 
-def state_bytes(params: int, trainable: int, config: TrainConfig, dp: int,
-                expert_trainable: int = 0) -> tuple[int, int, int]:
+def state_bytes(params: int, trainable: int, config: TrainConfig, dp: int, expert_trainable: int = 0,
+                expert_dp: int | None = None) -> tuple[int, int, int]:
     """(weights, gradients, optimizer state) bytes of a rank with `params` parameters, `trainable` of them training,
-    `expert_trainable` of those experts split over EP ranks: the distributed optimizer shards their state over the
-    experts' data-parallel ranks only (DP / EP), the rest over DP."""
+    `expert_trainable` of those experts: the distributed optimizer shards their state over the ranks that hold the
+    same experts only (`expert_dp`: world / (ETP x EP x PP); default DP), the rest over DP."""
     per_param = ADAM_BYTES + (MAIN_PARAM_BYTES if config.model.bf16 else 0)
     dense, experts = (trainable - expert_trainable) * per_param, expert_trainable * per_param
     if config.parallelism.use_distributed_optimizer:
         dense = math.ceil(dense / dp)
-        experts = math.ceil(experts / max(1, dp // config.parallelism.expert_model_parallel_size))
+        experts = math.ceil(experts / (expert_dp or dp))
     return params * (2 if config.model.bf16 else 4), trainable * GRAD_BYTES, dense + experts
 
 

@@ -28,7 +28,8 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
     vpp = p.virtual_pipeline_model_parallel_size if (p.virtual_pipeline_model_parallel_size or 1) > 1 else None
     meta.arch.validate_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vpp,
                               first=p.decoder_first_pipeline_num_layers, last=p.decoder_last_pipeline_num_layers,
-                              flags=TRAIN_LAYOUT_FLAGS, ep=p.expert_model_parallel_size)
+                              flags=TRAIN_LAYOUT_FLAGS, ep=p.expert_model_parallel_size,
+                              etp=p.expert_tensor_parallel_size)
     if meta.padded_vocab_size % p.tensor_model_parallel_size:
         raise UserError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size} does not divide the "
                         f"checkpoint's padded vocabulary {meta.padded_vocab_size}; reconvert with that --tp")
@@ -39,7 +40,8 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
     for vp_stage in range(vpp or 1):
         model = build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                                 tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
-                                ep=p.expert_model_parallel_size, spec=kind, vp_stage=vp_stage if vpp else None,
+                                ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size, spec=kind,
+                                vp_stage=vp_stage if vpp else None,
                                 rope_fusion=not config.model.no_rope_fusion,
                                 # SFT: the loss is a mean over the global batch's assistant tokens, not a mean of
                                 # micro-batch means (megatron-core's per-token loss; DDP then sums gradients)

@@ -51,7 +51,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
     config = resolve_pipeline(config, resolve_load(config)[1].arch)  # virtual stages need the layer count
     p = config.parallelism
     info = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                            p.virtual_pipeline_model_parallel_size, seed=config.seed, ep=p.expert_model_parallel_size)
+                            p.virtual_pipeline_model_parallel_size, seed=config.seed, ep=p.expert_model_parallel_size,
+                            etp=p.expert_tensor_parallel_size)
     try:
         return _Run(config, info).run(on_step)
     finally:
@@ -304,36 +305,34 @@ class _Run:
     def _report_parameters(self, counts) -> None:
         from megatron.core import parallel_state as ps
 
+        # dense parameters add up over data-parallel replica 0, experts over expert-data-parallel replica 0
         gathered = [None] * self.info.world_size
-        dist.all_gather_object(gathered, (ps.get_data_parallel_rank(), counts))
-        # experts split over EP ranks: each EP rank of data-parallel replica 0's expert group adds its own
-        experts = [None] * self.info.world_size
-        dist.all_gather_object(experts, (ps.get_expert_data_parallel_rank(), ps.get_data_parallel_rank(), counts))
+        dist.all_gather_object(gathered, (ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank(), counts))
         self.stage_layers = {}
-        for _, c in gathered:
+        for _, _, c in gathered:
             self.stage_layers.setdefault(c.pp_rank, set()).update(c.trainable_layers)
         self.stage_layers = {stage: sorted(layers) for stage, layers in sorted(self.stage_layers.items())}
-        if not any(c.trainable for _, c in gathered):  # every rank sees the same list: all raise together
+        if not any(c.trainable + c.expert_trainable for _, _, c in gathered):  # every rank sees the same list
             raise UserError(f"nothing to train: --freeze {self.config.freeze.freeze} leaves no trainable parameter")
-        by_stage: dict[int, list] = {}
-        for dp_rank, c in gathered:
+        by_stage: dict[int, list[tuple[int, int]]] = {}  # stage -> (trainable, frozen) of each rank's share
+        stage_of = {}  # stage -> the counts of one of its ranks (its layers)
+        for dp_rank, expert_dp_rank, c in gathered:
+            shares = by_stage.setdefault(c.pp_rank, [])
             if dp_rank == 0:
-                by_stage.setdefault(c.pp_rank, []).append(c)
-        for expert_dp_rank, dp_rank, c in experts:
-            if expert_dp_rank == 0 and dp_rank != 0:
-                c.trainable, c.frozen = c.expert_trainable, c.expert_frozen  # only its experts are not counted yet
-                by_stage.setdefault(c.pp_rank, []).append(c)
-        self.parameter_counts = {"trainable": sum(c.trainable for cs in by_stage.values() for c in cs),
-                           "frozen": sum(c.frozen for cs in by_stage.values() for c in cs)}
+                shares.append((c.trainable, c.frozen))
+                stage_of.setdefault(c.pp_rank, c)
+            if expert_dp_rank == 0:
+                shares.append((c.expert_trainable, c.expert_frozen))
+        self.parameter_counts = {"trainable": sum(t for shares in by_stage.values() for t, _ in shares),
+                                 "frozen": sum(f for shares in by_stage.values() for _, f in shares)}
         if not self.rank0:
             return
         lines = [f"parameters per pipeline stage (policy --freeze {self.config.freeze.freeze}):"]
         total_t = total_f = 0
         for stage in sorted(by_stage):
-            t = sum(c.trainable for c in by_stage[stage])
-            f = sum(c.frozen for c in by_stage[stage])
+            t, f = sum(t for t, _ in by_stage[stage]), sum(f for _, f in by_stage[stage])
             total_t, total_f = total_t + t, total_f + f
-            layers, held = by_stage[stage][0].trainable_layers, _ranges(by_stage[stage][0].layers)
+            layers, held = stage_of[stage].trainable_layers, _ranges(stage_of[stage].layers)
             lines.append(f"  stage {stage}: trainable {t:>14,}  frozen {f:>14,}  layers {held}, trainable {layers}")
         lines.append(f"  total  : trainable {total_t:>14,}  frozen {total_f:>14,}  "
                      f"({100 * total_t / max(total_t + total_f, 1):.1f}% trains)")

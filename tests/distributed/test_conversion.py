@@ -18,7 +18,8 @@ from llamapro_megatron.runtime.launch import run_workers
 from tests.tiny_models import MOE_VARIANTS, VARIANTS, make_tiny_hf
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
-EP_LAYOUTS = [(1, 1, 2), (2, 1, 2)]  # (tp, pp, ep) for the MoE variants
+# (tp, pp, ep, etp) for the MoE variants; etp None: each expert split over TP, else over ETP ranks (ETP x EP of them)
+EP_LAYOUTS = [(1, 1, 2, None), (2, 1, 2, None), (2, 1, 2, 1), (1, 1, 2, 2)]
 LOGIT_TOL = 1e-4  # fp32; different attention/softmax kernels, same math
 
 
@@ -38,9 +39,9 @@ def _matrix_worker(cases: dict, layouts: list) -> dict | None:
         if case["tokens"] is not None:
             for tp, pp in layouts:
                 logits[(tp, pp)] = megatron_logits(case["ckpt"], case["tokens"], tp=tp, pp=pp, spec="local")
-            for tp, pp, ep in EP_LAYOUTS if name in MOE_VARIANTS else ():
-                logits[(tp, pp, ep)] = megatron_logits(case["ckpt"], case["tokens"], tp=tp, pp=pp, ep=ep,
-                                                       spec="local")
+            for tp, pp, ep, etp in EP_LAYOUTS if name in MOE_VARIANTS else ():
+                logits[(tp, pp, ep, etp)] = megatron_logits(case["ckpt"], case["tokens"], tp=tp, pp=pp, ep=ep,
+                                                            etp=etp, spec="local")
         mcore_to_hf(case["ckpt"], case["export"], progress=False, **rounds)
         results[name] = logits
     rank = dist.get_rank()
@@ -88,13 +89,14 @@ def test_megatron_logits_match_transformers(matrix, variant, layout):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
-@pytest.mark.parametrize("layout", EP_LAYOUTS, ids=[f"tp{t}pp{p}ep{e}" for t, p, e in EP_LAYOUTS])
+@pytest.mark.parametrize("layout", EP_LAYOUTS, ids=[f"tp{t}pp{p}ep{e}" + (f"etp{x}" if x else "")
+                                                     for t, p, e, x in EP_LAYOUTS])
 def test_moe_logits_match_transformers_with_expert_parallelism(matrix, variant, layout):
     _, reference, logits = matrix
     ref, got = reference[variant], logits[variant][layout]
     vocab = VARIANTS[variant]["vocab_size"]
     diff = (got[..., :vocab] - ref).abs().max().item()
-    assert diff <= LOGIT_TOL, f"{variant} at TP{layout[0]} PP{layout[1]} EP{layout[2]}: max |dlogit| {diff:.3e}"
+    assert diff <= LOGIT_TOL, f"{variant} at TP/PP/EP/ETP {layout}: max |dlogit| {diff:.3e}"
     assert torch.equal(got[..., :vocab].argmax(-1), ref.argmax(-1))
 
 

@@ -5,7 +5,9 @@ converted at TP2 PP2 and evaluated in one 4-rank world at TP2 PP2 and at TP1 PP2
 sharing the windows). The reference is transformers' own loss (`labels=`) on the same windows. Domains: a text
 file, a .jsonl file, and the same .jsonl preprocessed into an indexed dataset (must equal the .jsonl's figures).
 The same world also generates greedily at TP2 PP2 (`llamapro generate`): the tokens must be transformers' greedy
-`generate` output on the HF model.
+`generate` output on the HF model. A tiny Mixtral (MoE) with the same tokenizer is evaluated in that world at
+EP 2 (with PP 2: the two EP ranks run the same windows; at PP 1: two expert-data-parallel pairs share them) and
+generates at TP 2 with ETP 1 x EP 2, against transformers' Mixtral.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tests.data_artifacts import artifact, python_stdlib
 from tests.tiny_models import make_tiny_hf
 
 LAYOUTS = [(2, 2), (1, 2)]
+MOE_LAYOUTS = [(1, 2, 2), (1, 1, 2)]  # (tp, pp, ep) of the MoE model's evaluation
 SEQ = 32  # the held-out streams are not multiples of it: the last window is shorter
 MICRO = 3
 MAX_TOKENS = 1500
@@ -39,7 +42,7 @@ def _tiny_tokenizer(hf_dir, text: str) -> None:
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
-def _world(hf: str, ckpt: str, data: dict) -> dict:
+def _world(hf: str, ckpt: str, data: dict, moe_hf: str, moe_ckpt: str) -> dict:
     import torch.distributed as dist
 
     from llamapro_megatron.checkpoint.convert import hf_to_mcore
@@ -54,6 +57,12 @@ def _world(hf: str, ckpt: str, data: dict) -> dict:
                            micro_batch_size=MICRO, progress=False)
         out[(tp, pp)] = {r.domain: r for r in results}
     out["generated"] = generate(PROMPTS, load=ckpt, tp=2, pp=2, max_new_tokens=NEW_TOKENS)
+    hf_to_mcore(moe_hf, moe_ckpt, progress=False)
+    for tp, pp, ep in MOE_LAYOUTS:
+        results = evaluate(data, load=moe_ckpt, tp=tp, pp=pp, ep=ep, seq_length=SEQ, max_tokens=MAX_TOKENS,
+                           micro_batch_size=MICRO, progress=False)
+        out[("moe", tp, pp, ep)] = {r.domain: r for r in results}
+    out["moe_generated"] = generate(PROMPTS, load=moe_ckpt, tp=2, ep=2, etp=1, max_new_tokens=NEW_TOKENS)
     dist.destroy_process_group()
     return out
 
@@ -86,8 +95,12 @@ def evaluated(tmp_path_factory):
     preprocess([root / "code.jsonl"], hf, root / "code", append_eod=True, progress=False)
     data = {"general": str(root / "general.txt"), "code": str(root / "code.jsonl"),
             "code_indexed": str(root / "code_text_document")}
-    out = run_workers(_world, 4, args=(str(hf), str(root / "ckpt"), data), timeout_s=600)[0]
-    return hf, data, out
+    moe_hf = make_tiny_hf(root / "moe_hf", "mixtral", vocab_size=200)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (moe_hf / name).write_bytes((hf / name).read_bytes())
+    out = run_workers(_world, 4, args=(str(hf), str(root / "ckpt"), data, str(moe_hf), str(root / "moe_ckpt")),
+                      timeout_s=600)[0]
+    return hf, data, out, moe_hf
 
 
 @pytest.mark.slow
@@ -95,7 +108,7 @@ def test_megatron_perplexity_equals_transformers_at_every_layout(evaluated):
     from llamapro_megatron.data.tokenizer import load_tokenizer
     from llamapro_megatron.evaluate import domain_tokens
 
-    hf, data, out = evaluated
+    hf, data, out, _ = evaluated
     tok = load_tokenizer(hf)
     for domain in ("general", "code"):
         ref_loss, ref_count = _transformers_reference(hf, domain_tokens(data[domain], tok, max_tokens=MAX_TOKENS))
@@ -109,7 +122,7 @@ def test_megatron_perplexity_equals_transformers_at_every_layout(evaluated):
 
 @pytest.mark.slow
 def test_same_figures_across_layouts_and_for_the_indexed_dataset(evaluated):
-    _, _, out = evaluated
+    _, _, out, _ = evaluated
     a, b = (out[layout] for layout in LAYOUTS)
     for domain in a:
         assert a[domain].tokens == b[domain].tokens
@@ -122,7 +135,7 @@ def test_same_figures_across_layouts_and_for_the_indexed_dataset(evaluated):
 def test_hf_path_is_transformers_loss(evaluated):
     from llamapro_megatron.evaluate import evaluate
 
-    hf, data, out = evaluated
+    hf, data, out, _ = evaluated
     results = {r.domain: r for r in evaluate(data, hf_dir=hf, seq_length=SEQ, max_tokens=MAX_TOKENS,
                                              micro_batch_size=MICRO, progress=False)}
     for domain, r in results.items():
@@ -134,10 +147,28 @@ def test_hf_path_is_transformers_loss(evaluated):
 def test_greedy_generation_equals_transformers(evaluated):
     from llamapro_megatron.generate import generate
 
-    hf, _, out = evaluated
+    hf, _, out, _ = evaluated
     reference = generate(PROMPTS, hf_dir=hf, max_new_tokens=NEW_TOKENS)  # transformers' model.generate
     assert [p for p, _ in out["generated"]] == [p for p, _ in reference]
     for (_, megatron), (_, transformers) in zip(out["generated"], reference):
         assert len(transformers) == NEW_TOKENS or transformers[-1] == 2  # ran to the end, or stopped at </s>
         assert megatron == transformers
     assert len({tuple(new) for _, new in reference}) == len(PROMPTS)  # the prompts steer it: not a constant
+
+
+@pytest.mark.slow
+def test_moe_model_evaluates_and_generates_with_expert_parallelism(evaluated):
+    from llamapro_megatron.data.tokenizer import load_tokenizer
+    from llamapro_megatron.evaluate import domain_tokens
+    from llamapro_megatron.generate import generate
+
+    _, data, out, moe_hf = evaluated
+    tok = load_tokenizer(moe_hf)
+    for domain in ("general", "code"):
+        ref_loss, ref_count = _transformers_reference(moe_hf, domain_tokens(data[domain], tok, max_tokens=MAX_TOKENS))
+        for tp, pp, ep in MOE_LAYOUTS:
+            r = out[("moe", tp, pp, ep)][domain]
+            assert r.tokens == ref_count, (tp, pp, ep, domain)  # each window counted once, not once per EP rank
+            assert r.loss == pytest.approx(ref_loss, rel=REL_TOL), (tp, pp, ep, domain)
+    reference = generate(PROMPTS, hf_dir=moe_hf, max_new_tokens=NEW_TOKENS)
+    assert out["moe_generated"] == reference

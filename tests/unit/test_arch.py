@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamapro_megatron.arch import LlamaArch
+from llamapro_megatron.arch import LlamaArch, layout_world_size
 from llamapro_megatron.errors import UserError
 from tests.tiny_models import VARIANTS, make_tiny_hf
 
@@ -106,6 +106,14 @@ def test_moe_fields_and_expert_parallel_layouts():
         arch.validate_layout(1, 1, ep=3)
     with pytest.raises(UserError, match="needs a mixture-of-experts model"):
         LlamaArch.from_hf_config(BASE).validate_layout(1, 1, ep=2)
+    # ETP splits each expert's FFN instead of TP; the world holds TP x PP and ETP x EP x PP alike
+    arch.validate_layout(4, 1, ep=2, etp=1)
+    with pytest.raises(UserError, match="--etp 3 does not divide the experts' FFN size 1408"):
+        arch.validate_layout(1, 1, ep=2, etp=3)
+    with pytest.raises(UserError, match="--etp 2: expert tensor parallelism needs a mixture-of-experts model"):
+        LlamaArch.from_hf_config(BASE).validate_layout(1, 1, etp=2)
+    assert [layout_world_size(*layout) for layout in ((2, 1, 2), (2, 1, 2, 1), (1, 1, 2, 2), (2, 2, 4, 1), (4, 1, 2, 4))
+            ] == [4, 2, 4, 8, 8]
     config = arch.transformer_config()
     assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (8, 2, 1408)
     assert config.qk_layernorm and not config.moe_router_pre_softmax and config.moe_aux_loss_coeff == 0.001

@@ -168,3 +168,7 @@ def test_moe_flags_set_megatron_core_and_are_refused_for_a_dense_model():
         transformer_overrides(config_from_argv([*BASE_ARGV, "--moe-aux-loss-coeff", "0.01"]), dense, "local")
     with pytest.raises(UserError, match="--expert-model-parallel-size 0: must be at least 1"):
         config_from_argv([*BASE_ARGV, "--expert-model-parallel-size", "0"])
+    with pytest.raises(UserError, match="an MoE model trains with tensor parallelism only with --sequence-parallel"):
+        transformer_overrides(config_from_argv([*BASE_ARGV, "--tensor-model-parallel-size", "2"]), moe, "local")
+    with pytest.raises(UserError, match="--expert-tensor-parallel-size 0: must be at least 1"):
+        config_from_argv([*BASE_ARGV, "--expert-tensor-parallel-size", "0"])
