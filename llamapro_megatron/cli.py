@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "llamapro_megatron.evaluate",  # evaluate
     "llamapro_megatron.generate",  # generate
     "llamapro_megatron.quickstart",  # quickstart
+    "llamapro_megatron.study",  # study
 )
 
 

@@ -216,7 +216,16 @@ def hf_domain_losses(hf_dir: str | Path, domains: dict[str, list[int]], *, seq_l
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers_model(hf_dir, torch_dtype(dtype)).to(device)
+    return model_domain_losses(model, domains, seq_length=seq_length, batch_size=batch_size, progress=progress)
+
+
+def model_domain_losses(model, domains: dict[str, list[int]], *, seq_length: int, batch_size: int = 4,
+                        progress: bool = True) -> dict[str, DomainResult]:
+    """Per-domain losses of a transformers model object (or a peft model wrapping one), on its device."""
+    import torch
+
     model.eval()
+    device = next(model.parameters()).device
     vocab = model.config.vocab_size
     results = {}
     for name, tokens in domains.items():

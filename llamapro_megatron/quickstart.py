@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamapro_megatron.errors import UserError
+from llamapro_megatron.stagecache import Graph, StageCache
 
 DOMAINS = ("code", "math", "general")
 TRAIN_DOMAINS = ("code", "math")
@@ -64,52 +65,26 @@ STAGES = {
 PARENT_STAGES = ("fetch", "data")  # one process; the rest run in one multi-rank launch
 
 
-class Workdir:
+class Workdir(StageCache):
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).resolve()
-        self.stages = self.root / "stages"
+        super().__init__(root)
         self.data = self.root / "data"
 
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def marker(self, stage: str) -> Path:
-        return self.stages / f"{stage}.json"
-
-    def read(self, stage: str) -> dict | None:
-        try:
-            return json.loads(self.marker(stage).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-
     def finish(self, settings: Settings, stage: str, seconds: float, result: dict) -> None:
-        """The stage's marker, written (atomically) only once its outputs are complete."""
-        record = {"key": stage_key(settings, stage), "deps": {d: self.read(d)["finished"] for d in STAGES[stage][1]},
-                  "finished": time.time(), "seconds": seconds, "result": result}
-        self.stages.mkdir(parents=True, exist_ok=True)
-        tmp = self.marker(stage).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.marker(stage))
+        self.record(graph(settings), stage, seconds, result)
 
 
 def stage_key(settings: Settings, stage: str) -> dict:
     return {name: getattr(settings, name) for name in STAGES[stage][0]}
 
 
+def graph(settings: Settings) -> Graph:
+    return {stage: (stage_key(settings, stage), deps) for stage, (_, deps) in STAGES.items()}
+
+
 def stages_to_run(settings: Settings, wd: Workdir) -> list[str]:
     """The stages without a valid marker: none, different settings, or a dependency that is not (or reran)."""
-    valid: dict[str, dict] = {}
-    todo = []
-    for stage, (_, deps) in STAGES.items():
-        record = wd.read(stage)
-        ok = (isinstance(record, dict) and "finished" in record and record.get("key") == stage_key(settings, stage)
-              and all(d in valid and record.get("deps", {}).get(d) == valid[d]["finished"] for d in deps))
-        if ok:
-            valid[stage] = record
-        else:
-            todo.append(stage)
-            wd.marker(stage).unlink(missing_ok=True)  # a stale marker must not survive this stage's rerun
-    return todo
+    return wd.todo(graph(settings))
 
 
 def _log(message: str) -> None:

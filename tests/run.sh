@@ -23,12 +23,12 @@ python312() {  # a Python 3.12 that runs (a pyenv shim on PATH may not, when 3.1
 }
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q "$TORCH" && .venv/bin/pip install -q -c constraints-cpu.txt -e ".[test]"
+.venv/bin/pip install -q "$TORCH" && .venv/bin/pip install -q -c constraints-cpu.txt -e ".[test,study]"
 if [ "${LLAMAPRO_TEST_MATRIX:-0}" = 1 ]; then
     PY312=$(python312)
     [ -x .venv312/bin/python ] || "$PY312" -m venv .venv312
     .venv312/bin/pip install -q "$TORCH" && .venv312/bin/pip install -q -c constraints-cpu.txt \
-        "megatron-core>=0.19,<0.20" -e ".[test]"
+        "megatron-core>=0.19,<0.20" -e ".[test,study]"
     echo "== Python 3.11, megatron-core $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("megatron-core"))')"
     OMP_NUM_THREADS=1 LLAMAPRO_OTHER_PYTHON=$PWD/.venv312/bin/python .venv/bin/python -m pytest -q -ra --durations=15 "$@"
     echo "== Python 3.12, megatron-core $(.venv312/bin/python -c 'import importlib.metadata as m; print(m.version("megatron-core"))')"
