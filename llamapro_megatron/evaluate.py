@@ -38,15 +38,15 @@ class DomainResult:
 
 
 # ------------------------------------------------------------------ data
-def parse_data_args(items: list[str]) -> dict[str, str]:
+def parse_data_args(items: list[str], flag: str = "--data") -> dict[str, str]:
     """NAME=PATH pairs, in order; names unique."""
     data: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--data {item!r}: expected NAME=PATH, e.g. code=heldout/code.jsonl")
+            raise UserError(f"{flag} {item!r}: expected NAME=PATH, e.g. code=heldout/code.jsonl")
         if name in data:
-            raise UserError(f"--data {item!r}: domain {name!r} given twice")
+            raise UserError(f"{flag} {item!r}: domain {name!r} given twice")
         data[name] = path
     return data
 

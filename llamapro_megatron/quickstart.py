@@ -113,7 +113,7 @@ def _fetch(settings: Settings, wd: Workdir) -> dict:
     return {"hf_dir": str(hf)}
 
 
-def _write_jsonl(path: Path, texts) -> None:
+def write_jsonl(path: Path, texts) -> None:
     tmp = path.with_suffix(".partial")
     with open(tmp, "w", encoding="utf-8") as f:
         for text in texts:
@@ -131,7 +131,7 @@ def _data(settings: Settings, wd: Workdir, hf_dir: str) -> dict:
         # Many short excerpts rather than the first long files: a held-out set that covers the domain.
         lines = (corpora / domain / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
         docs = [json.loads(line)["text"][:1500] for line in lines]
-        _write_jsonl(wd.data / f"heldout_{domain}.jsonl", docs)
+        write_jsonl(wd.data / f"heldout_{domain}.jsonl", docs)
     prefixes = {}
     for domain in TRAIN_DOMAINS:
         texts, size = [], 0
@@ -141,7 +141,7 @@ def _data(settings: Settings, wd: Workdir, hf_dir: str) -> dict:
                 size += len(texts[-1])
                 if size >= settings.train_chars:
                     break
-        _write_jsonl(wd.data / f"train_{domain}.jsonl", texts)
+        write_jsonl(wd.data / f"train_{domain}.jsonl", texts)
         stats = preprocess([wd.data / f"train_{domain}.jsonl"], hf_dir, wd.data / f"train_{domain}", append_eod=True,
                            progress=settings.progress, log=_log)
         prefixes[domain] = stats.outputs["text"]

@@ -58,15 +58,15 @@ class Settings:
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     groups: int = 6
     positions: tuple[int, ...] = ()
-    steps: int = 16
-    seeds: int = 1
+    steps: int = 12
+    seeds: int = 2
     seq_length: int = 256
     global_batch_size: int = 8
     micro_batch_size: int = 1
     lr: float = 2e-4
     min_lr: float = 2e-5
     warmup: int = 2
-    heldout_tokens: int = 3000  # per domain
+    heldout_tokens: int = 2000  # per domain
     train_chars: int = 400_000  # per training domain
     nproc: int = 2
     progress: bool = True
@@ -180,14 +180,6 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def _write_jsonl(path: Path, texts) -> None:
-    tmp = path.with_suffix(".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _fetch(settings: Settings, cache: StageCache, graph: Graph) -> dict:
     from llamapro_megatron import artifacts
 
@@ -214,6 +206,7 @@ def data_files(settings: Settings, cache: StageCache) -> tuple[dict[str, Path], 
 
 def _data(settings: Settings, cache: StageCache, graph: Graph, hf_dir: str) -> dict:
     from llamapro_megatron.data.preprocess import preprocess
+    from llamapro_megatron.quickstart import write_jsonl
 
     _header(graph, "data", "held-out sets and tokenized training data, drawn across each corpus")
     train, heldout = data_files(settings, cache)
@@ -222,7 +215,7 @@ def _data(settings: Settings, cache: StageCache, graph: Graph, hf_dir: str) -> d
     heldout_docs = {d: read_texts(p) for d, p in heldout.items()}
     seen = {hashlib.sha256(t.encode()).digest(): d for d, texts in heldout_docs.items() for t in texts}
     for domain, texts in heldout_docs.items():
-        _write_jsonl(data / f"heldout_{domain}.jsonl", [t[:HELDOUT_DOC_CHARS] for t in spread_order(texts)])
+        write_jsonl(data / f"heldout_{domain}.jsonl", [t[:HELDOUT_DOC_CHARS] for t in spread_order(texts)])
     prefixes, counts = {}, {}
     for domain, path in train.items():
         texts = read_texts(path)
@@ -237,7 +230,7 @@ def _data(settings: Settings, cache: StageCache, graph: Graph, hf_dir: str) -> d
             size += len(chosen[-1])
             if size >= settings.train_chars:
                 break
-        _write_jsonl(data / f"train_{domain}.jsonl", chosen)
+        write_jsonl(data / f"train_{domain}.jsonl", chosen)
         stats = preprocess([data / f"train_{domain}.jsonl"], hf_dir, data / f"train_{domain}", append_eod=True,
                            progress=settings.progress, log=_log)
         prefixes[domain] = stats.outputs["text"]
@@ -418,6 +411,17 @@ def validate(settings: Settings) -> None:
         raise UserError("give --train and --heldout together (or neither, for the real code/math/general corpora)")
 
 
+def require_extra(strategies) -> None:
+    """The picture needs matplotlib and the LoRA row peft: the [study] extra, refused before any work starts."""
+    import importlib.util
+
+    missing = [m for m in ("matplotlib", *(("peft",) if "lora" in strategies else ()))
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"llamapro study needs {' and '.join(missing)}: pip install 'llamapro-megatron[study]' "
+                        "(or pip install " + " ".join(missing) + ")")
+
+
 def study(settings: Settings) -> dict:
     """Run (or resume) the study; returns the summary (also in WORKDIR/summary.json)."""
     import torch
@@ -428,6 +432,7 @@ def study(settings: Settings) -> dict:
     t_start = time.time()
     _mute_library_chatter()
     validate(settings)
+    require_extra(settings.strategies)
     if settings.hf_dir is not None and not (Path(settings.hf_dir) / "config.json").is_file():
         raise UserError(f"--hf-dir {settings.hf_dir}: no config.json there (a Hugging Face model directory)")
     if torch.cuda.is_available():
@@ -500,18 +505,6 @@ def summarize(settings: Settings, cache: StageCache, graph: Graph, skipped: list
     }
 
 
-def _domain_files(values: list[str] | None, flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values or []:
-        domain, sep, path = value.partition("=")
-        if not sep or not domain or not path:
-            raise UserError(f"{flag} {value!r}: expected DOMAIN=FILE.jsonl")
-        if domain in out:
-            raise UserError(f"{flag}: domain {domain!r} given twice")
-        out[domain] = path
-    return out
-
-
 def register(sub) -> None:
     p = sub.add_parser("study", help="compare LLaMA Pro with full fine-tuning, top-K tuning and placements on your "
                        "model and data: one table and one picture",
@@ -553,6 +546,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from llamapro_megatron.evaluate import parse_data_args
     from llamapro_megatron.study_report import format_table, plot
 
     positions: tuple[int, ...] = ()
@@ -561,8 +555,8 @@ def run(args) -> int:
             positions = tuple(int(p) for p in args.positions.replace(",", " ").split())
         except ValueError as e:
             raise UserError(f"--positions {args.positions!r}: expected comma-separated integers") from e
-    settings = Settings(workdir=args.workdir, hf_dir=args.hf_dir, train=_domain_files(args.train, "--train"),
-                        heldout=_domain_files(args.heldout, "--heldout"),
+    settings = Settings(workdir=args.workdir, hf_dir=args.hf_dir, train=parse_data_args(args.train or [], "--train"),
+                        heldout=parse_data_args(args.heldout or [], "--heldout"),
                         strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
                         groups=args.groups, positions=positions, steps=args.steps, seeds=args.seeds,
                         seq_length=args.seq_length, global_batch_size=args.global_batch_size, lr=args.lr,

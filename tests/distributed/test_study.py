@@ -27,9 +27,9 @@ STRATEGIES = ("llamapro", "full", "top-k")  # the Megatron rows; LoRA (peft) is 
 NEW = [5, 11, 17, 23, 29, 35]  # llamapro, --groups 6: one copy after each group of 5 of the 30 blocks
 
 
-def _settings(workdir, **kw) -> Settings:
-    return Settings(workdir=str(workdir), strategies=(*STRATEGIES, "lora"), steps=2, seq_length=64, global_batch_size=2,
-                    heldout_tokens=256, train_chars=20_000, progress=False, **kw)
+def _settings(workdir, seeds: int = 1) -> Settings:
+    return Settings(workdir=str(workdir), strategies=(*STRATEGIES, "lora"), steps=2, seeds=seeds, seq_length=64,
+                    global_batch_size=2, heldout_tokens=256, train_chars=20_000, progress=False)
 
 
 def _tensors(hf_dir) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from llamapro_megatron.errors import UserError
-from llamapro_megatron.study import Settings, build_graph, validate
+from llamapro_megatron.study import Settings, build_graph, expansion_plan, freeze_args, validate
 from llamapro_megatron.study_report import change_percent, compare, format_table, tradeoff
 
 
@@ -56,6 +56,12 @@ def test_graph_and_refusals():
                        "eval:llamapro:1", "train:llamapro:2", "eval:llamapro:2", "train:full:1", "eval:full:1",
                        "train:full:2", "eval:full:2"]
     assert g["train:full:1"][1] == ("convert", "data") and g["train:llamapro:2"][1] == ("expand:llamapro", "data")
+    at = Settings(workdir="w", strategies=("llamapro-at",), positions=(3, 7), seeds=1)
+    assert build_graph(at)["expand:llamapro-at"][0] == {"plan": {"positions": [3, 7]}}
+    plan = expansion_plan(at, "llamapro-at", 30)
+    assert [i for i in range(plan.num_layers) if plan.is_new(i)] == [3, 7]
+    assert freeze_args(at, "top-k", 30) == ["--freeze", "layers", "--trainable-layers", "24", "25", "26", "27",
+                                            "28", "29"]  # K = --groups 6: the top six
     for kw, message in [({"strategies": ("lora2",)}, "unknown"), ({"strategies": ("full", "full")}, "twice"),
                         ({"strategies": ("llamapro-at",)}, "--positions goes with"), ({"seeds": 0}, "--seeds 0"),
                         ({"train": {"code": "/nonexistent.jsonl"}}, "no such file")]:
