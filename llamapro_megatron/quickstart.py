@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamapro_megatron.errors import UserError
-from llamapro_megatron.stagecache import Graph, StageCache
+from llamapro_megatron.stagecache import Graph, StageCache, mute_library_chatter, run_in_world, write_jsonl
 
 DOMAINS = ("code", "math", "general")
 TRAIN_DOMAINS = ("code", "math")
@@ -113,14 +113,6 @@ def _fetch(settings: Settings, wd: Workdir) -> dict:
     return {"hf_dir": str(hf)}
 
 
-def write_jsonl(path: Path, texts) -> None:
-    tmp = path.with_suffix(".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _data(settings: Settings, wd: Workdir, hf_dir: str) -> dict:
     from llamapro_megatron.data.preprocess import preprocess
 
@@ -152,54 +144,23 @@ def _data(settings: Settings, wd: Workdir, hf_dir: str) -> dict:
 # ------------------------------------------------------------- the launch
 def _world(settings: Settings, todo: list[str], hf_dir: str, prefixes: dict[str, str]) -> dict:
     """Every Megatron stage, on each rank of one launch; rank 0 writes the markers."""
-    import torch
     import torch.distributed as dist
 
-    # The world's process group, created here so that it outlives every stage (each sets up its own layout).
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank0 = dist.get_rank() == 0
-    _quiet(rank0)
     wd = Workdir(settings.workdir)
-    pp = dist.get_world_size()
-    run = {
-        "convert": lambda: _convert(settings, wd, hf_dir, pp),
-        "eval_before": lambda: _evaluate(settings, wd, "base", pp, "SmolLM2 as converted (30 blocks)"),
-        "expand": lambda: _expand(settings, wd, pp),
-        "train": lambda: _train(settings, wd, prefixes, pp),
-        "export": lambda: _export(settings, wd),
-        "eval_after": lambda: _evaluate(settings, wd, "trained", pp, "after training the new blocks"),
-    }
-    for stage in [s for s in todo if s in run]:
-        t0 = time.time()
-        result = run[stage]()
-        dist.barrier()
-        if rank0:
-            wd.finish(settings, stage, time.time() - t0, result)
-    dist.destroy_process_group()
+
+    def run(stage: str) -> dict:
+        pp = dist.get_world_size()
+        return {
+            "convert": lambda: _convert(settings, wd, hf_dir, pp),
+            "eval_before": lambda: _evaluate(settings, wd, "base", pp, "SmolLM2 as converted (30 blocks)"),
+            "expand": lambda: _expand(settings, wd, pp),
+            "train": lambda: _train(settings, wd, prefixes, pp),
+            "export": lambda: _export(settings, wd),
+            "eval_after": lambda: _evaluate(settings, wd, "trained", pp, "after training the new blocks"),
+        }[stage]()
+
+    run_in_world(wd, graph(settings), todo, run)
     return {}
-
-
-def _quiet(rank0: bool) -> None:
-    """One readable log: rank 0 prints (every rank does the same stages)."""
-    import sys
-
-    if not rank0:
-        sys.stdout = open(os.devnull, "w")  # for the life of this worker process
-    _mute_library_chatter()
-
-
-def _mute_library_chatter() -> None:
-    """Deprecation notices and CPU-fallback notes of the libraries say nothing about the run."""
-    import warnings
-
-    from llamapro_megatron.runtime.compat import mute_megatron_notes
-
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
-    warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
-    mute_megatron_notes()
 
 
 def _convert(settings: Settings, wd: Workdir, hf_dir: str, pp: int) -> dict:
@@ -289,7 +250,7 @@ def quickstart(settings: Settings) -> dict:
     from llamapro_megatron.runtime.launch import WorkerError, run_workers
 
     t_start = time.time()
-    _mute_library_chatter()
+    mute_library_chatter()
     if settings.heldout_tokens < 1:
         raise UserError(f"--heldout-tokens {settings.heldout_tokens}: must be at least 1")
     if settings.steps < 1:

@@ -6,13 +6,15 @@ afresh, so nothing half-written looks done and a second run skips what is done. 
 changed or when a stage it reads reran since it finished; everything downstream of it follows.
 
 The graph maps a stage to (its key: the settings it depends on, the stages whose outputs it reads), in an order
-where every stage comes after the stages it reads.
+where every stage comes after the stages it reads. `run_in_world` runs stages on every rank of one launch and
+records them; `write_jsonl` and the output helpers serve both commands.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 Graph = dict[str, tuple[dict, tuple[str, ...]]]
@@ -63,3 +65,57 @@ class StageCache:
                 todo.append(stage)
                 self.marker(stage).unlink(missing_ok=True)
         return todo
+
+
+def run_in_world(cache: StageCache, graph: Graph, todo: list[str], run_stage: Callable[[str], dict],
+                 backend: str | None = None) -> None:
+    """Each stage of `todo`, in order, on every rank of this launch; rank 0 records the markers.
+
+    The world's process group is created here so that it outlives every stage (each sets up its own layout).
+    `backend`: NCCL when there are GPUs, gloo otherwise, unless given."""
+    import torch
+    import torch.distributed as dist
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)
+    rank0 = dist.get_rank() == 0
+    quiet_ranks(rank0)
+    for stage in todo:
+        t0 = time.time()
+        result = run_stage(stage)
+        dist.barrier()
+        if rank0:
+            cache.record(graph, stage, time.time() - t0, result)
+    dist.destroy_process_group()
+
+
+def quiet_ranks(rank0: bool) -> None:
+    """One readable log: rank 0 prints (every rank does the same stages)."""
+    import sys
+
+    if not rank0:
+        sys.stdout = open(os.devnull, "w")  # for the life of this worker process
+    mute_library_chatter()
+
+
+def mute_library_chatter() -> None:
+    """Deprecation notices and CPU-fallback notes of the libraries say nothing about the run."""
+    import warnings
+
+    from llamapro_megatron.runtime.compat import mute_megatron_notes
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
+    mute_megatron_notes()
+
+
+def write_jsonl(path: Path, texts: Iterable[str]) -> None:
+    """{"text": ...} per line, under a temporary name renamed when complete."""
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamapro_megatron.errors import UserError
-from llamapro_megatron.stagecache import Graph, StageCache
+from llamapro_megatron.stagecache import Graph, StageCache, mute_library_chatter, run_in_world, write_jsonl
 
 # name -> what the row is (the table's legend and --help)
 STRATEGIES = {
@@ -206,7 +206,6 @@ def data_files(settings: Settings, cache: StageCache) -> tuple[dict[str, Path], 
 
 def _data(settings: Settings, cache: StageCache, graph: Graph, hf_dir: str) -> dict:
     from llamapro_megatron.data.preprocess import preprocess
-    from llamapro_megatron.quickstart import write_jsonl
 
     _header(graph, "data", "held-out sets and tokenized training data, drawn across each corpus")
     train, heldout = data_files(settings, cache)
@@ -243,35 +242,24 @@ def _data(settings: Settings, cache: StageCache, graph: Graph, hf_dir: str) -> d
 # ------------------------------------------------------------- the launch
 def _world(settings: Settings, todo: list[str], hf_dir: str, data: dict, num_layers: int) -> dict:
     """Every Megatron stage, on each rank of one launch; rank 0 writes the markers."""
-    import torch
     import torch.distributed as dist
 
-    from llamapro_megatron.quickstart import _quiet
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank0 = dist.get_rank() == 0
-    _quiet(rank0)
     cache = StageCache(settings.workdir)
     graph = build_graph(settings)
-    pp = dist.get_world_size()
-    for stage in todo:
-        t0 = time.time()
+
+    def run(stage: str) -> dict:
+        pp = dist.get_world_size()
         kind, _, rest = stage.partition(":")
         if kind == "convert":
-            result = _convert(settings, cache, graph, hf_dir, pp)
-        elif kind == "expand":
-            result = _expand(settings, cache, graph, rest, num_layers, pp)
-        elif kind == "train":
+            return _convert(settings, cache, graph, hf_dir, pp)
+        if kind == "expand":
+            return _expand(settings, cache, graph, rest, num_layers, pp)
+        if kind == "train":
             strategy, seed = rest.rsplit(":", 1)
-            result = _train(settings, cache, graph, strategy, int(seed), data, num_layers, pp)
-        else:  # eval
-            result = _evaluate(settings, cache, graph, stage, data, pp)
-        dist.barrier()
-        if rank0:
-            cache.record(graph, stage, time.time() - t0, result)
-    dist.destroy_process_group()
+            return _train(settings, cache, graph, strategy, int(seed), data, num_layers, pp)
+        return _evaluate(settings, cache, graph, stage, data, pp)
+
+    run_in_world(cache, graph, todo, run)
     return {}
 
 
@@ -324,8 +312,8 @@ def _train(settings: Settings, cache: StageCache, graph: Graph, strategy: str, s
         "--load", str(load), "--save", str(save), "--pipeline-model-parallel-size", str(pp),
         *run_args(settings, cache, data, seed), *freeze_args(settings, strategy, num_layers)]))
     counts = result.parameter_counts
-    return {"losses": {str(k): v for k, v in result.losses.items()}, "train_seconds": sum(result.seconds_per_step),
-            "trainable": counts["trainable"], "total": counts["trainable"] + counts["frozen"]}
+    return {"losses": {str(k): v for k, v in result.losses.items()}, "trainable": counts["trainable"],
+            "total": counts["trainable"] + counts["frozen"]}
 
 
 def _evaluate(settings: Settings, cache: StageCache, graph: Graph, stage: str, data: dict, pp: int) -> dict:
@@ -344,24 +332,14 @@ def is_lora(stage: str) -> bool:
 
 
 def _lora_world(settings: Settings, todo: list[str], hf_dir: str) -> dict:
-    """The LoRA stages in one process; a world of 1 because megatron-core's dataset builder asks for a rank."""
-    import torch.distributed as dist
-
-    from llamapro_megatron.quickstart import _quiet
-
-    dist.init_process_group("gloo")
-    _quiet(True)
+    """The LoRA stages in one process; a world of 1 (gloo) because megatron-core's dataset builder asks for a rank."""
+    cache = StageCache(settings.workdir)
+    graph = build_graph(settings)
     if not settings.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    cache = StageCache(settings.workdir)
-    graph = build_graph(settings)
-    for stage in todo:
-        t0 = time.time()
-        result = _lora_stage(settings, cache, graph, stage, hf_dir)
-        cache.record(graph, stage, time.time() - t0, result)
-    dist.destroy_process_group()
+    run_in_world(cache, graph, todo, lambda stage: _lora_stage(settings, cache, graph, stage, hf_dir), backend="gloo")
     return {}
 
 
@@ -426,11 +404,10 @@ def study(settings: Settings) -> dict:
     """Run (or resume) the study; returns the summary (also in WORKDIR/summary.json)."""
     import torch
 
-    from llamapro_megatron.quickstart import _mute_library_chatter
     from llamapro_megatron.runtime.launch import WorkerError, run_workers
 
     t_start = time.time()
-    _mute_library_chatter()
+    mute_library_chatter()
     validate(settings)
     require_extra(settings.strategies)
     if settings.hf_dir is not None and not (Path(settings.hf_dir) / "config.json").is_file():

@@ -79,7 +79,7 @@ def train_lora(settings, run_argv: list[str], hf_dir: str, out: Path, seed: int,
                                   weight_decay=0.0)
     scheduler = build_scheduler(optimizer, config, steps)
     vocab = model.config.vocab_size
-    losses, t0 = {}, time.time()
+    losses = {}
     peft_model.train()
     for it in range(steps.train_iters):
         ts = time.time()
@@ -101,14 +101,13 @@ def train_lora(settings, run_argv: list[str], hf_dir: str, out: Path, seed: int,
         losses[str(it + 1)] = step_loss
         _log(f"step {it + 1}/{steps.train_iters} | loss {step_loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
              f"{time.time() - ts:.2f} s/step")
-    seconds = time.time() - t0
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     peft_model.save_pretrained(str(out / ADAPTER))
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(out / MERGED), safe_serialization=True)
     _copy_tokenizer(hf_dir, out / MERGED)
-    return {"losses": losses, "train_seconds": seconds, "trainable": trainable, "total": total, "rank": rank,
+    return {"losses": losses, "trainable": trainable, "total": total, "rank": rank,
             "of_llamapro": trainable / target}
 
 

@@ -105,19 +105,26 @@ def evaluated(tmp_path_factory):
 
 @pytest.mark.slow
 def test_megatron_perplexity_equals_transformers_at_every_layout(evaluated):
+    hf, data, out, _ = evaluated
+    _assert_transformers_losses(hf, data, {layout: out[layout] for layout in LAYOUTS})
+    for layout in LAYOUTS:
+        for r in out[layout].values():
+            assert r.perplexity == pytest.approx(math.exp(r.loss), rel=1e-12)
+
+
+def _assert_transformers_losses(hf, data: dict, results: dict) -> None:
+    """Each layout's general and code figures: transformers' loss over the same MAX_TOKENS tokens."""
     from llamapro_megatron.data.tokenizer import load_tokenizer
     from llamapro_megatron.evaluate import domain_tokens
 
-    hf, data, out, _ = evaluated
     tok = load_tokenizer(hf)
     for domain in ("general", "code"):
         ref_loss, ref_count = _transformers_reference(hf, domain_tokens(data[domain], tok, max_tokens=MAX_TOKENS))
         assert ref_count == MAX_TOKENS
-        for layout in LAYOUTS:
-            r = out[layout][domain]
-            assert r.tokens == ref_count, (layout, domain)
+        for layout, figures in results.items():
+            r = figures[domain]
+            assert r.tokens == ref_count, (layout, domain)  # MoE: each window once, not once per EP rank
             assert r.loss == pytest.approx(ref_loss, rel=REL_TOL), (layout, domain)
-            assert r.perplexity == pytest.approx(math.exp(r.loss), rel=1e-12)
 
 
 @pytest.mark.slow
@@ -158,17 +165,9 @@ def test_greedy_generation_equals_transformers(evaluated):
 
 @pytest.mark.slow
 def test_moe_model_evaluates_and_generates_with_expert_parallelism(evaluated):
-    from llamapro_megatron.data.tokenizer import load_tokenizer
-    from llamapro_megatron.evaluate import domain_tokens
     from llamapro_megatron.generate import generate
 
     _, data, out, moe_hf = evaluated
-    tok = load_tokenizer(moe_hf)
-    for domain in ("general", "code"):
-        ref_loss, ref_count = _transformers_reference(moe_hf, domain_tokens(data[domain], tok, max_tokens=MAX_TOKENS))
-        for tp, pp, ep in MOE_LAYOUTS:
-            r = out[("moe", tp, pp, ep)][domain]
-            assert r.tokens == ref_count, (tp, pp, ep, domain)  # each window counted once, not once per EP rank
-            assert r.loss == pytest.approx(ref_loss, rel=REL_TOL), (tp, pp, ep, domain)
+    _assert_transformers_losses(moe_hf, data, {layout: out[("moe", *layout)] for layout in MOE_LAYOUTS})
     reference = generate(PROMPTS, hf_dir=moe_hf, max_new_tokens=NEW_TOKENS)
     assert out["moe_generated"] == reference
