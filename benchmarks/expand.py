@@ -158,12 +158,10 @@ def compare_hf(a: Path, b: Path) -> list[str]:
 
 
 def fsync_tree(root: Path) -> None:
+    from llamapro_megatron.checkpoint.output import fsync_path
+
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(f)
 
 
 def settle(seconds: float, source: Path) -> None:

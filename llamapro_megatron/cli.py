@@ -51,10 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_same_launch(sys.argv[1:] if argv is None else argv)
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"llamapro {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def _check_same_launch(argv: list[str]) -> None:
+    """Under a multi-process launch (torchrun, srun), refuse on every rank unless all run this command alike."""
+    from llamapro_megatron.runtime.launch import inside_launcher
+
+    if inside_launcher():
+        from llamapro_megatron.runtime.agreement import check_same_launch
+
+        check_same_launch(argv)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        launch(config_from_args(args), nproc=args.nproc)
+        return launch(config_from_args(args), nproc=args.nproc)
     except UserError as e:
         print(f"llamapro train: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

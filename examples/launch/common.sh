@@ -21,6 +21,9 @@
 #   MATH_INPUT   Proof-Pile-2 .jsonl/.jsonl.gz/.parquet files, space separated (default raw/proof-pile-2/*.jsonl.gz)
 #   CODE_INPUT   the Stack's Python files, likewise                (default raw/stack-python/*.jsonl.gz)
 #   WORK         where checkpoints, datasets, logs and the export go (default work)
+#   BASE PRO TRAINED DATA EXPORT  each step's output, under WORK by default: ckpt/base ckpt/pro ckpt/pro-trained data
+#                pro-hf
+#   TRAIN_ARGS   more `llamapro train` flags, space separated, after the recipe's (e.g. "--train-iters 100")
 #   PREPROCESS_WORKERS  tokenizer processes                        (default 16)
 #   DRY_RUN=1    print every command (prefixed with "+ ") instead of running it
 set -euo pipefail
@@ -39,15 +42,16 @@ CODE_INPUT=${CODE_INPUT:-raw/stack-python/*.jsonl.gz}
 WORK=${WORK:-work}
 PREPROCESS_WORKERS=${PREPROCESS_WORKERS:-16}
 
-BASE=$WORK/ckpt/base
-PRO=$WORK/ckpt/pro
-TRAINED=$WORK/ckpt/pro-trained
-DATA=$WORK/data
-EXPORT=$WORK/pro-hf
+BASE=${BASE:-$WORK/ckpt/base}
+PRO=${PRO:-$WORK/ckpt/pro}
+TRAINED=${TRAINED:-$WORK/ckpt/pro-trained}  # rerunning `train` resumes from its latest checkpoint
+DATA=${DATA:-$WORK/data}
+EXPORT=${EXPORT:-$WORK/pro-hf}
+read -r -a EXTRA_TRAIN <<< "${TRAIN_ARGS:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 run() {
-    printf '+ %s\n' "$*"
+    printf '+'; printf ' %q' "$@"; printf '\n'  # as a shell would read it back
     if [ -z "${DRY_RUN:-}" ]; then "$@"; fi
 }
 
@@ -73,13 +77,29 @@ TRAIN_FLAGS=(--config "$RECIPE" --load "$PRO" --save "$TRAINED"
              --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
              "${TRAIN_ETP[@]}"
              --data-path 1.0 "$DATA/proofpile2_text_document" 1.5 "$DATA/stack_python_text_document"
-             --data-cache-path "$DATA/cache" --tensorboard-dir "$WORK/runs")
+             --data-cache-path "$DATA/cache" --tensorboard-dir "$WORK/runs" "${EXTRA_TRAIN[@]}")
 
 step_plan() { run "${ONE[@]}" train --dry-run "${TRAIN_FLAGS[@]}" --world-size "$WORLD_SIZE"; }
 
 step_train() { run "${LAUNCH[@]}" train "${TRAIN_FLAGS[@]}"; }
 
 step_export() { run "${LAUNCH[@]}" convert mcore-to-hf --load "$TRAINED" --out "$EXPORT"; }
+
+output_of() {  # where a step's result is, for the run's log
+    case $1 in
+        convert) echo "base checkpoint:      $BASE" ;;
+        expand) echo "expanded checkpoint:  $PRO" ;;
+        preprocess) echo "datasets:             $DATA" ;;
+        train) local pointer=$TRAINED/latest_checkpointed_iteration.txt
+               if [ -f "$pointer" ] && [ "$(cat "$pointer")" -eq "$(cat "$pointer")" ] 2>/dev/null; then
+                   printf 'trained checkpoint:   %s/iter_%07d (the latest; training on resumes from it)\n' \
+                       "$TRAINED" "$(cat "$pointer")"
+               else
+                   echo "trained checkpoint:   $TRAINED"
+               fi ;;
+        export) echo "Hugging Face model:   $EXPORT" ;;
+    esac
+}
 
 run_steps() {
     local step
@@ -90,4 +110,6 @@ run_steps() {
         esac
         "step_$step"
     done
+    echo "== done"
+    for step in "$@"; do output_of "$step"; done
 }

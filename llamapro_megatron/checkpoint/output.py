@@ -54,6 +54,34 @@ def commit_output(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def make_durable(tree: Path) -> None:
+    """fsync every file and directory under `tree` and the directory holding it: a pointer written after this names
+    data that survive a crash of this machine (on shared storage, data this client wrote or, already fsynced by their
+    writers, the others did; megatron-core fsyncs its shards, not its metadata or common state)."""
+    for path in [*sorted(p for p in tree.rglob("*") if p.is_file()), *sorted(p for p in tree.rglob("*") if p.is_dir()),
+                 tree, tree.parent]:
+        fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path` by `text` atomically and durably (a reader sees the old or the new text, also after a crash)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def failed(out: Path, reason) -> UserError:
     """The one message of a failed write (a crashed worker's traceback is on stderr above it); a worker's UserError
     keeps its kind (and so its exit code)."""

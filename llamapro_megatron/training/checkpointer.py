@@ -43,7 +43,7 @@ from llamapro_megatron.checkpoint.mcore import (
     recorded_layout,
     resolve_checkpoint,
 )
-from llamapro_megatron.checkpoint.output import partial_dir
+from llamapro_megatron.checkpoint.output import fsync_path, make_durable, partial_dir, write_durably
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.runtime.dist_ckpt import (
     optimizer_state_for_loading,
@@ -239,10 +239,12 @@ class Checkpointer:
             if tokenizer.is_dir():
                 shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
             integrity.record(tmp, digests)
+            make_durable(tmp)  # before the rename and the pointer: they must never name data still in a cache
             if final.exists():  # left by a run that died between the rename and the pointer update
                 shutil.rmtree(final)
             tmp.rename(final)
-            _write_atomically(root / LATEST_FILE, str(iteration))
+            fsync_path(root)
+            write_durably(root / LATEST_FILE, str(iteration))
             self._prune(root, iteration)
         dist.barrier()
         self.last_saved = final
@@ -292,17 +294,33 @@ def resolve_load(config: TrainConfig) -> tuple[Path, CheckpointMeta]:
     return path, read_meta(path)
 
 
+def resume_from_save(config: TrainConfig) -> TrainConfig:
+    """The run rerun as it was started resumes: when --save already holds a checkpoint of its own (the latest
+    pointer names an iteration) and --ckpt-step does not choose one, training continues from it rather than from
+    --load. A job that a scheduler or torchrun's --max-restarts starts again with the same command, or a user
+    relaunching every node after losing one, thus picks up where the last complete checkpoint left off. The flags
+    that say how to take --load (--finetune, --no-load-optim, --no-load-rng) describe the run's starting point,
+    not its resumption: they do not apply then."""
+    import dataclasses
+
+    c = config.checkpointing
+    if not c.save or c.ckpt_step is not None or not (Path(c.save) / LATEST_FILE).is_file():
+        return config
+    latest = resolve_checkpoint(c.save, flag="--save")
+    if latest.name == RELEASE or (c.load and resolve_checkpoint(c.load).resolve() == latest.resolve()):
+        return config
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming from {latest}, the latest checkpoint in --save (this run started from --load {c.load}); "
+              "to start over instead, give a new --save directory", flush=True)
+    resumed = dataclasses.replace(c, load=c.save, finetune=False, no_load_optim=False, no_load_rng=False)
+    return dataclasses.replace(config, checkpointing=resumed)
+
+
 def _layout(config: TrainConfig) -> dict[str, int | None]:
     p = config.parallelism
     return recorded_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                            p.virtual_pipeline_model_parallel_size, p.expert_model_parallel_size,
                            p.expert_tensor_parallel_size)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _warn_rank0(message: str) -> None:

@@ -38,5 +38,4 @@ def run(args) -> int:
         return 0
 
     config = config_from_args(args)
-    launch(config, nproc=args.nproc)
-    return 0
+    return launch(config, nproc=args.nproc)

@@ -73,6 +73,7 @@ class ParallelismSection:
     overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward pass
     overlap_param_gather: bool = False  # all-gather updated params during the forward (distributed optimizer)
     sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP (TE spec)
+    distributed_timeout_minutes: float = 10.0  # a collective waiting longer fails (e.g. a peer that hangs)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -221,6 +222,11 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                 "--use-distributed-optimizer and --overlap-grad-reduce)")),
     "--sequence-parallel": ("parallelism", "sequence_parallel",
                             dict(_BOOL, help="sequence-parallel activations over TP (TE spec, TP > 1)")),
+    "--distributed-timeout-minutes": (
+        "parallelism", "distributed_timeout_minutes",
+        dict(type=float, help="how long a collective or the rendezvous waits for the other ranks before the run "
+                              "fails (default 10, as Megatron-LM's); a node that died is usually noticed sooner, "
+                              "when its connections close")),
     "--no-bias-swiglu-fusion": ("model", "no_bias_swiglu_fusion",
                                 dict(_BOOL, help="on CUDA, run the SwiGLU activation as separate torch ops instead "
                                                  "of megatron-core's fused (torch.compile) kernel")),
@@ -405,6 +411,9 @@ def validate(config: TrainConfig, plan_only: bool = False) -> None:
         raise UserError("--sft trains on chat .jsonl files given with --data-path; it does not go with --mock-data")
     if d.sft_packing not in SFT_PACKING:
         raise UserError(f"--sft-packing {d.sft_packing!r}: choose one of {', '.join(SFT_PACKING)}")
+    if config.parallelism.distributed_timeout_minutes <= 0:
+        raise UserError(f"--distributed-timeout-minutes {config.parallelism.distributed_timeout_minutes}: must be "
+                        "positive")
     if s.exit_duration_in_mins is not None and s.exit_duration_in_mins <= 0:
         raise UserError(f"--exit-duration-in-mins {s.exit_duration_in_mins}: must be positive")
     _validate_parallelism(config.parallelism)

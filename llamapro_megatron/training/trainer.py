@@ -25,6 +25,13 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
+# A run that --exit-signal-handler stopped (saved, not finished) exits with the status of a process that SIGTERM ended,
+# on every rank: a script or scheduler sees it did not finish, and under torchrun the agents of the other nodes see a
+# failed worker and stop at once (after a clean exit an agent would wait up to 300 s for the signalled node's agent,
+# which SIGTERM ended, in torch elastic's exit barrier).
+STOPPED_BY_SIGNAL = 128 + 15
+
+
 @dataclass
 class TrainResult:
     iteration: int = 0
@@ -45,14 +52,15 @@ class TrainResult:
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Run (or resume) training as configured; returns what happened, on every rank."""
     from llamapro_megatron.runtime import destroy_distributed, init_distributed
-    from llamapro_megatron.training.checkpointer import resolve_load
+    from llamapro_megatron.training.checkpointer import resolve_load, resume_from_save
     from llamapro_megatron.training.layout import resolve_pipeline
 
+    config = resume_from_save(config)
     config = resolve_pipeline(config, resolve_load(config)[1].arch)  # virtual stages need the layer count
     p = config.parallelism
     info = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                             p.virtual_pipeline_model_parallel_size, seed=config.seed, ep=p.expert_model_parallel_size,
-                            etp=p.expert_tensor_parallel_size)
+                            etp=p.expert_tensor_parallel_size, timeout_s=60 * p.distributed_timeout_minutes)
     try:
         return _Run(config, info).run(on_step)
     finally:
@@ -158,6 +166,11 @@ class _Run:
                 break
         if config.checkpointing.save and str(self.checkpointer.last_saved or "") != _iter_dir(config, result):
             result.last_checkpoint = self._save(result.iteration, result.consumed_samples)
+        if result.exit_reason == "signal":
+            saved = (f"saved {result.last_checkpoint}; the same command resumes from it" if result.last_checkpoint
+                     else "nothing saved (no --save)")
+            self._log(f"stopped by SIGTERM before the last step: {saved} (exit status {STOPPED_BY_SIGNAL} on every "
+                      "rank)")
         self.writer.close()
         result.optimizer_state_bytes = self._optimizer_state_bytes()
         return result

@@ -26,3 +26,29 @@ def workflow_checkpoints(tmp_path_factory):
         llamapro("train", "--load", str(root / "pro"), "--save", str(root / save), "--train-iters", "1",
                  "--save-interval", "1", *TRAIN, *extra)
     return root
+
+
+@pytest.fixture(scope="session")
+def launch_inputs(tmp_path_factory):
+    """The launch scripts' tiny workflow (tests/cluster_workflow.py): the settings of common.sh with the corpora
+    tokenized once by the script's own preprocess step (DATA), and `pro`, an expanded checkpoint of the model for
+    the tests that only train (not in the settings: a test that converts writes its own)."""
+    from tests import cluster_workflow as cw
+
+    root = tmp_path_factory.mktemp("launch")
+    env = {**cw.make_inputs(root / "inputs"), "DATA": str(root / "data")}
+    cw.run_node("multi_node.sh", ["preprocess"], cw.node_env(env, 0, cw.free_port(), nnodes=1, WORK=str(root)))
+    llamapro("convert", "hf-to-mcore", "--hf-dir", env["HF_DIR"], "--out", str(root / "base"), "--no-progress")
+    llamapro("expand", "--load", str(root / "base"), "--out", str(root / "pro"), "--groups", "2", "--no-progress")
+    return env, root / "pro"
+
+
+@pytest.fixture(scope="session")
+def one_node_workflow(launch_inputs, tmp_path_factory):
+    """single_node.sh (2 ranks) through convert, expand, train (the recipe's 4 steps) and export: the run that the
+    multi-node ones (torchrun on two agents, SLURM) must equal. Its WORK directory."""
+    from tests import cluster_workflow as cw
+
+    work = tmp_path_factory.mktemp("one-node")
+    cw.one_node({**launch_inputs[0], "WORK": str(work)}, ["convert", "expand", "train", "export"])
+    return work

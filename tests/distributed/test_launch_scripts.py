@@ -17,15 +17,19 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "examples" / "launch"
 CLUSTER = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "node0", "MASTER_PORT": "29500", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "42"}
-# script -> (arguments, world size it launches)
-SCRIPTS = {"single_node.sh": ([], 8), "multi_node.sh": (["preprocess", "convert", "expand", "plan", "train", "export"],
-                                                        16), "slurm.sbatch": ([], 16)}
+# case -> (script, arguments, world size it launches, more settings)
+SCRIPTS = {"single_node.sh": ("single_node.sh", [], 8, {}),
+           "multi_node.sh": ("multi_node.sh", ["preprocess", "convert", "expand", "plan", "train", "export"], 16, {}),
+           "multi_node.sh static": ("multi_node.sh", ["preprocess", "convert", "expand", "plan", "train", "export"],
+                                    16, {"RDZV": "static"}),
+           "slurm.sbatch": ("slurm.sbatch", [], 16, {}),
+           "slurm.sbatch srun": ("slurm.sbatch", [], 16, {"LAUNCHER": "srun", "SLURM_CPUS_PER_TASK": "32"})}
 WORKFLOW = ["convert hf-to-mcore", "expand", "preprocess", "preprocess", "train --dry-run", "train",
             "convert mcore-to-hf"]
 
 
-def _commands(script: str, argv: list[str]) -> list[list[str]]:
-    env = {**os.environ, **CLUSTER, "DRY_RUN": "1"}
+def _commands(script: str, argv: list[str], settings: dict[str, str] | None = None) -> list[list[str]]:
+    env = {**os.environ, **CLUSTER, "DRY_RUN": "1", **(settings or {})}
     proc = subprocess.run(["bash", str(LAUNCH / script), *argv], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -34,7 +38,7 @@ def _commands(script: str, argv: list[str]) -> list[list[str]]:
 
 def test_every_script_is_valid_bash():
     scripts = sorted(LAUNCH.iterdir())
-    assert {p.name for p in scripts} >= {"common.sh", *SCRIPTS}
+    assert {p.name for p in scripts} >= {"common.sh", *(case[0] for case in SCRIPTS.values())}
     for path in scripts:
         proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, (path.name, proc.stderr)
@@ -45,17 +49,25 @@ def test_every_script_is_valid_bash():
 def test_every_command_parses_with_the_real_parsers(script):
     from torch.distributed.run import get_args_parser, parse_min_max_nnodes
 
-    argv, world = SCRIPTS[script]
+    name, argv, world, settings = SCRIPTS[script]
     parser = build_parser()
     steps, layouts = [], {}
-    for cmd in _commands(script, argv):
+    for cmd in _commands(name, argv, settings):
         if "torchrun" in cmd:  # srun ... torchrun ...: torchrun's parser, then llamapro's on what it runs
             run = get_args_parser().parse_args(cmd[cmd.index("torchrun") + 1:])
             assert run.module and run.training_script == "llamapro_megatron.cli", cmd
             nnodes = parse_min_max_nnodes(run.nnodes)[1]
             assert nnodes * int(run.nproc_per_node) == world, cmd
             assert nnodes == 1 or run.rdzv_endpoint or run.master_addr, cmd
+            assert nnodes == 1 or ("--rdzv-backend" in cmd) == (settings.get("RDZV", "c10d") == "c10d"), cmd
             llamapro = run.training_script_args
+        elif "llamapro_megatron.cli" in cmd:  # srun starts every rank: tasks per node x nodes is the world
+            assert cmd[0] == "srun", cmd
+            tasks = int(cmd[cmd.index("--ntasks-per-node") + 1]) * int(cmd[cmd.index("--nodes") + 1])
+            assert tasks == world and int(cmd[cmd.index("--cpus-per-task") + 1]) == 32 // 8, cmd
+            wrapper = cmd[cmd.index("-c") + 1]
+            assert all(f"{k}=$SLURM_" in wrapper for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")), wrapper
+            llamapro = cmd[cmd.index("llamapro_megatron.cli") + 1:]
         else:
             llamapro = cmd[cmd.index("llamapro") + 1:]
         args = parser.parse_args(llamapro)

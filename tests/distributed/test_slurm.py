@@ -1,0 +1,70 @@
+"""A real two-node SLURM cluster on this machine (tests/slurm_cluster.py): a batch job's srun steps run one task per
+node, squeue shows the job while it runs, sacct (--completion) shows it COMPLETED after, and nothing is left
+running. Twice, so that a second cluster in the same session proves ports and state do not leak."""
+from __future__ import annotations
+
+import pytest
+
+from tests.slurm_cluster import slurm_cluster
+
+JOB = """#!/usr/bin/env bash
+#SBATCH --job-name=smoke
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --output=smoke-%j.out
+set -euo pipefail
+srun bash -c 'echo task $SLURM_PROCID $SLURM_NODEID $SLURM_NTASKS $SLURMD_NODENAME'
+sleep 1  # long enough for squeue to see it RUNNING
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", [1, 2])
+def test_two_node_batch_job(tmp_path, round_):
+    with slurm_cluster(tmp_path, nodes=2) as cluster:
+        (tmp_path / "job.sh").write_text(JOB)
+        job = cluster.sbatch("job.sh", cwd=tmp_path)
+        seen = cluster.wait_job(job, timeout=30)
+        assert "RUNNING" in seen, seen
+        output = (tmp_path / f"smoke-{job}.out").read_text()
+        tasks = sorted(line.split()[1:] for line in output.splitlines() if line.startswith("task "))
+        assert tasks == [["0", "0", "2", "node1"], ["1", "1", "2", "node2"]], output
+        assert [row[1:] for row in cluster.sacct(job)] == [["smoke", "COMPLETED", "0:0", "2"]]
+    assert cluster.processes() == []
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(tmp_path_factory):
+    """Two nodes shaped like examples/launch/slurm.sbatch's header asks (32 CPUs, 8 GPUs each: allocation only), so
+    the script is submitted exactly as a user would, its header untouched."""
+    with slurm_cluster(tmp_path_factory.mktemp("gpu-cluster"), nodes=2, cpus_per_node=32, gpus_per_node=8) as cluster:
+        yield cluster
+    assert cluster.processes() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_slurm_sbatch_runs_the_workflow_on_two_nodes(launch_inputs, one_node_workflow, gpu_cluster, tmp_path,
+                                                     launcher):
+    """sbatch examples/launch/slurm.sbatch: convert, expand, plan, train (PP2: one stage per node) and export in one
+    two-node job, ranks started by torchrun inside the allocation or by srun itself; squeue shows it running, sacct
+    completed, its output names the checkpoint, and every tensor equals the single-node run's."""
+    from tests import cluster_workflow as cw
+
+    env, _ = launch_inputs
+    work = tmp_path / "work"
+    # one GPU's worth of ranks per node; node names do not resolve here: the first node is 127.0.0.1
+    job_env = {**env, "WORK": str(work), "LAUNCHER": launcher, "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(cw.free_port())}
+    job = gpu_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", str(cw.LAUNCH / "slurm.sbatch"),
+                             "convert", "expand", "plan", "train", "export", cwd=cw.ROOT, env=job_env)
+    seen = gpu_cluster.wait_job(job, timeout=600)
+    log = (tmp_path / f"llamapro-{job}.out").read_text()
+    assert "RUNNING" in seen, (seen, log[-3000:])
+    assert [row[1:] for row in gpu_cluster.sacct(job)] == [["llamapro", "COMPLETED", "0:0", "2"]], log[-6000:]
+    trained = work / "ckpt" / "pro-trained" / "iter_0000004"
+    assert f"trained checkpoint:   {trained} (the latest" in log, log[-3000:]
+    assert f"Hugging Face model:   {work / 'pro-hf'}" in log
+    assert "stage 1: trainable" in log and "x DP 1)" in log, log[-3000:]  # 2 ranks: one pipeline stage each
+    cw.assert_same_tensors(trained, one_node_workflow / "ckpt" / "pro-trained" / "iter_0000004", tmp_path)
+    cw.assert_same_export(work / "pro-hf", one_node_workflow / "pro-hf")
