@@ -55,6 +55,8 @@ def test_every_command_parses_with_the_real_parsers(script):
     for cmd in _commands(name, argv, settings):
         if "torchrun" in cmd:  # srun ... torchrun ...: torchrun's parser, then llamapro's on what it runs
             run = get_args_parser().parse_args(cmd[cmd.index("torchrun") + 1:])
+            if cmd[0] == "srun":  # one torchrun per node, whatever task count the job was submitted with
+                assert cmd[cmd.index("--ntasks") + 1] == cmd[cmd.index("--nodes") + 1] == run.nnodes, cmd
             assert run.module and run.training_script == "llamapro_megatron.cli", cmd
             nnodes = parse_min_max_nnodes(run.nnodes)[1]
             assert nnodes * int(run.nproc_per_node) == world, cmd
@@ -64,7 +66,8 @@ def test_every_command_parses_with_the_real_parsers(script):
         elif "llamapro_megatron.cli" in cmd:  # srun starts every rank: tasks per node x nodes is the world
             assert cmd[0] == "srun", cmd
             tasks = int(cmd[cmd.index("--ntasks-per-node") + 1]) * int(cmd[cmd.index("--nodes") + 1])
-            assert tasks == world and int(cmd[cmd.index("--cpus-per-task") + 1]) == 32 // 8, cmd
+            assert tasks == world == int(cmd[cmd.index("--ntasks") + 1]), cmd
+            assert int(cmd[cmd.index("--cpus-per-task") + 1]) == 32 // 8, cmd
             wrapper = cmd[cmd.index("-c") + 1]
             assert all(f"{k}=$SLURM_" in wrapper for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")), wrapper
             llamapro = cmd[cmd.index("llamapro_megatron.cli") + 1:]

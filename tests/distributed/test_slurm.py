@@ -4,6 +4,7 @@ running. Twice, so that a second cluster in the same session proves ports and st
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.slurm_cluster import slurm_cluster
 
@@ -68,3 +69,25 @@ def test_slurm_sbatch_runs_the_workflow_on_two_nodes(launch_inputs, one_node_wor
     assert "stage 1: trainable" in log and "x DP 1)" in log, log[-3000:]  # 2 ranks: one pipeline stage each
     cw.assert_same_tensors(trained, one_node_workflow / "ckpt" / "pro-trained" / "iter_0000004", tmp_path)
     cw.assert_same_export(work / "pro-hf", one_node_workflow / "pro-hf")
+
+
+@pytest.mark.slow
+def test_slurm_sbatch_srun_starts_every_rank_two_per_node(launch_inputs, one_node_workflow, gpu_cluster, tmp_path):
+    """LAUNCHER=srun with GPUS_PER_NODE=2: srun starts 4 ranks (2 per node, whatever task count the job's header
+    has) that rendezvous and convert the model at PP2 as the single-node run did, tensor for tensor."""
+    from tests import cluster_workflow as cw
+
+    env, _ = launch_inputs
+    work = tmp_path / "work"
+    job_env = {**env, "WORK": str(work), "LAUNCHER": "srun", "GPUS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(cw.free_port())}
+    job = gpu_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", str(cw.LAUNCH / "slurm.sbatch"), "convert",
+                             cwd=cw.ROOT, env=job_env)
+    gpu_cluster.wait_job(job, timeout=300)
+    log = (tmp_path / f"llamapro-{job}.out").read_text()
+    assert [row[1:] for row in gpu_cluster.sacct(job)] == [["llamapro", "COMPLETED", "0:0", "2"]], log[-6000:]
+    assert "+ srun --nodes 2 --ntasks 4 --ntasks-per-node 2 --cpus-per-task 16 " in log, log[-3000:]
+    ours = cw.checkpoint_tensors(work / "ckpt" / "base" / "release", tmp_path)
+    reference = cw.checkpoint_tensors(one_node_workflow / "ckpt" / "base" / "release", tmp_path)
+    assert set(ours) == set(reference) and len(ours) >= 9  # per-layer tensors stacked
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
