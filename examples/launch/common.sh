@@ -90,10 +90,11 @@ output_of() {  # where a step's result is, for the run's log
         convert) echo "base checkpoint:      $BASE" ;;
         expand) echo "expanded checkpoint:  $PRO" ;;
         preprocess) echo "datasets:             $DATA" ;;
-        train) local pointer=$TRAINED/latest_checkpointed_iteration.txt
-               if [ -f "$pointer" ] && [ "$(cat "$pointer")" -eq "$(cat "$pointer")" ] 2>/dev/null; then
+        train) local latest
+               latest=$(cat "$TRAINED/latest_checkpointed_iteration.txt" 2>/dev/null || true)
+               if [[ $latest =~ ^[0-9]+$ ]]; then
                    printf 'trained checkpoint:   %s/iter_%07d (the latest; training on resumes from it)\n' \
-                       "$TRAINED" "$(cat "$pointer")"
+                       "$TRAINED" "$latest"
                else
                    echo "trained checkpoint:   $TRAINED"
                fi ;;

@@ -18,7 +18,6 @@ either form goes through the checkpoint reader (``checkpoint/load.py``).
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import warnings
@@ -303,13 +302,15 @@ def resume_from_save(config: TrainConfig) -> TrainConfig:
     not its resumption: they do not apply then."""
     import dataclasses
 
+    from llamapro_megatron.runtime.launch import current_rank
+
     c = config.checkpointing
     if not c.save or c.ckpt_step is not None or not (Path(c.save) / LATEST_FILE).is_file():
         return config
     latest = resolve_checkpoint(c.save, flag="--save")
     if latest.name == RELEASE or (c.load and resolve_checkpoint(c.load).resolve() == latest.resolve()):
         return config
-    if int(os.environ.get("RANK", "0")) == 0:
+    if current_rank() == 0:
         print(f"resuming from {latest}, the latest checkpoint in --save (this run started from --load {c.load}); "
               "to start over instead, give a new --save directory", flush=True)
     resumed = dataclasses.replace(c, load=c.save, finetune=False, no_load_optim=False, no_load_rng=False)

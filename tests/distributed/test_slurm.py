@@ -43,6 +43,20 @@ def gpu_cluster(tmp_path_factory):
     assert cluster.processes() == []
 
 
+def _sbatch_slurm_script(cluster, tmp_path, job_env: dict[str, str], *steps: str,
+                         timeout: float = 600) -> tuple[list[str], str]:
+    """sbatch examples/launch/slurm.sbatch STEPS from the repository root, its output under tmp_path; once the job
+    has completed (sacct: COMPLETED 0:0 on 2 nodes), the states squeue showed and the job's output."""
+    from tests import cluster_workflow as cw
+
+    job = cluster.sbatch(f"--output={tmp_path}/%x-%j.out", str(cw.LAUNCH / "slurm.sbatch"), *steps, cwd=cw.ROOT,
+                         env=job_env)
+    seen = cluster.wait_job(job, timeout=timeout)
+    log = (tmp_path / f"llamapro-{job}.out").read_text()
+    assert [row[1:] for row in cluster.sacct(job)] == [["llamapro", "COMPLETED", "0:0", "2"]], log[-6000:]
+    return seen, log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])
 def test_slurm_sbatch_runs_the_workflow_on_two_nodes(launch_inputs, one_node_workflow, gpu_cluster, tmp_path,
@@ -57,12 +71,8 @@ def test_slurm_sbatch_runs_the_workflow_on_two_nodes(launch_inputs, one_node_wor
     # one GPU's worth of ranks per node; node names do not resolve here: the first node is 127.0.0.1
     job_env = {**env, "WORK": str(work), "LAUNCHER": launcher, "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(cw.free_port())}
-    job = gpu_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", str(cw.LAUNCH / "slurm.sbatch"),
-                             "convert", "expand", "plan", "train", "export", cwd=cw.ROOT, env=job_env)
-    seen = gpu_cluster.wait_job(job, timeout=600)
-    log = (tmp_path / f"llamapro-{job}.out").read_text()
+    seen, log = _sbatch_slurm_script(gpu_cluster, tmp_path, job_env, "convert", "expand", "plan", "train", "export")
     assert "RUNNING" in seen, (seen, log[-3000:])
-    assert [row[1:] for row in gpu_cluster.sacct(job)] == [["llamapro", "COMPLETED", "0:0", "2"]], log[-6000:]
     trained = work / "ckpt" / "pro-trained" / "iter_0000004"
     assert f"trained checkpoint:   {trained} (the latest" in log, log[-3000:]
     assert f"Hugging Face model:   {work / 'pro-hf'}" in log
@@ -81,11 +91,7 @@ def test_slurm_sbatch_srun_starts_every_rank_two_per_node(launch_inputs, one_nod
     work = tmp_path / "work"
     job_env = {**env, "WORK": str(work), "LAUNCHER": "srun", "GPUS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(cw.free_port())}
-    job = gpu_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", str(cw.LAUNCH / "slurm.sbatch"), "convert",
-                             cwd=cw.ROOT, env=job_env)
-    gpu_cluster.wait_job(job, timeout=300)
-    log = (tmp_path / f"llamapro-{job}.out").read_text()
-    assert [row[1:] for row in gpu_cluster.sacct(job)] == [["llamapro", "COMPLETED", "0:0", "2"]], log[-6000:]
+    _, log = _sbatch_slurm_script(gpu_cluster, tmp_path, job_env, "convert", timeout=300)
     assert "+ srun --nodes 2 --ntasks 4 --ntasks-per-node 2 --cpus-per-task 16 " in log, log[-3000:]
     ours = cw.checkpoint_tensors(work / "ckpt" / "base" / "release", tmp_path)
     reference = cw.checkpoint_tensors(one_node_workflow / "ckpt" / "base" / "release", tmp_path)
