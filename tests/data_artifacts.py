@@ -15,6 +15,7 @@ from llamapro_megatron import artifacts
 _FETCHERS = {
     "ggml-vocab-llama-spm.gguf": artifacts.llama_spm_vocab,
     "ggml-vocab-llama-bpe.gguf": artifacts.llama_bpe_vocab,
+    "ggml-vocab-qwen2.gguf": artifacts.qwen2_vocab,
     "llama3_tokenizer.json": artifacts.llama3_tokenizer_json,
     "tokenizer.model.v1": artifacts.mistral_tokenizer_model,
     "botchan.txt": artifacts.botchan,

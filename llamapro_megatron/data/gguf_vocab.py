@@ -1,8 +1,11 @@
-"""Rebuild a SentencePiece `tokenizer.model` from the vocabulary stored in a llama.cpp gguf file.
+"""Tokenizers from the vocabulary stored in a llama.cpp gguf file.
 
-llama.cpp's "llama" (SPM) vocabularies keep every piece, score and piece type of the original
-SentencePiece model, so the original model can be rebuilt exactly: a BPE model with byte fallback,
-the identity normaliser, a dummy-prefix space and no whitespace collapsing (LLaMA-1/2, Mistral).
+- "llama" (SPM) vocabularies keep every piece, score and piece type of the original SentencePiece model, so
+  the original model is rebuilt exactly: a BPE model with byte fallback, the identity normaliser, a dummy-prefix
+  space and no whitespace collapsing (LLaMA-1/2, Mistral).
+- "gpt2" (byte-level BPE) vocabularies keep the tokens, merges, special-token ids, chat template and the name of
+  the family's pre-tokenizer (`tokenizer.ggml.pre`: llama-bpe, qwen2, smollm, ...), which transformers' GGUF
+  converter turns into that family's `tokenizer.json` (Llama-3, Qwen2/2.5, SmolLM2).
 """
 
 from __future__ import annotations
@@ -17,6 +20,27 @@ def _field(reader, key: str):
     return None if field is None else field.contents()
 
 
+def vocabulary_model(gguf_path: str | Path) -> str | None:
+    """The gguf vocabulary's kind: ``tokenizer.ggml.model`` ("llama", "gpt2", ...; None without one)."""
+    import gguf
+
+    return _field(gguf.GGUFReader(str(gguf_path)), "tokenizer.ggml.model")
+
+
+def write_hf_tokenizer_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
+    """Write the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, the chat template) of a
+    byte-level BPE ("gpt2") gguf vocabulary into `out_dir`, through transformers' own GGUF converter."""
+    from transformers import AutoTokenizer
+
+    path = Path(gguf_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # an architecture or pre-tokenizer transformers' converter does not know
+        raise UserError(f"{path}: transformers cannot build a tokenizer from this gguf vocabulary ({e}); pass "
+                        "the model's tokenizer.json instead") from None
+    tokenizer.save_pretrained(str(out_dir))
+
+
 def sentencepiece_model_from_gguf(gguf_path: str | Path) -> bytes:
     """Return the serialized SentencePiece ModelProto equivalent to the gguf file's vocabulary."""
     import gguf
@@ -27,7 +51,7 @@ def sentencepiece_model_from_gguf(gguf_path: str | Path) -> bytes:
     if kind != "llama":
         raise UserError(
             f"{gguf_path}: tokenizer.ggml.model is {kind!r}, expected 'llama' (a SentencePiece vocabulary); "
-            "BPE vocabularies (gpt2) need their tokenizer.json instead"
+            "byte-level BPE vocabularies (gpt2) go through write_hf_tokenizer_from_gguf"
         )
     tokens = _field(reader, "tokenizer.ggml.tokens")
     scores = _field(reader, "tokenizer.ggml.scores")

@@ -297,8 +297,24 @@ def _find_in_directory(directory: Path) -> Path:
     )
 
 
+def _hf_backend(file: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        backend = HFTokenizer.from_file(str(file))
+    except Exception as e:
+        raise UserError(f"--tokenizer {file}: not a valid tokenizer.json ({e})") from None
+    # Documents are plain text: a literal "<|endoftext|>" in a corpus must not become the special token
+    # (SentencePiece never parses control tokens either). Chat templates use `encode_with_special_tokens`, which
+    # maps them explicitly.
+    backend.encode_special_tokens = True
+    return backend
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a Hugging Face directory, a SentencePiece model, a tokenizer.json or a llama gguf.
+    """Load a tokenizer from a Hugging Face directory, a SentencePiece model, a tokenizer.json or a llama.cpp gguf
+    vocabulary (SentencePiece "llama" ones rebuilt exactly; byte-level BPE "gpt2" ones, e.g. Llama-3 or Qwen2,
+    through transformers' GGUF converter).
 
     The kind is detected from the file's content. Special tokens and the chat template come from
     tokenizer_config.json next to the file when there is one.
@@ -310,27 +326,27 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     config = _read_config(file.parent)
     kind = detect_kind(file)
     if kind == "gguf":
-        from sentencepiece import SentencePieceProcessor
+        from llamapro_megatron.data import gguf_vocab
 
-        from llamapro_megatron.data.gguf_vocab import sentencepiece_model_from_gguf
+        if gguf_vocab.vocabulary_model(file) == "gpt2":  # byte-level BPE: its tokenizer.json, via transformers
+            import tempfile
 
-        backend = SentencePieceProcessor(model_proto=sentencepiece_model_from_gguf(file))
-        kind = SENTENCEPIECE
+            with tempfile.TemporaryDirectory() as tmp:
+                gguf_vocab.write_hf_tokenizer_from_gguf(file, tmp)
+                backend = _hf_backend(Path(tmp) / "tokenizer.json")
+                config = {**_read_config(Path(tmp)), **config}  # a tokenizer_config.json beside the gguf wins
+            kind = HUGGINGFACE
+        else:
+            from sentencepiece import SentencePieceProcessor
+
+            backend = SentencePieceProcessor(model_proto=gguf_vocab.sentencepiece_model_from_gguf(file))
+            kind = SENTENCEPIECE
     elif kind == SENTENCEPIECE:
         from sentencepiece import SentencePieceProcessor
 
         backend = SentencePieceProcessor(model_file=str(file))
     else:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            backend = HFTokenizer.from_file(str(file))
-        except Exception as e:
-            raise UserError(f"--tokenizer {file}: not a valid tokenizer.json ({e})") from None
-        # Documents are plain text: a literal "<|endoftext|>" in a corpus must not become the special
-        # token (SentencePiece never parses control tokens either). Chat templates use
-        # `encode_with_special_tokens`, which maps them explicitly.
-        backend.encode_special_tokens = True
+        backend = _hf_backend(file)
     tokenizer = Tokenizer(file, kind, backend, config)
     tokenizer._source = source
     return tokenizer

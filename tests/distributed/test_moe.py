@@ -8,7 +8,9 @@ shared variant tests (test_conversion.py, test_direct_convert.py, test_expansion
   blocks' routers and experts moved;
 - only the new blocks' routers add a load-balancing loss (TrainResult.moe_aux_losses names exactly those layers);
 - the parameter counts the trainer reports (each EP rank's experts added once) and `--dry-run` at EP 2 and at
-  ETP 2 equal transformers' count of the expanded model.
+  ETP 2 equal transformers' count of the expanded model;
+- at the same EP 2 with the distributed optimizer, a resume from a trainable-only save is bit-exact (loss, weights,
+  the experts' optimizer state), and `merge` of that save equals the full save.
 """
 from __future__ import annotations
 
@@ -91,3 +93,49 @@ def test_moe_new_blocks_train_with_expert_parallelism_and_resume_at_another_ep(t
     assert "mlp.gate.weight" in moved and "self_attn.q_norm.weight" in moved, sorted(moved)
     assert sum(r.endswith("down_proj.weight") for r in moved) >= 3, sorted(moved)  # of the 4 experts' (zeroed)
     assert sum(r.endswith("gate_proj.weight") for r in moved) >= 3, sorted(moved)
+
+
+def _same_ep_world(root: str) -> dict:
+    """At EP 2 with the distributed optimizer (each expert's state on the rank that holds it): a full save (F), a
+    trainable-only save every step (T), T resumed at step 2 (T2), and T merged (M)."""
+    from pathlib import Path
+
+    from llamapro_megatron.checkpoint.convert import hf_to_mcore
+    from llamapro_megatron.checkpoint.merge import merge_trainable
+    from llamapro_megatron.expansion import interleave
+    from llamapro_megatron.training.config import config_from_argv
+    from llamapro_megatron.training.trainer import train
+
+    r = Path(root)
+    hf_to_mcore(r / "hf", r / "pro", plan=interleave(4, 2), progress=False)
+    common = [*COMMON, "--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--seed", "7",
+              "--train-iters", "3", "--lr-decay-style", "constant"]  # constant: step 3 moves the weights too
+    out = {"F": train(config_from_argv([*common, "--load", str(r / "pro"), "--save", str(r / "F"),
+                                        "--save-interval", "3"])).losses,
+           "T": train(config_from_argv([*common, "--load", str(r / "pro"), "--save", str(r / "T"),
+                                        "--save-interval", "1", "--save-trainable-only"])).losses}
+    out["T2"] = train(config_from_argv([*common, "--load", str(r / "T"), "--ckpt-step", "2", "--save", str(r / "T2"),
+                                        "--save-interval", "3", "--save-trainable-only"])).losses
+    merge_trainable(None, r / "T", r / "M", progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_moe_resumes_bit_exactly_at_the_same_ep_with_the_distributed_optimizer_and_merges(tmp_path):
+    """EP 2 + distributed optimizer, trainable-only saves: the resume from step 2 gives step 3's loss and every saved
+    tensor (weights and the experts' optimizer state) bit for bit as the uninterrupted run; the merged trainable-only
+    save equals the full save's model tensors bit for bit."""
+    from tests.distributed.test_trainable_only import _assert_equal
+    from tests.distributed.test_training import _tensors as dcp_tensors
+
+    def model(tensors):  # an MoE save's optimizer is chained (chained_0. dense, chained_1. experts)
+        return {k: v for k, v in tensors.items() if ".optimizer." not in k and not k.startswith("optimizer")}
+
+    make_tiny_hf(tmp_path / "hf", "qwen3_moe")
+    out = run_workers(_same_ep_world, 2, args=(str(tmp_path),), timeout_s=600)[0]
+    assert out["F"] == out["T"] and sorted(out["T"]) == [1, 2, 3], out  # trainable-only saves change no step
+    assert out["T2"] == {3: out["T"][3]}, out
+    resumed, uninterrupted = dcp_tensors(tmp_path / "T2" / "iter_0000003"), dcp_tensors(tmp_path / "T" / "iter_0000003")
+    assert any("optimizer" in k and ".experts." in k for k in uninterrupted), sorted(uninterrupted)[:20]
+    _assert_equal(resumed, uninterrupted)
+    _assert_equal(model(dcp_tensors(tmp_path / "M" / "release")), model(dcp_tensors(tmp_path / "F" / "iter_0000003")))

@@ -1,4 +1,4 @@
-"""Tokenizers against llama.cpp's reference tokenizations of the real LLaMA and Llama-3 vocabularies.
+"""Tokenizers against llama.cpp's reference tokenizations of the real LLaMA, Llama-3 and Qwen2 vocabularies.
 
 llama.cpp's convert_hf_to_gguf_update.py writes the `.inp` file as `text + "\\n__ggml_vocab_test__\\n"` per
 case and the `.out` file as one line of ids per case, from the Hugging Face tokenizer's
@@ -46,7 +46,7 @@ def llama3():
 
 
 def test_reference_files_parse():
-    for vocab in ("llama-spm", "llama-bpe"):
+    for vocab in ("llama-spm", "llama-bpe", "qwen2"):
         cases = read_reference(vocab)
         assert len(cases) == 46  # llama.cpp's test list (the empty string and whitespace-only cases included)
         assert ("", []) in cases
@@ -76,6 +76,28 @@ def test_llama3_bpe_golden(llama3):
     assert llama3.batch_encode([t for t, _ in cases], num_threads=2) == [ids for _, ids in cases]
     for text, ids in cases:
         assert llama3.detokenize(ids) == text  # byte-level BPE round-trips exactly
+
+
+def test_qwen2_byte_level_bpe_gguf_golden():
+    """Qwen2/2.5's byte-level BPE gguf vocabulary loads as its tokenizer.json would: llama.cpp's reference ids for
+    every case, the gguf's special-token ids, vocabulary size and chat template."""
+    import gguf
+
+    vocab = "qwen2"
+    path = artifact(f"ggml-vocab-{vocab}.gguf")
+    tok = load_tokenizer(path)
+    reader = gguf.GGUFReader(str(path))
+    assert tok.kind == HUGGINGFACE and tok.vocab_size == len(reader.fields["tokenizer.ggml.tokens"].contents())
+    assert tok.eos == reader.fields["tokenizer.ggml.eos_token_id"].contents()
+    cases = read_reference(vocab)
+    mismatches = [(text, tok.tokenize(text), ids) for text, ids in cases if tok.tokenize(text) != ids]
+    assert not mismatches
+    assert tok.batch_encode([t for t, _ in cases], num_threads=2) == [ids for _, ids in cases]
+    for text, ids in cases:
+        assert tok.detokenize(ids) == text  # byte-level BPE round-trips exactly
+    assert tok.eos == tok.token_to_id("<|endoftext|>") == 151643
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat.startswith("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nhi"), chat
 
 
 def test_detect_by_content_and_config(tmp_path: Path):
