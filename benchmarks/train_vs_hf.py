@@ -55,7 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -75,6 +75,8 @@ class Side:
     first_loss: float
     peak_bytes: int | None = None  # CUDA only: torch.cuda.max_memory_allocated
     peak_rss: int = 0  # the side's own process (imports, model, optimizer, activations): ru_maxrss
+    losses: list[float] = field(default_factory=list)  # every step's, warm-up included
+    peak_reserved: int | None = None  # CUDA only: torch.cuda.max_memory_reserved (the allocator's pool)
 
     @property
     def median(self) -> float:
@@ -188,6 +190,7 @@ def run_llamapro(pro: Path, args) -> Side:
         argv.append("--no-rope-fusion")
     if args.cross_entropy_loss_fusion is not None:
         argv.append(f"--{'' if args.cross_entropy_loss_fusion else 'no-'}cross-entropy-loss-fusion")
+    argv += list(getattr(args, "extra_argv", ()))  # e.g. FP8 or recomputation flags (benchmarks/paper_scale.py)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cpu_at_step = []  # process CPU time when each step ends (on_step runs right after the step's timer)
@@ -203,7 +206,8 @@ def run_llamapro(pro: Path, args) -> Side:
     result = train(config_from_argv(argv), on_step=lambda step, loss: cpu_at_step.append(time.process_time()))
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     cpu = [b - a for a, b in zip(cpu_at_step, cpu_at_step[1:])][args.warmup - 1:] if args.warmup else []
-    return Side(result.seconds_per_step[args.warmup:], cpu, result.losses[1], peak)
+    return Side(result.seconds_per_step[args.warmup:], cpu, result.losses[1], peak,
+                losses=[result.losses[k] for k in sorted(result.losses)], peak_reserved=_reserved(args.device))
 
 
 def run_hf(pro_hf: Path, new_layers: tuple[int, ...], args) -> Side:
@@ -211,7 +215,14 @@ def run_hf(pro_hf: Path, new_layers: tuple[int, ...], args) -> Side:
 
     device = torch.device(args.device)
     weights = torch.bfloat16 if args.bf16 and args.hf_precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(pro_hf, dtype=weights, attn_implementation="sdpa").to(device)
+    if any(pro_hf.glob("*.safetensors")):
+        model = AutoModelForCausalLM.from_pretrained(pro_hf, dtype=weights, attn_implementation="sdpa").to(device)
+    else:  # a config only (benchmarks/paper_scale.py at 8.3B): the same architecture, initialised on the device
+        from transformers import AutoConfig
+
+        with device:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pro_hf), dtype=weights,
+                                                     attn_implementation="sdpa")
     model.config.use_cache = False
     model.train()
     model.requires_grad_(False)
@@ -225,7 +236,7 @@ def run_hf(pro_hf: Path, new_layers: tuple[int, ...], args) -> Side:
                 else contextlib.nullcontext())
     g = torch.Generator().manual_seed(1234)
     vocab = model.config.vocab_size
-    seconds, cpu_seconds, first_loss = [], [], None
+    seconds, cpu_seconds, losses = [], [], []
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup + args.steps):
@@ -242,10 +253,11 @@ def run_hf(pro_hf: Path, new_layers: tuple[int, ...], args) -> Side:
         _sync(args.device)
         seconds.append(time.perf_counter() - t0)
         cpu_seconds.append(time.process_time() - c0)
-        first_loss = value if first_loss is None else first_loss
+        losses.append(value)
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     del model, optimizer, trainable, groups
-    return Side(seconds[args.warmup:], cpu_seconds[args.warmup:], first_loss, peak)
+    return Side(seconds[args.warmup:], cpu_seconds[args.warmup:], losses[0], peak, losses=losses,
+                peak_reserved=_reserved(args.device))
 
 
 def _side_in_child(side: str, path: str, new_layers: tuple[int, ...], args) -> Side:
@@ -264,6 +276,10 @@ def run_side(side: str, path: Path, new_layers: tuple[int, ...], args) -> Side:
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_side_in_child, side, str(path), new_layers, args).result()
+
+
+def _reserved(device: str) -> int | None:
+    return torch.cuda.max_memory_reserved() if device == "cuda" else None
 
 
 def _sync(device: str) -> None:

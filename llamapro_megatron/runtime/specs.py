@@ -40,6 +40,28 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def require_fp8_support(recipe: str) -> None:
+    """Refuse an FP8 recipe this device cannot run, with Transformer Engine's own reason (e.g. "Device compute
+    capability 9.0 or higher required for FP8 execution.", "MXFP8 ... Blackwell")."""
+    if not (_cuda_available() and transformer_engine_available()):
+        raise UserError("--fp8-format needs a GPU with Transformer Engine installed (FP8 GEMMs are TE kernels)")
+    import transformer_engine.pytorch as te
+
+    checks = {"mxfp8": "is_mxfp8_available", "blockwise": "is_fp8_block_scaling_available"}
+    check = getattr(te, checks.get(recipe, "is_fp8_available"), None)
+    if check is None:  # Transformer Engine older than 2.8 names these fp8.check_*_support()
+        from transformer_engine.pytorch import fp8
+
+        old = {"mxfp8": "check_mxfp8_support", "blockwise": "check_fp8_block_scaling_support"}
+        ok, reason = getattr(fp8, old.get(recipe, "check_fp8_support"))()
+    else:
+        ok, reason = check(return_reason=True)
+    if not ok:
+        import torch
+
+        raise UserError(f"--fp8-recipe {recipe} cannot run on this GPU ({torch.cuda.get_device_name()}): {reason}")
+
+
 def _cuda_available() -> bool:
     import torch
 

@@ -83,11 +83,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------ state dicts
     def _state(self, is_loading: bool, with_optimizer: bool, with_rng: bool,
-               with_trained_weights: bool = False) -> dict[str, Any]:
+               with_trained_weights: bool = False, with_fp8_state: bool = False) -> dict[str, Any]:
         model_sd = {self._model_key(i): c.sharded_state_dict() for i, c in enumerate(self.chunks)}
-        for sd in model_sd.values():  # TE keeps FP8 metadata here; a local-spec checkpoint has none
+        for sd in model_sd.values():  # TE keeps its FP8 scaling state here; a local-spec checkpoint has none
             for key in [k for k in sd if k.endswith("_extra_state")]:
-                if is_loading:
+                if is_loading and not with_fp8_state:
                     del sd[key]
         state: dict[str, Any] = dict(model_sd)
         if with_optimizer:
@@ -175,8 +175,9 @@ class Checkpointer:
             _warn_rank0(f"{self.source} was written at {saved_layout}, this run is {_layout(self.config)}: RNG "
                         "states are not restored (they are per tensor/pipeline rank)")
         with_trained = with_optimizer and common.get("has_trained_weights", False) and self.needs_trained_weights()
+        with_fp8 = self._restores_fp8_state(resuming, common, same_layout)
         state = self._state(is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng,
-                            with_trained_weights=with_trained)
+                            with_trained_weights=with_trained, with_fp8_state=with_fp8)
         model_keys = [self._model_key(i) for i in range(len(self.chunks))]
         loaded = load(state, self.source, self.meta, model_keys=model_keys, strict=True)
         for i, chunk in enumerate(self.chunks):
@@ -196,11 +197,27 @@ class Checkpointer:
         return ResumeState(int(common["iteration"]), int(common["consumed_train_samples"]), with_optimizer,
                            self.source)
 
+    def _restores_fp8_state(self, resuming: bool, common: dict, same_layout: bool) -> bool:
+        """Whether to restore TE's FP8 scaling state (amax history, scales): when an FP8 run resumes an FP8 save
+        at the same layout. Otherwise the run starts from TE's initial scales, as a fresh FP8 run does, and the
+        first steps' scales differ from an uninterrupted run's (the weights and optimizer are restored all the
+        same): bf16 -> FP8, a changed TP/PP layout (the state is per rank), a trainable-only save (it stores the
+        trainable tensors only)."""
+        if not (resuming and self.config.model.fp8_format is not None and common.get("fp8_state", False)):
+            return False
+        if not same_layout:
+            _warn_rank0(f"{self.source} was written at {common.get('layout')}, this run is {_layout(self.config)}: "
+                        "TE's FP8 scaling state is per rank and is not restored (the scales start afresh)")
+        return same_layout
+
     def _copy_into_model(self, i: int, chunk, loaded: dict) -> None:
         tensors = chunk.state_dict(keep_vars=True)
         missing = [k for k in tensors if k not in loaded and not k.endswith("_extra_state")]
         if missing:
             raise UserError(f"{self.source} lacks {missing[:3]}... for this model; is it the same architecture?")
+        fp8_state = {k: loaded.pop(k) for k in [k for k in loaded if k.endswith("_extra_state")]}
+        if fp8_state:  # TE's modules read their own state (set_extra_state); nothing else is in this dict
+            chunk.load_state_dict(fp8_state, strict=False)
         with torch.no_grad():
             for name, value in loaded.items():
                 param = tensors[name]
@@ -274,6 +291,8 @@ class Checkpointer:
             "layout": _layout(self.config),
             "llamapro": {"expansion": self.meta.expansion, "dtype": self.meta.dtype},
             "train_config": self.config.to_dict(),
+            # TE's FP8 scaling state is in the save's model entries (trainable-only saves keep trainable tensors)
+            "fp8_state": self.config.model.fp8_format is not None and not self.config.checkpointing.save_trainable_only,
         }
 
     def _prune(self, root: Path, newest: int) -> None:

@@ -40,6 +40,10 @@ RECOMPUTE_METHODS = ("uniform", "block")
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 SFT_PACKING = ("packed", "padded")
 MOE_DISPATCHERS = ("allgather", "alltoall")
+FP8_FORMATS = ("e4m3", "hybrid")  # Megatron-LM's --fp8-format
+# Megatron-LM's --fp8-recipe names: delayed scaling, per-tensor current scaling, MX (Blackwell), 128-blocks
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_AMAX_ALGOS = ("most_recent", "max")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,6 +61,12 @@ class ModelSection:
     # routers that train only; the token dispatcher (None: alltoall on CUDA, allgather on CPU)
     moe_aux_loss_coeff: float | None = None
     moe_token_dispatcher_type: str | None = None
+    # FP8 GEMMs in the decoder layers (Transformer Engine, TE spec, a GPU with FP8); None: off. The others default,
+    # once fp8_format is set, to Megatron-LM's: delayed scaling, amax history 1, most recent amax.
+    fp8_format: str | None = None
+    fp8_recipe: str | None = None
+    fp8_amax_history_len: int | None = None
+    fp8_amax_compute_algo: str | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -182,6 +192,24 @@ _BOOL = dict(action="store_true")
 FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--spec": ("model", "spec", dict(choices=SPEC_KINDS, help=SPEC_HELP)),
     "--bf16": ("model", "bf16", dict(_BOOL, help="bf16 training with fp32 main params")),
+    "--fp8-format": ("model", "fp8_format",
+                     dict(choices=FP8_FORMATS,
+                          help="FP8 GEMMs in the decoder layers through Transformer Engine (needs --bf16, the te spec "
+                               "and a GPU with FP8: Hopper or newer): e4m3 everywhere, or hybrid (e4m3 forward, e5m2 "
+                               "gradients). Weights, optimizer state and checkpoints stay bf16/fp32; embeddings, "
+                               "output layer and attention stay bf16. Frozen blocks compute in FP8 too but never "
+                               "change")),
+    "--fp8-recipe": ("model", "fp8_recipe",
+                     dict(choices=FP8_RECIPES,
+                          help="with --fp8-format: how FP8 scales are chosen: delayed (from an amax history; the "
+                               "default), tensorwise (current per-tensor scaling), mxfp8 (Blackwell only), blockwise "
+                               "(128-element blocks)")),
+    "--fp8-amax-history-len": ("model", "fp8_amax_history_len",
+                               dict(type=int, help="with --fp8-recipe delayed: steps of amax history (default 1)")),
+    "--fp8-amax-compute-algo": ("model", "fp8_amax_compute_algo",
+                                dict(choices=FP8_AMAX_ALGOS,
+                                     help="with --fp8-recipe delayed: scale from the most recent amax (default) or "
+                                          "the history's max")),
     "--tensor-model-parallel-size": ("parallelism", "tensor_model_parallel_size", dict(type=int)),
     "--pipeline-model-parallel-size": ("parallelism", "pipeline_model_parallel_size", dict(type=int)),
     "--expert-model-parallel-size": ("parallelism", "expert_model_parallel_size",
@@ -424,6 +452,30 @@ def validate(config: TrainConfig, plan_only: bool = False) -> None:
                         f"{', '.join(MOE_DISPATCHERS)}")
     if m.moe_aux_loss_coeff is not None and m.moe_aux_loss_coeff < 0:
         raise UserError(f"--moe-aux-loss-coeff {m.moe_aux_loss_coeff}: must be 0 or more")
+    _validate_fp8(m)
+
+
+def _validate_fp8(m: ModelSection) -> None:
+    for flag, value, choices in (("--fp8-format", m.fp8_format, FP8_FORMATS),
+                                 ("--fp8-recipe", m.fp8_recipe, FP8_RECIPES),
+                                 ("--fp8-amax-compute-algo", m.fp8_amax_compute_algo, FP8_AMAX_ALGOS)):
+        if value is not None and value not in choices:
+            raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    given = [flag for flag, value in (("--fp8-recipe", m.fp8_recipe),
+                                      ("--fp8-amax-history-len", m.fp8_amax_history_len),
+                                      ("--fp8-amax-compute-algo", m.fp8_amax_compute_algo)) if value is not None]
+    if m.fp8_format is None:
+        if given:
+            raise UserError(f"{given[0]} configures FP8 training: it needs --fp8-format e4m3|hybrid")
+        return
+    if not m.bf16:
+        raise UserError(f"--fp8-format {m.fp8_format} runs FP8 GEMMs inside bf16 training: add --bf16")
+    if m.fp8_amax_history_len is not None and m.fp8_amax_history_len < 1:
+        raise UserError(f"--fp8-amax-history-len {m.fp8_amax_history_len}: must be at least 1")
+    recipe = m.fp8_recipe or "delayed"
+    if recipe != "delayed" and (m.fp8_amax_history_len is not None or m.fp8_amax_compute_algo is not None):
+        raise UserError(f"--fp8-amax-history-len/--fp8-amax-compute-algo set the delayed recipe's scales; "
+                        f"--fp8-recipe {recipe} computes them from the current tensor")
 
 
 def _validate_parallelism(p: ParallelismSection) -> None:

@@ -21,6 +21,7 @@ from llamapro_megatron.training.memory import (
     GIB,
     activation_bytes,
     describe_recompute,
+    fp8_weight_bytes,
     setting,
     state_bytes,
     virtual_stages,
@@ -83,7 +84,9 @@ class Plan:
                   else f"each expert split over {p.expert_tensor_parallel_size} ranks") + ")"
                if p.expert_tensor_parallel_size is not None else "")
             + f"; {'distributed' if p.use_distributed_optimizer else 'plain'} optimizer; "
-            f"{'bf16 with fp32 main params' if c.model.bf16 else 'fp32'}",
+            f"{'bf16 with fp32 main params' if c.model.bf16 else 'fp32'}"
+            + (f", FP8 GEMMs ({c.model.fp8_format}, {c.model.fp8_recipe or 'delayed'} scaling)"
+               if c.model.fp8_format else ""),
             f"batch: global {self.global_batch_size} = micro {c.schedule.micro_batch_size} x "
             f"{self.num_microbatches} micro batches x DP {self.dp}; sequence {c.schedule.seq_length}; attention "
             f"{self.attention}; recompute {self.recompute}",
@@ -204,6 +207,8 @@ def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None
     # same, and the activation estimate accounts for it)
     kind = config.model.spec if config.model.spec in ("local", "sdpa") else "te"
     overrides = {**transformer_overrides(config, meta.arch, kind), "sequence_parallel": False}
+    for key in [k for k in overrides if k.startswith("fp8")]:  # the local spec has no FP8 (same parameters)
+        del overrides[key]
     chunks = [build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),
                               tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, vpp=vpp,
                               ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size, spec="local",
@@ -264,7 +269,9 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
                                        if t.requires_grad and ".mlp.experts." in n)
                 layers = [global_layer_index(layer) for c in chunks for layer in decoder_layers(c)]
                 activations = activation_bytes(chunks, meta, config, pp_rank, microbatches, flash, granularity)
+                fp8_copies = fp8_weight_bytes(chunks, config)
             weights, grads, opt = state_bytes(params, trainable, config, dp, expert_trainable, expert_dp)
+            weights += fp8_copies
             plan.ranks.append(RankPlan(pp_rank, tp_rank, [tp_rank + tp * d + tp * dp * pp_rank for d in range(dp)],
                                        sorted(layers), params, trainable, weights, grads, opt, activations))
     return plan

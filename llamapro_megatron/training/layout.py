@@ -97,6 +97,7 @@ def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) 
         "cross_entropy_fusion_impl": "native",
     }
     overrides.update(moe_overrides(config, arch))
+    overrides.update(fp8_overrides(config, spec_kind))
     if p.virtual_pipeline_model_parallel_size:
         # Megatron-LM's interleaved defaults. They also keep the two directions apart: with batched p2p at PP 2
         # both neighbours are the same rank, and gloo pairs an activation send with a gradient receive (same
@@ -132,4 +133,21 @@ def moe_overrides(config: TrainConfig, arch: LlamaArch) -> dict[str, Any]:
                                                         else arch.router_aux_loss_coef or 0.0)}
     if m.moe_token_dispatcher_type is not None:
         overrides["moe_token_dispatcher_type"] = m.moe_token_dispatcher_type
+    return overrides
+
+
+def fp8_overrides(config: TrainConfig, spec_kind: str) -> dict[str, Any]:
+    """TransformerConfig's FP8 fields (megatron-core then runs each TE layer under TE's FP8 autocast,
+    `transformer_block.py`); the device's support is checked where the model is built (`model.py`)."""
+    m = config.model
+    if m.fp8_format is None:
+        return {}
+    if spec_kind != "te":
+        raise UserError(f"--fp8-format {m.fp8_format} runs FP8 GEMMs through Transformer Engine: it needs the te "
+                        f"spec (a GPU with Transformer Engine installed), not the {spec_kind} spec")
+    overrides: dict[str, Any] = {"fp8": m.fp8_format, "fp8_recipe": m.fp8_recipe or "delayed"}
+    if m.fp8_amax_history_len is not None:
+        overrides["fp8_amax_history_len"] = m.fp8_amax_history_len
+    if m.fp8_amax_compute_algo is not None:
+        overrides["fp8_amax_compute_algo"] = m.fp8_amax_compute_algo
     return overrides

@@ -1,26 +1,40 @@
 """The dry-run planner's memory estimate per GPU: what `llamapro train --dry-run` prints beside the counts.
 
 Memory per GPU, in bytes (P = this rank's parameters, T = its trainable ones, d = data-parallel size):
-- weights: P x 2 (bf16) or 4 (fp32).
+- weights: P x 2 (bf16) or 4 (fp32); with FP8, plus TE's FP8 copies of the decoder's GEMM weights (below).
 - gradients: T x 4 (megatron-core DDP reduces into fp32 gradient buffers; frozen parameters have none).
 - optimizer: T x (8 Adam moments + 4 fp32 main params under bf16), divided by d with the distributed optimizer
   (experts split over EP ranks: by d / EP, their data-parallel ranks).
 - activations: per layer and micro batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-  Transformer Models", eq. 2 and sec. 4) redone for LLaMA blocks (RMSNorm, GQA, SwiGLU, no dropout), with
-  s = sequence, b = micro batch, h = hidden, q = heads x head dim, k = KV groups x head dim, f = FFN size,
-  a = heads, t = TP, e = 2 (bf16) or 4 (fp32) bytes:
-      s*b*e*(4h + (2q + 2k + 3f)/t)    norm inputs and outputs (4h), Q and attention output (2q), K and V (2k),
-                                        SwiGLU's gate and up (2f) and its output (f)
+  Transformer Models", eq. 2 and sec. 4) redone for LLaMA blocks (RMSNorm, GQA, SwiGLU, no dropout) and for frozen
+  blocks, with s = sequence, b = micro batch, h = hidden, q = heads x head dim, k = KV groups x head dim,
+  f = FFN size, a = heads, t = TP, e = 2 (bf16) or 4 (fp32) bytes:
+      s*b*e*(2h + (2q + 2k + 2f)/t)     what every layer that gradients pass through keeps: the norms' inputs (2h),
+                                        Q and the attention output, K and V (flash attention's backward reads them),
+                                        SwiGLU's gate and up
+    + s*b*g*(2h + f/t)                  the GEMMs' inputs for their weight gradients, only in a layer that trains:
+                                        both norm outputs (2h) and SwiGLU's output (f); g = e, or 1 with FP8 (TE keeps
+                                        an FP8 GEMM's input in FP8). A frozen layer keeps none: TE saves a GEMM's
+                                        input only when its weight requires grad (`linear.py`,
+                                        `layernorm_linear.py`), as torch's autograd does for the local spec
     + e*a*s*s*b/t                       the attention probabilities, only with the unfused attention of the local
                                         spec (flash attention in TE / SDPA keeps none), and not with selective
                                         recomputation (it recomputes exactly that)
-  With sequence parallelism the 4h term is divided by t too. With full recomputation a layer keeps only its
-  input, s*b*h*e, plus the working set of one recomputed group of layers once. A layer keeps nothing when no
-  gradient flows through it: below the first trainable block of the first stage when the embedding is frozen.
-  An MoE layer: f is top-k x the experts' FFN size (dropless routing), plus the router's probabilities (E per token).
+  With sequence parallelism the 2h terms are divided by t too. With full recomputation a layer keeps only its
+  input, s*b*h*e, plus the working set of one recomputed group of layers once; every layer keeps its input then
+  (the trainer makes the decoder's input require grad). A layer keeps nothing when no gradient flows through it:
+  below the first trainable block of the first stage when the embedding is frozen. An MoE layer: f is top-k x the
+  experts' FFN size (dropless routing), plus the router's probabilities (E per token).
   Micro batches in flight (1F1B): min(pp - stage, micro batches) per stage; interleaved (VPP): megatron-core's
   warm-up count + 1 of model chunks. The last stage adds the logits and loss of one micro batch:
-  s*b*V/t x (e + 4 + 4) (logits, their fp32 copy, the fp32 softmax the cross entropy keeps).
+  s*b*V/t x (e + 4 + 4) (the fused cross-entropy's softmax in e bytes and its fp32 gradient with the e-byte copy
+  the output layer reads; megatron-core's unfused fp32 ops keep ~2 bytes less per logit).
+- FP8 (--fp8-format): TE's row- and column-wise FP8 copies of every decoder GEMM weight on the rank, 2 bytes per
+  element (its weight cache, kept across micro batches), counted with the weights. From TE 2.20's source, not yet
+  checked on a device (tests/gpu/test_planner_memory.py does).
+Checked on an H200 (BENCHMARKS.md): the ~1B LLaMA Pro of benchmarks/train_vs_hf.py (16 -> 20 blocks, micro batch 4
+x 4096, bf16, TE spec) peaked at 20.6 GiB (fused cross-entropy) and 18.7 GiB (unfused); planned 20.3 GiB (23.9
+before frozen blocks were counted apart).
 Not counted: the CUDA context and NCCL buffers (~1-3 GiB), allocator fragmentation, temporary buffers.
 The per-layer term is what Transformer Engine's fused layers keep (the GPU spec). The local spec (CPU) keeps more:
 torch's RMSNorm and softmax save fp32 copies and GQA's K and V are saved expanded; measured with saved-tensor hooks
@@ -74,20 +88,36 @@ def describe_recompute(config: TrainConfig, granularity: str | None) -> str:
             f"{setting(config, 'recompute_num_layers') or 1} layer(s)")
 
 
-def layer_activation_bytes(meta: CheckpointMeta, config: TrainConfig, flash: bool, granularity: str | None) -> int:
-    """Bytes one decoder layer keeps for backward per micro batch (the module docstring's formula)."""
+def layer_activation_bytes(meta: CheckpointMeta, config: TrainConfig, flash: bool, granularity: str | None,
+                           trainable: bool = True) -> int:
+    """Bytes one decoder layer keeps for backward per micro batch (the module docstring's formula); ``trainable``:
+    whether its weights train (a frozen layer that gradients pass through keeps no GEMM inputs)."""
     a, s = meta.arch, config.schedule
     t = config.parallelism.tensor_model_parallel_size
     e = 2 if config.model.bf16 else 4
-    sbe = s.seq_length * s.micro_batch_size * e
-    replicated = 4 * a.hidden_size / (t if setting(config, "sequence_parallel") else 1)
+    gemm_input = 1 if config.model.fp8_format else e  # TE keeps an FP8 GEMM's input in FP8 for its wgrad
+    sp = t if setting(config, "sequence_parallel") else 1
     q, k = a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
-    # an MoE layer keeps each token's top-k experts' activations (dropless), plus its routing probabilities
-    ffn = a.expert_ffn_size * (a.moe_topk or 1) + (a.num_experts if a.is_moe else 0)
-    per_token = replicated + (2 * q + 2 * k + 3 * ffn) / t
+    ffn = a.expert_ffn_size * (a.moe_topk or 1)  # dropless MoE: each token's top-k experts
+    router = a.num_experts if a.is_moe else 0
+    per_token = e * (2 * a.hidden_size / sp + (2 * q + 2 * k + 2 * ffn + router) / t)
+    if trainable:  # the GEMMs' inputs, for their weight gradients: both norm outputs, SwiGLU's output
+        per_token += gemm_input * (2 * a.hidden_size / sp + ffn / t)
     scores = 0 if flash or granularity == "selective" else e * a.num_attention_heads * s.seq_length ** 2 * \
         s.micro_batch_size / t
-    return int(sbe * per_token + scores)
+    return int(s.seq_length * s.micro_batch_size * per_token + scores)
+
+
+def fp8_weight_bytes(chunks, config: TrainConfig) -> int:
+    """FP8 copies of the decoder's GEMM weights (TE 2.x): each weight cast to FP8 row-wise for the forward and
+    column-wise (transposed) for the input gradient, one byte per element each, kept from the forward to the
+    backward of every layer on the rank (frozen ones too: their input gradients need them)."""
+    from llamapro_megatron.training.freeze import decoder_layers
+
+    if not config.model.fp8_format:
+        return 0
+    return 2 * sum(p.numel() for chunk in chunks for layer in decoder_layers(chunk)
+                   for name, p in layer.named_parameters() if p.ndim == 2 and "router" not in name)
 
 
 def activation_bytes(chunks, meta: CheckpointMeta, config: TrainConfig, pp_rank: int, microbatches: int,
@@ -98,6 +128,7 @@ def activation_bytes(chunks, meta: CheckpointMeta, config: TrainConfig, pp_rank:
     pp, vpp = p.pipeline_model_parallel_size, virtual_stages(config)
     e = 2 if config.model.bf16 else 4
     full_layer = layer_activation_bytes(meta, config, flash, granularity)
+    frozen_layer = layer_activation_bytes(meta, config, flash, granularity, trainable=False)
     layer_input = s.seq_length * s.micro_batch_size * meta.arch.hidden_size * e
     if setting(config, "sequence_parallel"):
         layer_input //= p.tensor_model_parallel_size
@@ -107,11 +138,14 @@ def activation_bytes(chunks, meta: CheckpointMeta, config: TrainConfig, pp_rank:
     for chunk in chunks:
         # A layer keeps activations when a gradient flows through it: its chunk's input requires grad (a later
         # stage: megatron-core's received tensors do; or a trainable embedding), or it is at or above a trainable one.
+        # Full recomputation makes the decoder's input require grad (training/model.py): every layer keeps its input.
         embedding = dict(chunk.named_parameters()).get(EMBEDDING)
-        flowing = not chunk.pre_process or (embedding is not None and embedding.requires_grad)
+        flowing = (not chunk.pre_process or (embedding is not None and embedding.requires_grad)
+                   or granularity == "full")
         stored = 0
         for i, layer in enumerate(decoder_layers(chunk)):
-            flowing = flowing or any(t.requires_grad for t in layer.parameters())
+            trains = any(t.requires_grad for t in layer.parameters())
+            flowing = flowing or trains
             if not flowing:
                 continue
             if granularity == "full" and method == "uniform":  # groups of `group` layers keep their input
@@ -121,7 +155,7 @@ def activation_bytes(chunks, meta: CheckpointMeta, config: TrainConfig, pp_rank:
                 stored += layer_input
                 working_set = max(working_set, full_layer)
             else:
-                stored += full_layer
+                stored += full_layer if trains else frozen_layer
         per_chunk.append(stored)
     if pp == 1:
         in_flight = 1  # forward and backward of one micro batch at a time

@@ -35,6 +35,10 @@ def build_model_chunks(meta: CheckpointMeta, config: TrainConfig) -> list[torch.
                         f"checkpoint's padded vocabulary {meta.padded_vocab_size}; reconvert with that --tp")
     kind = resolve_spec_kind(config.model.spec)
     overrides = transformer_overrides(config, meta.arch, kind)
+    if config.model.fp8_format is not None:
+        from llamapro_megatron.runtime.specs import require_fp8_support
+
+        require_fp8_support(overrides["fp8_recipe"])
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chunks = []
     for vp_stage in range(vpp or 1):

@@ -112,12 +112,57 @@ def test_memory_figures_follow_the_stated_formulas(tmp_path):
         assert r.weights == 2 * r.parameters and r.gradients == 4 * r.trainable
         assert r.optimizer == 12 * r.trainable and s.optimizer == -(-12 * r.trainable // 2)
     # Stage 0 holds frozen layers 0-1 below the first new one (2): no gradient flows there, nothing is kept; it has
-    # 2 micro batches in flight (1F1B warm-up), stage 1 one, plus the logits (bf16 + fp32 copy + fp32 softmax).
+    # 2 micro batches in flight (1F1B warm-up), stage 1 one: frozen layers 3-4 (no GEMM inputs), new layer 5, plus
+    # the logits (bf16 softmax, its fp32 gradient and the bf16 copy).
     layer = layer_activation_bytes(plain.meta, plain.config, flash=True, granularity=None)
+    frozen = layer_activation_bytes(plain.meta, plain.config, flash=True, granularity=None, trainable=False)
     assert layer == 64 * 2 * (4 * 64 + (2 * 64 + 2 * 32 + 3 * 96) // 2)
+    assert frozen == 64 * 2 * (2 * 64 + (2 * 64 + 2 * 32 + 2 * 96) // 2)
     assert plain.ranks[0].layers == [0, 1, 2] and plain.ranks[0].activations == 2 * layer
     logits = 64 * (plain.meta.padded_vocab_size // 2) * (2 + 4 + 4)
-    assert plain.ranks[-1].layers == [3, 4, 5] and plain.ranks[-1].activations == 3 * layer + logits
+    assert plain.ranks[-1].layers == [3, 4, 5] and plain.ranks[-1].activations == 2 * frozen + layer + logits
+    # FP8: GEMM inputs in one byte, plus the row- and column-wise FP8 copies of the rank's decoder GEMM weights
+    fp8 = dry_run(load_config(None, {**base, "model.fp8_format": "hybrid"}, plan_only=True), 8, str(hf), 2)
+    gemm_weights = 3 * (64 * 128 + 64 * 64 + 2 * 96 * 64 + 64 * 96) // 2  # 3 layers, each qkv, proj, fc1, fc2 / TP
+    fp8_layer = 64 * (2 * (2 * 64 + (2 * 64 + 2 * 32 + 2 * 96) // 2) + (2 * 64 + 96 // 2))
+    assert fp8.ranks[-1].activations == 2 * frozen + fp8_layer + logits
+    assert fp8.ranks[-1].weights == plain.ranks[-1].weights + 2 * gemm_weights
+
+
+def test_a_frozen_layer_keeps_less_than_its_trainable_twin_by_the_gemm_inputs():
+    """The planner's frozen-layer rule against torch's own autograd (the sdpa spec, CPU): a layer whose weights do
+    not train, with a gradient flowing through it, saves at least its GEMMs' inputs (both norm outputs and
+    SwiGLU's output, s*b*(2h + f) values) less for backward than the same layer training."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from llamapro_megatron.runtime import destroy_distributed, gpt_layer_spec, init_distributed
+
+    h, f, s, b = 64, 96, 32, 2
+    init_distributed(tp=1, pp=1)
+    try:
+        config = TransformerConfig(num_layers=1, hidden_size=h, ffn_hidden_size=f, num_attention_heads=4,
+                                   num_query_groups=2, normalization="RMSNorm", gated_linear_unit=True,
+                                   activation_func=torch.nn.functional.silu, add_bias_linear=False,
+                                   hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False)
+        model = GPTModel(config=config, transformer_layer_spec=gpt_layer_spec("sdpa"), vocab_size=128,
+                         max_sequence_length=64, position_embedding_type="rope")
+        layer, kept = model.decoder.layers[0], {}
+        for trains in (True, False):
+            layer.requires_grad_(trains)
+            saved = {}
+
+            def pack(t, saved=saved):
+                saved[t.data_ptr()] = t.numel() * t.element_size()
+                return t
+
+            x = torch.randn(s, b, h, requires_grad=True)  # the gradient flows through either way
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                layer(x, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(s))
+            kept[trains] = sum(saved.values())
+    finally:
+        destroy_distributed()
+    assert kept[True] - kept[False] >= s * b * (2 * h + f) * 4, kept
 
 
 @pytest.mark.parametrize("argv, message", [
