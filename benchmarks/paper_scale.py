@@ -18,9 +18,12 @@ work does not depend on them). The ~1B shape of train_vs_hf.py (16 -> 20 blocks)
 
 Runs, in order of importance, each in a fresh spawned process (`train_vs_hf.run_side`: its own CUDA peak, no
 shared allocator); one that the time left cannot hold is recorded as skipped, so what runs first is what matters:
-  8.3B llamapro bf16 (TE spec), FP8 hybrid/delayed, HF transformers + AdamW (fp32 weights, bf16 autocast), then the
-  planner's configurations (full recomputation; the 1B shape), FP8 with current (tensorwise) scaling, and second
-  repeats of the bf16 and FP8 runs. Every run writes one line to OUT/results.jsonl as it ends; OUT/summary.md holds
+  8.3B llamapro bf16 (TE spec), FP8 hybrid/delayed, HF transformers + AdamW (fp32 weights, bf16 autocast), bf16 with
+  full recomputation; then the --pytest GPU tests (FP8 checkpoints, the planner; at most 150 s), the planner's other
+  configurations (the 1B shape, FP8 with recomputation), FP8 with current (tensorwise) scaling, and second repeats
+  of the bf16 and FP8 runs. MFU is against the bf16 dense peak (989 TFLOP/s on an H100/H200) for the FP8 runs
+  too (FP8's dense peak is twice that), so FP8 / bf16 MFU is their speed ratio. Every run writes one line to
+  OUT/results.jsonl as it ends; OUT/summary.md holds
   the tables. Tokens are seeded random (`--mock-data`), the same batches for every llamapro run, so the FP8 run's
   losses are compared step by step with the bf16 run's.
 """

@@ -3,6 +3,8 @@ names): what reaches megatron-core's TransformerConfig, the refusals that need n
 On a GPU with Transformer Engine, tests/gpu/test_fp8.py trains with them."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llamapro_megatron.arch import LlamaArch
@@ -82,7 +84,8 @@ def test_dry_run_plans_fp8_with_the_same_parameters(capsys):
     """The planner builds the model without FP8 (meta device, local spec): the same parameters; it says FP8."""
     from llamapro_megatron.cli import main
 
-    argv = ["train", "--dry-run", "--hf-config", "examples/models/llama2_7b.json", "--groups", "8", "--bf16",
+    config_json = Path(__file__).resolve().parents[2] / "examples" / "models" / "llama2_7b.json"
+    argv = ["train", "--dry-run", "--hf-config", str(config_json), "--groups", "8", "--bf16",
             "--world-size", "1", "--micro-batch-size", "1", "--seq-length", "4096"]
     assert main(argv) == 0
     plain = capsys.readouterr().out
