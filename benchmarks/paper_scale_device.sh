@@ -1,17 +1,9 @@
 #!/usr/bin/env bash
 # benchmarks/paper_scale.py on the workplace's lent GPU machine, in one device call (BENCHMARKS.md, "Paper scale on
 # one H200"). That machine has Python 3.12, CUDA torch and transformers, but neither megatron-core nor Transformer
-# Engine, and no network; from the repository root here, once:
+# Engine, and no network; from the repository root here, once (~1 min; the folders are git-ignored):
 #
-#   echo /.whl/ >> .git/info/exclude; echo /.whl16/ >> .git/info/exclude; echo /.te/ >> .git/info/exclude
-#   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
-#      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-#   python3 -m pip download $P -d .whl megatron-core==0.19.2 transformer_engine==2.20.2 pydantic==2.14.4 \
-#       pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions nvdlfw-inspect
-#   python3 -m pip download $P -d .whl16 megatron-core==0.16.1          # used only if 0.19.2 does not import there
-#   python3 -m pip download $P -d /tmp/te transformer_engine_cu13==2.20.2   # 276 MB: over a call's 64 MiB
-#   python3 benchmarks/te_sm90.py /tmp/te/transformer_engine_cu13-2.20.2-*.whl .te/te_core_sm90.tar.xz  # 27 MB
-#   curl -o .te/transformer_engine_torch-2.20.2.tar.gz <PyPI's sdist URL of transformer_engine_torch 2.20.2>
+#   bash benchmarks/paper_scale_carry.sh     # .whl (megatron-core 0.19.2, TE's Python parts), .whl16, .te
 #
 # then the device tool's run with carry [".whl", ".whl16", ".te"] and the command
 #   bash benchmarks/paper_scale_device.sh "$OUT" 590
