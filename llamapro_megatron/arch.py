@@ -67,14 +67,27 @@ def torch_dtype(name: str):
     return getattr(torch, canonical_dtype(name))
 
 
+ROPE_TYPES = ("llama3", "linear")  # besides "default" (no scaling)
+
+
 @dataclass(frozen=True)
-class Llama3RopeScaling:
-    """Llama-3.1 frequency-dependent RoPE scaling, carried exactly (megatron-core hard-codes 1 / 4 / 8192)."""
+class RopeScaling:
+    """RoPE scaling, carried exactly: Llama-3.1's frequency-dependent one (``llama3``; megatron-core hard-codes
+    1 / 4 / 8192), or position interpolation (``linear``: every frequency divided by ``factor``, as transformers'
+    "linear" rope type). A checkpoint's record without ``rope_type`` is llama3 (the only kind before linear)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float | None = None  # llama3 only, as the next two
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    rope_type: str = "llama3"
+
+    def to_hf(self) -> dict[str, Any]:
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
+        return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings}
 
 
 def layout_world_size(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
@@ -97,7 +110,7 @@ class LlamaArch:
     rms_norm_eps: float
     rope_theta: float
     tie_word_embeddings: bool
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # recorded (Mistral); the trainer refuses sequences it cannot window
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -219,7 +232,7 @@ class LlamaArch:
             raise UserError(f"architecture {d.get('architecture')!r} is not a LLaMA-family model; supported: "
                             f"{sorted(SUPPORTED_ARCHITECTURES)}")
         if d.get("rope_scaling"):
-            d["rope_scaling"] = Llama3RopeScaling(**d["rope_scaling"])
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
 
     def replace(self, **changes) -> LlamaArch:
@@ -228,9 +241,7 @@ class LlamaArch:
     def to_hf_config(self, dtype: str | None = None) -> dict[str, Any]:
         """A config.json that transformers (4.45+ and 5.x) reads back to this architecture."""
         model_type = SUPPORTED_ARCHITECTURES[self.architecture]
-        rope_scaling = None
-        if self.rope_scaling is not None:
-            rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        rope_scaling = None if self.rope_scaling is None else self.rope_scaling.to_hf()
         config = {
             "architectures": [self.architecture],
             "model_type": model_type,
@@ -425,6 +436,8 @@ class LlamaArch:
         s = self.rope_scaling
         if s is None:
             return inv_freq
+        if s.rope_type == "linear":
+            return inv_freq / s.factor
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
         high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -463,7 +476,7 @@ def _read_moe(config: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
                 router_aux_loss_coef=None if coef is None else float(coef))
 
 
-def _read_rope(config: dict[str, Any], source: str) -> tuple[float, Llama3RopeScaling | None]:
+def _read_rope(config: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
     """theta and scaling from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5)."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
@@ -473,10 +486,15 @@ def _read_rope(config: dict[str, Any], source: str) -> tuple[float, Llama3RopeSc
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if rope_type == "default":
         return theta, None
-    if rope_type != "llama3":
-        raise UserError(f"{source}: rope type {rope_type!r} is not supported; supported: 'default' and 'llama3'")
+    if rope_type not in ROPE_TYPES:
+        raise UserError(f"{source}: rope type {rope_type!r} is not supported; supported: 'default', 'linear' and "
+                        "'llama3'")
+    if rope_type == "linear":
+        if not float(scaling.get("factor") or 0) > 0:
+            raise UserError(f"{source}: linear rope scaling needs a positive 'factor' (got {scaling.get('factor')!r})")
+        return theta, RopeScaling(factor=float(scaling["factor"]), rope_type="linear")
     try:
-        return theta, Llama3RopeScaling(
+        return theta, RopeScaling(
             factor=float(scaling["factor"]),
             low_freq_factor=float(scaling["low_freq_factor"]),
             high_freq_factor=float(scaling["high_freq_factor"]),

@@ -22,6 +22,11 @@ VARIANTS = {
                     max_position_embeddings=256, rope_theta=500000.0,
                     rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0,
                                   "high_freq_factor": 8.0, "original_max_position_embeddings": 16}),
+    # linear rope scaling (position interpolation, transformers' "linear"): every frequency divided by the factor
+    "linear_rope": dict(kind="llama", vocab_size=180, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                        max_position_embeddings=256, rope_theta=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 4.0}),
     # Mistral: a sliding window shorter than the tests' sequences, so logits match only if it is applied
     "mistral": dict(kind="mistral", vocab_size=130, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=8,

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any
 
-from llamapro_megatron.arch import DTYPES, SUPPORTED_ARCHITECTURES
+from llamapro_megatron.arch import DTYPES, ROPE_TYPES, SUPPORTED_ARCHITECTURES
 from llamapro_megatron.errors import UserError
 
 FORMAT = "llamapro-megatron"
@@ -133,9 +133,17 @@ def _check_arch(a: dict) -> None:
                                             f"{a['num_attention_heads']}")
     if a.get("dtype", "float32") not in DTYPES.values():
         raise _Bad("arch.dtype", f"{a['dtype']!r} is not one of {sorted(set(DTYPES.values()))}")
-    if a.get("rope_scaling") is not None:
-        _positive(a["rope_scaling"], ("factor", "low_freq_factor", "high_freq_factor",
-                                      "original_max_position_embeddings"), "arch.rope_scaling")
+    scaling = a.get("rope_scaling")
+    if scaling is not None:
+        _positive(scaling, ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                  "arch.rope_scaling")
+        kind = scaling.get("rope_type", "llama3")
+        if kind not in ROPE_TYPES:
+            raise _Bad("arch.rope_scaling.rope_type", f"{kind!r} is not one of {', '.join(ROPE_TYPES)}")
+        missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if kind == "llama3" and scaling.get(k) is None]
+        if missing:
+            raise _Bad(f"arch.rope_scaling.{missing[0]}", "required for llama3 rope scaling")
 
 
 def _check_layers(d: dict) -> None:
@@ -188,7 +196,7 @@ def check_meta(d: Any, source: str, meta_cls: type) -> None:
     try:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise _Bad("format", f"expected {FORMAT!r} (not a llamapro-megatron checkpoint's metadata)")
-        _fields(d, meta_cls, "", ignore=("format",))  # arch: LlamaArch's fields, rope_scaling: Llama3RopeScaling's
+        _fields(d, meta_cls, "", ignore=("format",))  # arch: LlamaArch's fields, rope_scaling: RopeScaling's
         _check_arch(d["arch"])
         if d["padded_vocab_size"] < d["arch"]["vocab_size"]:
             raise _Bad("padded_vocab_size", f"{d['padded_vocab_size']} is smaller than arch.vocab_size="

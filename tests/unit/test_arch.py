@@ -47,6 +47,27 @@ def test_rotary_frequencies_equal_transformers_llama3(tmp_path):
     assert not torch.equal(got, plain)
 
 
+def test_rotary_frequencies_equal_transformers_linear(tmp_path):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = make_tiny_hf(tmp_path / "lin", "linear_rope")
+    arch = LlamaArch.from_hf_dir(hf)
+    assert arch.rope_scaling.rope_type == "linear" and arch.rope_scaling.factor == 4.0
+    expected, _ = ROPE_INIT_FUNCTIONS["linear"](AutoConfig.from_pretrained(hf), "cpu")
+    assert torch.equal(arch.rotary_inv_freq(), expected)
+    assert arch.to_hf_config()["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert LlamaArch.from_dict(arch.to_dict()) == arch  # as a checkpoint records it
+
+
+def test_a_recorded_llama3_scaling_without_rope_type_still_reads():
+    """Checkpoints written before linear scaling record llama3 scaling without a rope_type."""
+    from llamapro_megatron.arch import RopeScaling
+
+    d = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert RopeScaling(**d).rope_type == "llama3"
+
+
 # a Qwen3-MoE config on the LLaMA base: 8 experts of FFN 1408, top 2
 MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 8,
        "num_experts_per_tok": 2, "moe_intermediate_size": 1408, "norm_topk_prob": True, "decoder_sparse_step": 1,
@@ -58,6 +79,7 @@ MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num
     ({"mlp_bias": True}, "mlp_bias"),
     ({"num_local_experts": 8}, "num_local_experts"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "positive 'factor'"),
     ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"}, "shared expert"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True},
      "use_sliding_window"),

@@ -61,6 +61,8 @@ DAMAGE = [
     (_set("arch.architecture", "GPT2LMHeadModel"), "arch.architecture", "not a LLaMA-family model"),
     (_set("arch.rope_scaling.factor", -4.0), "arch.rope_scaling.factor", "must be positive"),
     (_set("arch.rope_scaling.shift", 1), "arch.rope_scaling", "unknown field(s) shift"),
+    (_set("arch.rope_scaling.rope_type", "yarn"), "arch.rope_scaling.rope_type", "is not one of llama3, linear"),
+    (_set("arch.rope_scaling.low_freq_factor", None), "arch.rope_scaling.low_freq_factor", "required for llama3"),
     (_set("arch.eos_token_id", "2"), "arch.eos_token_id", "an integer or a list or null"),
     (_set("arch.head_dim", _DROP), "arch.head_dim", "required field is missing"),
     (_set("arch.__class__", "os.system"), "arch", "unknown field(s) __class__"),
