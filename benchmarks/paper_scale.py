@@ -153,6 +153,8 @@ def prepare(shape_key: str, args, work: Path, log) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     hf_bytes = make_random_llama(base_dir / "hf", layers, hidden, ffn, heads, kv, vocab, dtype, device=device)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs' processes get the GPU; this one keeps only its context
     times["random_hf_s"] = time.time() - t0
     log(f"{shape_key}: random HF model, {hf_bytes / 1e9:.1f} GB in {times['random_hf_s']:.0f} s")
     t0 = time.time()
