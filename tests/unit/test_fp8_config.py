@@ -1,5 +1,6 @@
 """FP8 options (`--fp8-format`, `--fp8-recipe`, `--fp8-amax-history-len`, `--fp8-amax-compute-algo`; Megatron-LM's
-names): what reaches megatron-core's TransformerConfig, the refusals that need no GPU, and the dry-run planner.
+names): what reaches megatron-core's TransformerConfig, the refusals that need no GPU (the flag checks are in
+test_training_config.py), and the dry-run planner.
 On a GPU with Transformer Engine, tests/gpu/test_fp8.py trains with them."""
 from __future__ import annotations
 
@@ -41,19 +42,6 @@ def test_megatron_core_takes_the_fields():
 
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     assert {"fp8", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo"} <= fields
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--load", "x", "--train-iters", "1", "--mock-data", "--fp8-format", "hybrid"], "add --bf16"),
-    ([*BASE, "--fp8-recipe", "tensorwise"], "needs --fp8-format"),
-    ([*BASE, "--fp8-amax-history-len", "16"], "needs --fp8-format"),
-    ([*BASE, "--fp8-format", "hybrid", "--fp8-amax-history-len", "0"], "must be at least 1"),
-    ([*BASE, "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise", "--fp8-amax-compute-algo", "max"],
-     "delayed recipe"),
-])
-def test_bad_fp8_input_names_the_flag(argv, message):
-    with pytest.raises(UserError, match=message):
-        config_from_argv(argv)
 
 
 def test_a_recipe_key_is_checked_too(tmp_path):

@@ -30,6 +30,13 @@ def test_flags_alone_suffice():
     ([*BASE, "--min-lr", "1", "--lr", "0.1"], "--min-lr"),
     (["--load", "x", "--train-iters", "3"], "--data-path is required"),
     ([*BASE, "--sft"], "--sft trains on chat .jsonl files"),
+    # FP8 (tests/unit/test_fp8_config.py has the rest)
+    ([*BASE, "--fp8-format", "hybrid"], "add --bf16"),
+    ([*BASE, "--bf16", "--fp8-recipe", "tensorwise"], "needs --fp8-format"),
+    ([*BASE, "--bf16", "--fp8-amax-history-len", "16"], "needs --fp8-format"),
+    ([*BASE, "--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "0"], "must be at least 1"),
+    ([*BASE, "--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise", "--fp8-amax-compute-algo", "max"],
+     "delayed recipe"),
 ])
 def test_bad_input_names_the_flag(argv, message):
     with pytest.raises(UserError, match=message):
