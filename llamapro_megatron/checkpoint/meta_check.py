@@ -140,10 +140,9 @@ def _check_arch(a: dict) -> None:
         kind = scaling.get("rope_type", "llama3")
         if kind not in ROPE_TYPES:
             raise _Bad("arch.rope_scaling.rope_type", f"{kind!r} is not one of {', '.join(ROPE_TYPES)}")
-        missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                   if kind == "llama3" and scaling.get(k) is None]
-        if missing:
-            raise _Bad(f"arch.rope_scaling.{missing[0]}", "required for llama3 rope scaling")
+        for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if kind == "llama3" and scaling.get(name) is None:
+                raise _Bad(f"arch.rope_scaling.{name}", "required for llama3 rope scaling")
 
 
 def _check_layers(d: dict) -> None:

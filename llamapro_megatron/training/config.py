@@ -68,6 +68,11 @@ class ModelSection:
     fp8_amax_history_len: int | None = None
     fp8_amax_compute_algo: str | None = None
 
+    @property
+    def fp8_scaling(self) -> str | None:
+        """The FP8 recipe in effect: --fp8-recipe, delayed when only --fp8-format is given; None without FP8."""
+        return None if self.fp8_format is None else self.fp8_recipe or "delayed"
+
 
 @dataclass(kw_only=True, slots=True)
 class ParallelismSection:
@@ -472,7 +477,7 @@ def _validate_fp8(m: ModelSection) -> None:
         raise UserError(f"--fp8-format {m.fp8_format} runs FP8 GEMMs inside bf16 training: add --bf16")
     if m.fp8_amax_history_len is not None and m.fp8_amax_history_len < 1:
         raise UserError(f"--fp8-amax-history-len {m.fp8_amax_history_len}: must be at least 1")
-    recipe = m.fp8_recipe or "delayed"
+    recipe = m.fp8_scaling
     if recipe != "delayed" and (m.fp8_amax_history_len is not None or m.fp8_amax_compute_algo is not None):
         raise UserError(f"--fp8-amax-history-len/--fp8-amax-compute-algo set the delayed recipe's scales; "
                         f"--fp8-recipe {recipe} computes them from the current tensor")

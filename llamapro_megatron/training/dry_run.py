@@ -85,7 +85,7 @@ class Plan:
                if p.expert_tensor_parallel_size is not None else "")
             + f"; {'distributed' if p.use_distributed_optimizer else 'plain'} optimizer; "
             f"{'bf16 with fp32 main params' if c.model.bf16 else 'fp32'}"
-            + (f", FP8 GEMMs ({c.model.fp8_format}, {c.model.fp8_recipe or 'delayed'} scaling)"
+            + (f", FP8 GEMMs ({c.model.fp8_format}, {c.model.fp8_scaling} scaling)"
                if c.model.fp8_format else ""),
             f"batch: global {self.global_batch_size} = micro {c.schedule.micro_batch_size} x "
             f"{self.num_microbatches} micro batches x DP {self.dp}; sequence {c.schedule.seq_length}; attention "

@@ -145,7 +145,7 @@ def fp8_overrides(config: TrainConfig, spec_kind: str) -> dict[str, Any]:
     if spec_kind != "te":
         raise UserError(f"--fp8-format {m.fp8_format} runs FP8 GEMMs through Transformer Engine: it needs the te "
                         f"spec (a GPU with Transformer Engine installed), not the {spec_kind} spec")
-    overrides: dict[str, Any] = {"fp8": m.fp8_format, "fp8_recipe": m.fp8_recipe or "delayed"}
+    overrides: dict[str, Any] = {"fp8": m.fp8_format, "fp8_recipe": m.fp8_scaling}
     if m.fp8_amax_history_len is not None:
         overrides["fp8_amax_history_len"] = m.fp8_amax_history_len
     if m.fp8_amax_compute_algo is not None:
