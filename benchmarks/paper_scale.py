@@ -83,6 +83,12 @@ class RunSpec:
     def recompute(self) -> str:
         return "full, uniform 1" if "--recompute-granularity" in self.flags else "none"
 
+    def record(self, seq_length: int) -> dict:
+        """What results.jsonl says of the run before its figures."""
+        return {"name": self.name, "shape": self.shape, "side": self.side, "precision": self.precision,
+                "recompute": self.recompute, "micro_batch": self.micro_batch, "seq_length": seq_length,
+                "warmup": self.warmup, "steps": self.steps, "flags": self.flags}
+
 
 RUNS = [
     RunSpec("8.3b-bf16", "8.3b", "llamapro", 2, 2, 6, [], 75),
@@ -266,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             pending.pop(0)
             run_pytest(args, out, left, log)
             continue
-        shape = shape_key(spec)
-        record = {"name": spec.name, "shape": spec.shape, "side": spec.side, "precision": spec.precision,
-                  "recompute": spec.recompute, "micro_batch": spec.micro_batch, "seq_length": args.seq_length,
-                  "warmup": spec.warmup, "steps": spec.steps, "flags": spec.flags}
+        shape, record = shape_key(spec), spec.record(args.seq_length)
         try:
             if shape not in prepared:  # first: TE builds meanwhile (neither needs the other)
                 t0 = time.time()
@@ -278,10 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             if not te_waited and spec.side == "llamapro" and not Path(args.wait_for).exists():
                 hf = next((r for r in pending if r.side == "hf" and shape_key(r) in prepared), None)
                 if hf is not None:  # the GPU is free while TE builds: the HF run needs no TE
-                    spec, shape = hf, shape_key(hf)
-                    record.update(name=hf.name, shape=hf.shape, side="hf", precision=hf.precision,
-                                  recompute=hf.recompute, micro_batch=hf.micro_batch, warmup=hf.warmup,
-                                  steps=hf.steps, flags=hf.flags)
+                    spec, shape, record = hf, shape_key(hf), hf.record(args.seq_length)
             if not te_waited and spec.side == "llamapro":
                 if not Path(args.wait_for).exists():
                     log(f"waiting for {args.wait_for} (Transformer Engine's build)")

@@ -125,11 +125,8 @@ def test_moe_resumes_bit_exactly_at_the_same_ep_with_the_distributed_optimizer_a
     """EP 2 + distributed optimizer, trainable-only saves: the resume from step 2 gives step 3's loss and every saved
     tensor (weights and the experts' optimizer state) bit for bit as the uninterrupted run; the merged trainable-only
     save equals the full save's model tensors bit for bit."""
-    from tests.distributed.test_trainable_only import _assert_equal
+    from tests.distributed.test_trainable_only import _assert_equal, _model
     from tests.distributed.test_training import _tensors as dcp_tensors
-
-    def model(tensors):  # an MoE save's optimizer is chained (chained_0. dense, chained_1. experts)
-        return {k: v for k, v in tensors.items() if ".optimizer." not in k and not k.startswith("optimizer")}
 
     make_tiny_hf(tmp_path / "hf", "qwen3_moe")
     out = run_workers(_same_ep_world, 2, args=(str(tmp_path),), timeout_s=600)[0]
@@ -138,4 +135,5 @@ def test_moe_resumes_bit_exactly_at_the_same_ep_with_the_distributed_optimizer_a
     resumed, uninterrupted = dcp_tensors(tmp_path / "T2" / "iter_0000003"), dcp_tensors(tmp_path / "T" / "iter_0000003")
     assert any("optimizer" in k and ".experts." in k for k in uninterrupted), sorted(uninterrupted)[:20]
     _assert_equal(resumed, uninterrupted)
-    _assert_equal(model(dcp_tensors(tmp_path / "M" / "release")), model(dcp_tensors(tmp_path / "F" / "iter_0000003")))
+    _assert_equal(_model(dcp_tensors(tmp_path / "M" / "release")),
+                  _model(dcp_tensors(tmp_path / "F" / "iter_0000003")))

@@ -76,7 +76,9 @@ def _tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _model(tensors: dict) -> dict:
-    return {k: v for k, v in tensors.items() if not k.startswith("optimizer")}
+    """The model's tensors of a save: not its optimizer's (under `optimizer.`, or `chained_N.optimizer.` for an MoE
+    model's chained optimizer)."""
+    return {k: v for k, v in tensors.items() if not k.startswith("optimizer") and ".optimizer." not in k}
 
 
 def _assert_equal(a: dict, b: dict) -> None:
