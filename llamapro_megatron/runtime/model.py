@@ -27,7 +27,7 @@ def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: 
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from llamapro_megatron.runtime.specs import gpt_layer_spec, resolve_spec_kind
+    from llamapro_megatron.runtime.specs import decoder_spec, gpt_layer_spec, resolve_spec_kind
 
     kind = resolve_spec_kind(spec)
     overrides = dict(config_overrides)
@@ -46,7 +46,8 @@ def build_gpt_model(arch: LlamaArch, padded_vocab_size: int, *, dtype: str, tp: 
     config = arch.transformer_config(tp=tp, pp=pp, vpp=vpp, dtype=dtype, num_layers=num_layers,
                                      fused_kernels=kind == "te", **overrides)
     ignore_virtual = vp_stage is None
-    spec_module = gpt_layer_spec(kind, qk_layernorm=arch.qk_norm, num_experts=arch.num_experts)
+    spec_module = decoder_spec(kind, gpt_layer_spec(kind, qk_layernorm=arch.qk_norm, num_experts=arch.num_experts),
+                               config, vp_stage)
     kwargs = dict(config=config, transformer_layer_spec=spec_module,
                   pre_process=ps.is_pipeline_first_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage),
                   post_process=ps.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage),

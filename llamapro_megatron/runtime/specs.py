@@ -9,6 +9,9 @@
 
 Checkpoints are interchangeable between all three: the local and sdpa specs map their norm keys onto TE's fused
 names (``sharded_state_dict_keys_map`` in ``gpt_layer_specs.py``), and core attention has no parameters.
+
+Every spec runs sequence parallelism: the local and sdpa specs' norms are :class:`TorchNorm` (megatron-core's
+``WrappedTorchNorm`` refuses ``sequence_parallel``), and their final norm comes with them (:func:`decoder_spec`).
 """
 
 from __future__ import annotations
@@ -91,6 +94,29 @@ def resolve_spec_kind(requested: str = "auto") -> str:
     return "te"
 
 
+class TorchNorm:
+    """torch's RMSNorm / LayerNorm (``TransformerConfig.normalization``) as megatron-core's ``WrappedTorchNorm``
+    builds them, which also runs under sequence parallelism.
+
+    ``WrappedTorchNorm`` asserts ``not config.sequence_parallel`` (``torch_norm.py:32``, megatron-core 0.16.1 and
+    0.19). Under sequence parallelism a norm sees only its rank's slice of the sequence, so its weight's gradient is a
+    partial sum; megatron-core all-reduces over the tensor-parallel group exactly the parameters marked
+    ``sequence_parallel`` (``finalize_model_grads.py``, ``_allreduce_non_tensor_model_parallel_grads``), as TE's and
+    Apex's norms mark theirs. The q/k norms (Qwen3) are summed there by name already, with or without the mark.
+    """
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **unused: Any) -> Any:
+        import torch
+
+        if config.normalization not in NORMALIZATIONS:
+            raise UserError(f"unknown normalization {config.normalization!r}; expected one of "
+                            f"{', '.join(NORMALIZATIONS)}")
+        norm = getattr(torch.nn, config.normalization)(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 def _te_spec(normalization: str, qk_layernorm: bool, num_experts: int | None) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -115,6 +141,10 @@ def _local_spec(normalization: str, qk_layernorm: bool, num_experts: int | None)
         keys = dict(spec.submodules.sharded_state_dict_keys_map)
         keys.pop("pre_mlp_layernorm.", None)
         spec.submodules.sharded_state_dict_keys_map = keys
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm
+    if qk_layernorm:
+        layer.self_attention.submodules.q_layernorm = layer.self_attention.submodules.k_layernorm = TorchNorm
     return spec
 
 
@@ -137,6 +167,20 @@ def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
 
 _BUILDERS: dict[str, Callable[[str, bool, int | None], Any]] = {"te": _te_spec, "sdpa": _sdpa_spec,
                                                                   "local": _local_spec}
+
+
+def decoder_spec(kind: str, layer_spec: Any, config: Any, vp_stage: int | None) -> Any:
+    """What GPTModel's ``transformer_layer_spec`` gets: the layer spec itself on TE (its final norm is TENorm), on
+    the local and sdpa specs the decoder block of this rank's layers with :class:`TorchNorm` as its final norm
+    (megatron-core would pick ``WrappedTorchNorm`` for it, ``transformer_block.py``'s ``LayerNormImpl``). The layer
+    count is megatron-core's own for the stage (``get_num_layers_to_build``, as ``get_gpt_decoder_block_spec``)."""
+    if resolve_spec_kind(kind) == "te":
+        return layer_spec
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=ps.get_pipeline_model_parallel_rank())
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=TorchNorm)
 
 
 def gpt_layer_spec(kind: str, normalization: str = "RMSNorm", qk_layernorm: bool = False,

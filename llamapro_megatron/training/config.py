@@ -87,7 +87,7 @@ class ParallelismSection:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward pass
     overlap_param_gather: bool = False  # all-gather updated params during the forward (distributed optimizer)
-    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP (TE spec)
+    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP
     distributed_timeout_minutes: float = 10.0  # a collective waiting longer fails (e.g. a peer that hangs)
 
 
@@ -254,7 +254,9 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                dict(_BOOL, help="all-gather updated params during the next forward (needs "
                                                 "--use-distributed-optimizer and --overlap-grad-reduce)")),
     "--sequence-parallel": ("parallelism", "sequence_parallel",
-                            dict(_BOOL, help="sequence-parallel activations over TP (TE spec, TP > 1)")),
+                            dict(_BOOL, help="split the norms' and dropouts' activations along the sequence over the "
+                                             "tensor-parallel ranks (TP > 1; --seq-length a multiple of TP; any "
+                                             "spec). MoE models need it at TP > 1")),
     "--distributed-timeout-minutes": (
         "parallelism", "distributed_timeout_minutes",
         dict(type=float, help="how long a collective or the rendezvous waits for the other ranks before the run "
@@ -450,6 +452,10 @@ def validate(config: TrainConfig, plan_only: bool = False) -> None:
     if s.exit_duration_in_mins is not None and s.exit_duration_in_mins <= 0:
         raise UserError(f"--exit-duration-in-mins {s.exit_duration_in_mins}: must be positive")
     _validate_parallelism(config.parallelism)
+    tp = config.parallelism.tensor_model_parallel_size
+    if config.parallelism.sequence_parallel and s.seq_length % tp:
+        raise UserError(f"--sequence-parallel splits each sequence over the {tp} tensor-parallel ranks: "
+                        f"--seq-length {s.seq_length} must be a multiple of {tp}")
     _validate_recompute(config.model)
     m = config.model
     if m.moe_token_dispatcher_type not in (None, *MOE_DISPATCHERS):

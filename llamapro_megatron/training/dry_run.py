@@ -76,6 +76,7 @@ class Plan:
             f"--freeze {c.freeze.freeze})",
             f"layout: {self.world_size} GPUs ({_machines(c, self.world_size)}) = TP {p.tensor_model_parallel_size} x "
             f"PP {p.pipeline_model_parallel_size} x DP {self.dp}"
+            + (", sequence parallel" if p.sequence_parallel else "")
             + (f", VPP {p.virtual_pipeline_model_parallel_size}" if virtual_stages(c) else "")
             + (f", EP {p.expert_model_parallel_size} (experts split over data-parallel ranks)"
                if p.expert_model_parallel_size > 1 else "")
@@ -203,10 +204,9 @@ def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None
 
     p = config.parallelism
     # the plan is for the spec the run will use (TE on GPUs unless forced); the local spec builds the same
-    # parameters on the meta device, without sequence parallel (its torch norms refuse it; the parameters are the
-    # same, and the activation estimate accounts for it)
+    # parameters on the meta device
     kind = config.model.spec if config.model.spec in ("local", "sdpa") else "te"
-    overrides = {**transformer_overrides(config, meta.arch, kind), "sequence_parallel": False}
+    overrides = transformer_overrides(config, meta.arch, kind)
     for key in [k for k in overrides if k.startswith("fp8")]:  # the local spec has no FP8 (same parameters)
         del overrides[key]
     chunks = [build_gpt_model(meta.arch, meta.padded_vocab_size, dtype=train_dtype(config),

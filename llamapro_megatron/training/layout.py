@@ -75,9 +75,6 @@ def check_microbatches(config: TrainConfig, num_microbatches: int) -> None:
 def transformer_overrides(config: TrainConfig, arch: LlamaArch, spec_kind: str) -> dict[str, Any]:
     """TransformerConfig fields for the pipeline split, recomputation, sequence parallel and the window."""
     p, m = config.parallelism, config.model
-    if p.sequence_parallel and spec_kind != "te":
-        raise UserError(f"--sequence-parallel needs the TE layer spec (--spec te, on a GPU with Transformer "
-                        f"Engine); the {spec_kind} spec's torch norms cannot split activations along the sequence")
     seq = config.schedule.seq_length
     if arch.sliding_window is not None and seq > arch.sliding_window and spec_kind not in WINDOWED_SPECS:
         raise UserError(f"--seq-length {seq} is longer than the model's sliding attention window "
@@ -123,9 +120,9 @@ def moe_overrides(config: TrainConfig, arch: LlamaArch) -> dict[str, Any]:
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         # megatron-core's MoELayer.forward raises in training otherwise (moe/moe_layer.py, "performance may degrade")
         raise UserError(f"--tensor-model-parallel-size {p.tensor_model_parallel_size}: an MoE model trains with "
-                        "tensor parallelism only with --sequence-parallel (megatron-core's MoE layer requires it), "
-                        "which needs the TE spec on a GPU; otherwise train at TP 1 and split the experts with "
-                        "--expert-model-parallel-size and --expert-tensor-parallel-size")
+                        "tensor parallelism only with --sequence-parallel (megatron-core's MoE layer requires it); "
+                        "add it, or train at TP 1 and split the experts with --expert-model-parallel-size and "
+                        "--expert-tensor-parallel-size")
     if m.moe_token_dispatcher_type == "alltoall" and not _cuda_available():
         raise UserError("--moe-token-dispatcher-type alltoall needs CUDA (megatron-core's all-to-all dispatcher "
                         "creates CUDA streams); on CPU use allgather (the default there)")

@@ -8,6 +8,7 @@ validate, save. A non-finite loss stops the run before the optimizer step, namin
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -58,6 +59,11 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
     config = resume_from_save(config)
     config = resolve_pipeline(config, resolve_load(config)[1].arch)  # virtual stages need the layer count
     p = config.parallelism
+    if p.tensor_model_parallel_size > 1:
+        # one CUDA work queue, so that a tensor-parallel all-reduce or (sequence parallel) all-gather is queued
+        # before the GEMM it overlaps (Megatron-LM's launch scripts set it; megatron-core's tensor_parallel/layers.py
+        # warns without it). Set before the first CUDA call; a value of the user's own stays.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     info = init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                             p.virtual_pipeline_model_parallel_size, seed=config.seed, ep=p.expert_model_parallel_size,
                             etp=p.expert_tensor_parallel_size, timeout_s=60 * p.distributed_timeout_minutes)

@@ -127,6 +127,12 @@ def test_memory_figures_follow_the_stated_formulas(tmp_path):
     fp8_layer = 64 * (2 * (2 * 64 + (2 * 64 + 2 * 32 + 2 * 96) // 2) + (2 * 64 + 96 // 2))
     assert fp8.ranks[-1].activations == 2 * frozen + fp8_layer + logits
     assert fp8.ranks[-1].weights == plain.ranks[-1].weights + 2 * gemm_weights
+    # sequence parallel: the norms' inputs and outputs (the hidden-size terms) split over TP; the logits do not
+    sp = dry_run(load_config(None, {**base, "parallelism.sequence_parallel": True}, plan_only=True), 8, str(hf), 2)
+    sp_layer = 64 * 2 * (4 * 64 // 2 + (2 * 64 + 2 * 32 + 3 * 96) // 2)
+    sp_frozen = 64 * 2 * (2 * 64 // 2 + (2 * 64 + 2 * 32 + 2 * 96) // 2)
+    assert sp.ranks[0].activations == 2 * sp_layer and sp.ranks[-1].activations == 2 * sp_frozen + sp_layer + logits
+    assert "TP 2 x PP 2 x DP 2, sequence parallel;" in sp.format() and "sequence parallel" not in plain.format()
 
 
 def test_a_frozen_layer_keeps_less_than_its_trainable_twin_by_the_gemm_inputs():

@@ -44,6 +44,27 @@ def test_local_spec_uses_rmsnorm_and_maps_keys_to_te_names():
         gpt_layer_spec("local", normalization="BatchNorm")
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_local_spec_norms_are_torch_norms_marked_for_sequence_parallel_gradient_reduction(sequence_parallel):
+    """megatron-core's WrappedTorchNorm refuses sequence parallelism; TorchNorm builds the same torch module and marks
+    its parameters as finalize_model_grads expects (summed over TP under sequence parallelism)."""
+    import torch
+    from megatron.core.transformer import TransformerConfig
+
+    from llamapro_megatron.runtime import gpt_layer_spec
+    from llamapro_megatron.runtime.specs import TorchNorm
+
+    layer = gpt_layer_spec("local", qk_layernorm=True, num_experts=4).submodules
+    attention = layer.self_attention.submodules
+    assert {layer.input_layernorm, layer.pre_mlp_layernorm, attention.q_layernorm, attention.k_layernorm} == {TorchNorm}
+    for normalization, cls in (("RMSNorm", torch.nn.RMSNorm), ("LayerNorm", torch.nn.LayerNorm)):
+        config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization=normalization,
+                                   tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
+        norm = TorchNorm(config=config, hidden_size=8, eps=1e-6)
+        assert type(norm) is cls and norm.eps == 1e-6 and norm.normalized_shape == (8,)
+        assert [p.sequence_parallel for p in norm.parameters()] == [sequence_parallel] * len(list(norm.parameters()))
+
+
 def test_sdpa_spec_is_the_local_spec_with_sdpa_core_attention():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 

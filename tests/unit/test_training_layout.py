@@ -70,6 +70,8 @@ def test_bad_pipeline_split_is_refused(argv, layers, message):
     (["--overlap-param-gather", "--overlap-grad-reduce"], "--overlap-param-gather needs --use-distributed-optimizer"),
     (["--overlap-param-gather", "--use-distributed-optimizer"], "needs --overlap-grad-reduce"),
     (["--sequence-parallel"], "--sequence-parallel .* needs --tensor-model-parallel-size 2"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "3", "--seq-length", "64"],
+     "--seq-length 64 must be a multiple of 3"),
     (["--recompute-granularity", "full"], "needs --recompute-method"),
     (["--recompute-granularity", "selective", "--recompute-num-layers", "1"], "takes no --recompute-method"),
     (["--recompute-method", "block", "--recompute-num-layers", "1"], "need --recompute-granularity full"),
@@ -81,11 +83,10 @@ def test_bad_flag_combinations_name_the_flag(argv, message):
         config_from_argv([*BASE_ARGV, *argv])
 
 
-def test_sequence_parallel_needs_the_te_spec():
+@pytest.mark.parametrize("spec", ["te", "sdpa", "local"])
+def test_sequence_parallel_reaches_the_config_on_every_spec(spec):
     config, arch = _resolve("--tensor-model-parallel-size", "2", "--sequence-parallel")
-    with pytest.raises(UserError, match="--sequence-parallel needs the TE layer spec"):
-        transformer_overrides(config, arch, "local")
-    assert transformer_overrides(config, arch, "te")["sequence_parallel"] is True
+    assert transformer_overrides(config, arch, spec)["sequence_parallel"] is True
 
 
 def test_swiglu_fusion_only_on_cuda_and_only_unless_disabled(monkeypatch):
