@@ -41,6 +41,54 @@ def write_hf_tokenizer_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> 
     tokenizer.save_pretrained(str(out_dir))
 
 
+def _cache_folder(gguf_path: str | Path) -> Path:
+    """Where this file content's conversion lives under this transformers version (its sha256, not its name)."""
+    import hashlib
+
+    import transformers
+
+    from llamapro_megatron.artifacts import cache_dir
+
+    digest = hashlib.sha256(transformers.__version__.encode())
+    with open(gguf_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return cache_dir() / "gguf-tokenizers" / digest.hexdigest()[:32]
+
+
+def cached_conversion(gguf_path: str | Path) -> Path | None:
+    """The folder of an earlier :func:`cached_hf_tokenizer_dir` of the same file content, else None. Cheap (a
+    hash): reading the gguf's fields to learn its kind (:func:`vocabulary_model`) takes ~6 s for Qwen2's."""
+    out = _cache_folder(gguf_path)
+    return out if (out / "tokenizer.json").is_file() else None
+
+
+def cached_hf_tokenizer_dir(gguf_path: str | Path) -> Path:
+    """The folder of :func:`write_hf_tokenizer_from_gguf`'s files for this byte-level BPE gguf vocabulary, converted
+    once per file content and transformers version and kept in the artifact cache (``$LLAMAPRO_CACHE/
+    gguf-tokenizers/``): transformers' conversion takes ~5-10 s for Qwen2's 151,646 tokens, and every preprocessing
+    worker and every later run loads the vocabulary again. The folder appears by one rename, complete; where two
+    processes convert at once, the first rename wins and the other's copy is dropped."""
+    import os
+    import shutil
+    import tempfile
+
+    out = _cache_folder(gguf_path)
+    if (out / "tokenizer.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write_hf_tokenizer_from_gguf(gguf_path, tmp)
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "tokenizer.json").is_file():  # not "another process renamed its copy first"
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def sentencepiece_model_from_gguf(gguf_path: str | Path) -> bytes:
     """Return the serialized SentencePiece ModelProto equivalent to the gguf file's vocabulary."""
     import gguf

@@ -328,13 +328,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if kind == "gguf":
         from llamapro_megatron.data import gguf_vocab
 
-        if gguf_vocab.vocabulary_model(file) == "gpt2":  # byte-level BPE: its tokenizer.json, via transformers
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                gguf_vocab.write_hf_tokenizer_from_gguf(file, tmp)
-                backend = _hf_backend(Path(tmp) / "tokenizer.json")
-                config = {**_read_config(Path(tmp)), **config}  # a tokenizer_config.json beside the gguf wins
+        converted = gguf_vocab.cached_conversion(file)  # only byte-level BPE vocabularies are converted
+        if converted is None and gguf_vocab.vocabulary_model(file) == "gpt2":  # its tokenizer.json, by transformers
+            converted = gguf_vocab.cached_hf_tokenizer_dir(file)
+        if converted is not None:
+            backend = _hf_backend(converted / "tokenizer.json")
+            config = {**_read_config(converted), **config}  # a tokenizer_config.json beside the gguf wins
             kind = HUGGINGFACE
         else:
             from sentencepiece import SentencePieceProcessor

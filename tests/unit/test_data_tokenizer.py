@@ -100,6 +100,42 @@ def test_qwen2_byte_level_bpe_gguf_golden():
     assert chat.startswith("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nhi"), chat
 
 
+def test_a_byte_level_bpe_gguf_is_converted_once_and_then_read_from_the_cache(tmp_path: Path, monkeypatch):
+    """The Qwen2 vocabulary loaded again (another preprocessing worker, a later run) reads the cached conversion
+    (shared with the golden test above: at most one conversion between them): the converter is not called, the
+    tokenizer is the same, and the gguf's fields are not even parsed. Another file content gets its own folder,
+    converted anew."""
+    import shutil
+
+    from llamapro_megatron.artifacts import cache_dir
+    from llamapro_megatron.data import gguf_vocab
+
+    path = artifact("ggml-vocab-qwen2.gguf")
+    text = "Hello, 世界! <|im_start|>"
+    first = load_tokenizer(path)
+    calls = []
+    real = gguf_vocab.write_hf_tokenizer_from_gguf
+    monkeypatch.setattr(gguf_vocab, "write_hf_tokenizer_from_gguf", lambda *a: calls.append(a) or real(*a))
+    read = gguf_vocab.vocabulary_model  # parsing the gguf's fields: ~6 s for this one
+    monkeypatch.setattr(gguf_vocab, "vocabulary_model", lambda *a: calls.append(a) or read(*a))
+    second = load_tokenizer(path)
+    assert not calls and second.tokenize(text) == first.tokenize(text)
+    assert second.chat_template == first.chat_template and second.eos == first.eos == 151643
+    cached = gguf_vocab.cached_hf_tokenizer_dir(path)
+    assert cached.parent == cache_dir() / "gguf-tokenizers" and (cached / "tokenizer.json").is_file()
+    assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    # another content: a new folder; the converter's work stood in for by copying the files (the keying is tested)
+    monkeypatch.setenv("LLAMAPRO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_vocab, "write_hf_tokenizer_from_gguf",
+                        lambda src, out: calls.append(src) or shutil.copytree(cached, out, dirs_exist_ok=True))
+    copy = tmp_path / "vocab.gguf"
+    copy.write_bytes(path.read_bytes() + b"\0")
+    other = gguf_vocab.cached_hf_tokenizer_dir(copy)
+    assert calls == [copy] and other.name != cached.name and (other / "tokenizer.json").is_file()
+    assert gguf_vocab.cached_hf_tokenizer_dir(path).parent == tmp_path / "cache" / "gguf-tokenizers"
+    assert calls[1:] == [path]  # the original's folder is per cache too
+
+
 def test_detect_by_content_and_config(tmp_path: Path):
     # Mistral's SentencePiece model under an unusual name, in a directory with a tokenizer_config.json.
     model = tmp_path / "weird.name"
