@@ -109,25 +109,24 @@ def _check_weights(trained: Path, reference: Path, start: Path) -> set[str]:
     return moved_norms
 
 
+def _same_run(runs, name: str, ref: str, model: str, steps=None) -> set[str]:
+    """Run ``name`` has run ``ref``'s steps and final weights (`_check_weights`, from ``model``'s start)."""
+    root, out = runs
+    _same_steps(out[name], out[ref], steps)
+    return _check_weights(root / name / "iter_0000004", root / ref / "iter_0000004", root / model / "release")
+
+
 @pytest.mark.slow
 def test_dense_sequence_parallel_trains_as_without_it(runs):
-    root, out = runs
-    _same_steps(out["dense_sp"], out["dense_tp2"])
-    moved = _check_weights(root / "dense_sp" / "iter_0000004", root / "dense_tp2" / "iter_0000004",
-                           root / "dense" / "release")
+    moved = _same_run(runs, "dense_sp", "dense_tp2", "dense")
     assert {"self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"} <= moved, moved
 
 
 @pytest.mark.slow
 def test_moe_trains_at_tp2_with_sequence_parallel_and_resumes_at_ep2(runs):
-    root, out = runs
-    _same_steps(out["moe_sp"], out["moe_tp1"])
-    moved = _check_weights(root / "moe_sp" / "iter_0000004", root / "moe_tp1" / "iter_0000004",
-                           root / "moe" / "release")
+    moved = _same_run(runs, "moe_sp", "moe_tp1", "moe")
     assert {"self_attention.linear_qkv.layer_norm_weight", "pre_mlp_layernorm.weight",
             "self_attention.q_layernorm.weight"} <= moved, moved
-    resumed = out["moe_sp_to_ep2"]
+    resumed = runs[1]["moe_sp_to_ep2"]
     assert sorted(resumed["losses"]) == ["3", "4"], resumed
-    _same_steps(resumed, out["moe_tp1"], steps=["3", "4"])
-    _check_weights(root / "moe_sp_to_ep2" / "iter_0000004", root / "moe_tp1" / "iter_0000004",
-                   root / "moe" / "release")
+    _same_run(runs, "moe_sp_to_ep2", "moe_tp1", "moe", steps=["3", "4"])
