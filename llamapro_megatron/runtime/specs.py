@@ -94,6 +94,11 @@ def resolve_spec_kind(requested: str = "auto") -> str:
     return "te"
 
 
+def _require_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+
+
 class TorchNorm:
     """torch's RMSNorm / LayerNorm (``TransformerConfig.normalization``) as megatron-core's ``WrappedTorchNorm``
     builds them, which also runs under sequence parallelism.
@@ -108,9 +113,7 @@ class TorchNorm:
     def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **unused: Any) -> Any:
         import torch
 
-        if config.normalization not in NORMALIZATIONS:
-            raise UserError(f"unknown normalization {config.normalization!r}; expected one of "
-                            f"{', '.join(NORMALIZATIONS)}")
+        _require_normalization(config.normalization)
         norm = getattr(torch.nn, config.normalization)(hidden_size, eps=eps)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
@@ -191,8 +194,7 @@ def gpt_layer_spec(kind: str, normalization: str = "RMSNorm", qk_layernorm: bool
     so set that to the same value in either case. ``qk_layernorm``: per-head q/k norms (Qwen3); ``num_experts``: an
     MoE layer (sequential experts on the local specs, grouped GEMM on TE; the checkpoint keys are the same).
     """
-    if normalization not in NORMALIZATIONS:
-        raise UserError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+    _require_normalization(normalization)
     from . import prepare
 
     prepare()

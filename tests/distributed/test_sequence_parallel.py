@@ -25,6 +25,7 @@ import torch
 from llamapro_megatron.runtime import run_workers
 from tests.distributed.test_training import _tensors
 from tests.tiny_models import make_tiny_hf
+from tests.unit.test_dry_run import saved_bytes
 
 NEW = [2, 5]  # interleave(4 layers, 2 groups)
 COMMON = ["--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--lr", "1e-2",
@@ -133,45 +134,6 @@ def test_moe_trains_at_tp2_with_sequence_parallel_and_resumes_at_ep2(runs):
     _same_run(runs, "moe_sp_to_ep2", "moe_tp1", "moe", steps=["3", "4"])
 
 
-def _saved_bytes(sequence_parallel: bool) -> dict[bool, int]:
-    """Bytes autograd saves for backward in one decoder layer (the sdpa spec, fp32, TP 2), trainable and frozen,
-    with the gradient flowing through it either way (as through the frozen blocks below a new one)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from llamapro_megatron.runtime import destroy_distributed, gpt_layer_spec, init_distributed
-    from llamapro_megatron.runtime.specs import decoder_spec
-
-    h, s, b = 64, 32, 2  # the gqa variant's shape: FFN 96, 4 heads, 2 KV groups
-    init_distributed(tp=2, pp=1)
-    try:
-        config = TransformerConfig(num_layers=1, hidden_size=h, ffn_hidden_size=96, num_attention_heads=4,
-                                   num_query_groups=2, normalization="RMSNorm", gated_linear_unit=True,
-                                   activation_func=torch.nn.functional.silu, add_bias_linear=False,
-                                   hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
-                                   tensor_model_parallel_size=2, sequence_parallel=sequence_parallel,
-                                   use_cpu_initialization=True)
-        model = GPTModel(config=config, transformer_layer_spec=decoder_spec("sdpa", gpt_layer_spec("sdpa"), config,
-                                                                            None),
-                         vocab_size=128, max_sequence_length=64, position_embedding_type="rope")
-        layer, kept = model.decoder.layers[0], {}
-        for trains in (True, False):
-            layer.requires_grad_(trains)
-            saved = {}
-
-            def pack(t, saved=saved):
-                saved[t.data_ptr(), tuple(t.shape)] = t.numel() * t.element_size()
-                return t
-
-            x = torch.randn(s // 2 if sequence_parallel else s, b, h, requires_grad=True)  # this rank's part
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                layer(x, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(s))
-            kept[trains] = sum(saved.values())
-    finally:
-        destroy_distributed()
-    return kept
-
-
 @pytest.mark.slow
 def test_the_planners_sequence_parallel_saving_is_what_autograd_saves_less(tmp_path):
     """What sequence parallelism saves per layer, planned (`training/memory.layer_activation_bytes`: the norms'
@@ -187,7 +149,7 @@ def test_the_planners_sequence_parallel_saving_is_what_autograd_saves_less(tmp_p
     hf = make_tiny_hf(tmp_path / "gqa", "gqa")
     measured, planned = {}, {}
     for sp in (False, True):
-        measured[sp] = run_workers(_saved_bytes, 2, args=(sp,), timeout_s=300)[0]
+        measured[sp] = run_workers(saved_bytes, 2, args=(2, sp), timeout_s=300)[0]
         plan = dry_run(load_config(None, {"parallelism.tensor_model_parallel_size": 2, "schedule.seq_length": 32,
                                           "schedule.micro_batch_size": 2, "parallelism.sequence_parallel": sp},
                                    plan_only=True), 2, str(hf), 2)

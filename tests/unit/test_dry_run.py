@@ -135,24 +135,28 @@ def test_memory_figures_follow_the_stated_formulas(tmp_path):
     assert "TP 2 x PP 2 x DP 2, sequence parallel;" in sp.format() and "sequence parallel" not in plain.format()
 
 
-def test_a_frozen_layer_keeps_less_than_its_trainable_twin_by_the_gemm_inputs():
-    """The planner's frozen-layer rule against torch's own autograd (the sdpa spec, CPU): a layer whose weights do
-    not train, with a gradient flowing through it, saves at least its GEMMs' inputs (both norm outputs and
-    SwiGLU's output, s*b*(2h + f) values) less for backward than the same layer training."""
+def saved_bytes(tp: int = 1, sequence_parallel: bool = False) -> dict[bool, int]:
+    """Bytes autograd saves for backward in one decoder layer of the gqa variant's shape (the sdpa spec, fp32, this
+    rank's part of 2 x 32 tokens), trainable (True) and frozen (False), with the gradient flowing through it either
+    way (as through the frozen blocks below a new one). Parallel state: initialised here at ``tp``."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from llamapro_megatron.runtime import destroy_distributed, gpt_layer_spec, init_distributed
+    from llamapro_megatron.runtime.specs import decoder_spec
 
-    h, f, s, b = 64, 96, 32, 2
-    init_distributed(tp=1, pp=1)
+    h, s, b = 64, 32, 2
+    init_distributed(tp=tp, pp=1)
     try:
-        config = TransformerConfig(num_layers=1, hidden_size=h, ffn_hidden_size=f, num_attention_heads=4,
+        config = TransformerConfig(num_layers=1, hidden_size=h, ffn_hidden_size=96, num_attention_heads=4,
                                    num_query_groups=2, normalization="RMSNorm", gated_linear_unit=True,
                                    activation_func=torch.nn.functional.silu, add_bias_linear=False,
-                                   hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False)
-        model = GPTModel(config=config, transformer_layer_spec=gpt_layer_spec("sdpa"), vocab_size=128,
-                         max_sequence_length=64, position_embedding_type="rope")
+                                   hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
+                                   tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+                                   use_cpu_initialization=True)
+        model = GPTModel(config=config, transformer_layer_spec=decoder_spec("sdpa", gpt_layer_spec("sdpa"), config,
+                                                                            None),
+                         vocab_size=128, max_sequence_length=64, position_embedding_type="rope")
         layer, kept = model.decoder.layers[0], {}
         for trains in (True, False):
             layer.requires_grad_(trains)
@@ -162,12 +166,21 @@ def test_a_frozen_layer_keeps_less_than_its_trainable_twin_by_the_gemm_inputs():
                 saved[t.data_ptr()] = t.numel() * t.element_size()
                 return t
 
-            x = torch.randn(s, b, h, requires_grad=True)  # the gradient flows through either way
+            x = torch.randn(s // tp if sequence_parallel else s, b, h, requires_grad=True)  # this rank's part
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 layer(x, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(s))
             kept[trains] = sum(saved.values())
     finally:
         destroy_distributed()
+    return kept
+
+
+def test_a_frozen_layer_keeps_less_than_its_trainable_twin_by_the_gemm_inputs():
+    """The planner's frozen-layer rule against torch's own autograd (the sdpa spec, CPU): a layer whose weights do
+    not train, with a gradient flowing through it, saves at least its GEMMs' inputs (both norm outputs and
+    SwiGLU's output, s*b*(2h + f) values) less for backward than the same layer training."""
+    h, f, s, b = 64, 96, 32, 2
+    kept = saved_bytes()
     assert kept[True] - kept[False] >= s * b * (2 * h + f) * 4, kept
 
 
