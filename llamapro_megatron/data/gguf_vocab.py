@@ -58,7 +58,8 @@ def _cache_folder(gguf_path: str | Path) -> Path:
 
 def cached_conversion(gguf_path: str | Path) -> Path | None:
     """The folder of an earlier :func:`cached_hf_tokenizer_dir` of the same file content, else None. Cheap (a
-    hash): reading the gguf's fields to learn its kind (:func:`vocabulary_model`) takes ~6 s for Qwen2's."""
+    hash): reading the gguf's fields to learn its kind (:func:`vocabulary_model`) takes ~8 s for Qwen2's
+    (`benchmarks/gguf_tokenizer.py`)."""
     out = _cache_folder(gguf_path)
     return out if (out / "tokenizer.json").is_file() else None
 
@@ -66,7 +67,7 @@ def cached_conversion(gguf_path: str | Path) -> Path | None:
 def cached_hf_tokenizer_dir(gguf_path: str | Path) -> Path:
     """The folder of :func:`write_hf_tokenizer_from_gguf`'s files for this byte-level BPE gguf vocabulary, converted
     once per file content and transformers version and kept in the artifact cache (``$LLAMAPRO_CACHE/
-    gguf-tokenizers/``): transformers' conversion takes ~5-10 s for Qwen2's 151,646 tokens, and every preprocessing
+    gguf-tokenizers/``): transformers' conversion takes ~10 s for Qwen2's 151,646 tokens, and every preprocessing
     worker and every later run loads the vocabulary again. The folder appears by one rename, complete; where two
     processes convert at once, the first rename wins and the other's copy is dropped."""
     import os

@@ -1,0 +1,51 @@
+"""Loading a byte-level BPE gguf vocabulary (Qwen2's, 151,646 tokens): first load against a cached one.
+
+    python benchmarks/gguf_tokenizer.py [--repeats 3]
+
+Each repeat uses an empty cache ($LLAMAPRO_CACHE in a temporary folder) and times, in this process (transformers
+and the tokenizers imported before the first timing):
+  read       gguf_vocab.vocabulary_model: GGUFReader parsing the file's fields (what a load needed to learn the kind)
+  first      load_tokenizer on the empty cache: read + transformers' GGUF conversion + writing the cache folder
+  cached     load_tokenizer again: the file's sha256, then the cached tokenizer.json
+Prints medians and first / cached.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import transformers  # noqa: F401  (imported before any timing)
+
+    from llamapro_megatron.artifacts import qwen2_vocab
+    from llamapro_megatron.data import gguf_vocab
+    from llamapro_megatron.data.tokenizer import load_tokenizer
+
+    path = qwen2_vocab()
+    times: dict[str, list[float]] = {"read": [], "first": [], "cached": []}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["LLAMAPRO_CACHE"] = cache
+            for name, run in (("read", lambda: gguf_vocab.vocabulary_model(path)),
+                              ("first", lambda: load_tokenizer(path)), ("cached", lambda: load_tokenizer(path))):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{path.name}, {args.repeats} repeats, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    for name, value in med.items():
+        print(f"  {name:<7} median {value:6.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times[name])})")
+    print(f"  first / cached: {med['first'] / med['cached']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
