@@ -1,13 +1,17 @@
-"""Loading a byte-level BPE gguf vocabulary (Qwen2's, 151,646 tokens): first load against a cached one.
+"""Loading gguf vocabularies: a byte-level BPE one (Qwen2's, 151,646 tokens), first load against a cached one; a
+SentencePiece one (LLaMA's 32,000 pieces) against parsing its fields once.
 
     python benchmarks/gguf_tokenizer.py [--repeats 3]
 
 Each repeat uses an empty cache ($LLAMAPRO_CACHE in a temporary folder) and times, in this process (transformers
 and the tokenizers imported before the first timing):
-  read       gguf_vocab.vocabulary_model: GGUFReader parsing the file's fields (what a load needed to learn the kind)
+  read       gguf_vocab.read_fields of Qwen2's: GGUFReader parsing the file's fields (what a load needs to learn
+             the kind)
   first      load_tokenizer on the empty cache: read + transformers' GGUF conversion + writing the cache folder
   cached     load_tokenizer again: the file's sha256, then the cached tokenizer.json
-Prints medians and first / cached.
+  spm read   gguf_vocab.read_fields of LLaMA's SentencePiece vocabulary (the floor of its load)
+  spm load   load_tokenizer of it: one parse, the ModelProto rebuilt, SentencePiece loading it
+Prints medians, first / cached and spm load / spm read (one parse: about 1; two, as before, about 2).
 """
 from __future__ import annotations
 
@@ -26,25 +30,28 @@ def main() -> None:
 
     import transformers  # noqa: F401  (imported before any timing)
 
-    from llamapro_megatron.artifacts import qwen2_vocab
+    from llamapro_megatron.artifacts import llama_spm_vocab, qwen2_vocab
     from llamapro_megatron.data import gguf_vocab
     from llamapro_megatron.data.tokenizer import load_tokenizer
 
-    path = qwen2_vocab()
-    times: dict[str, list[float]] = {"read": [], "first": [], "cached": []}
+    path, spm = qwen2_vocab(), llama_spm_vocab()
+    times: dict[str, list[float]] = {"read": [], "first": [], "cached": [], "spm read": [], "spm load": []}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
             os.environ["LLAMAPRO_CACHE"] = cache
-            for name, run in (("read", lambda: gguf_vocab.vocabulary_model(path)),
-                              ("first", lambda: load_tokenizer(path)), ("cached", lambda: load_tokenizer(path))):
+            for name, run in (("read", lambda: gguf_vocab.read_fields(path)),
+                              ("first", lambda: load_tokenizer(path)), ("cached", lambda: load_tokenizer(path)),
+                              ("spm read", lambda: gguf_vocab.read_fields(spm)),
+                              ("spm load", lambda: load_tokenizer(spm))):
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{path.name}, {args.repeats} repeats, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
     for name, value in med.items():
-        print(f"  {name:<7} median {value:6.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times[name])})")
+        print(f"  {name:<9} median {value:6.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times[name])})")
     print(f"  first / cached: {med['first'] / med['cached']:.1f}x")
+    print(f"  spm load / spm read: {med['spm load'] / med['spm read']:.2f}")
 
 
 if __name__ == "__main__":

@@ -329,8 +329,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         from llamapro_megatron.data import gguf_vocab
 
         converted = gguf_vocab.cached_conversion(file)  # only byte-level BPE vocabularies are converted
-        if converted is None and gguf_vocab.vocabulary_model(file) == "gpt2":  # its tokenizer.json, by transformers
-            converted = gguf_vocab.cached_hf_tokenizer_dir(file)
+        reader = None if converted else gguf_vocab.read_fields(file)  # parsed once: seconds for a large vocabulary
+        if reader is not None and gguf_vocab.vocabulary_model(file, reader) == "gpt2":  # its tokenizer.json
+            converted = gguf_vocab.cached_hf_tokenizer_dir(file)  # by transformers, which reads the file itself
         if converted is not None:
             backend = _hf_backend(converted / "tokenizer.json")
             config = {**_read_config(converted), **config}  # a tokenizer_config.json beside the gguf wins
@@ -338,7 +339,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         else:
             from sentencepiece import SentencePieceProcessor
 
-            backend = SentencePieceProcessor(model_proto=gguf_vocab.sentencepiece_model_from_gguf(file))
+            backend = SentencePieceProcessor(model_proto=gguf_vocab.sentencepiece_model_from_gguf(file, reader))
             kind = SENTENCEPIECE
     elif kind == SENTENCEPIECE:
         from sentencepiece import SentencePieceProcessor

@@ -66,6 +66,19 @@ def test_llama_spm_golden(llama_spm):
     assert llama_spm.batch_encode([t for t, _ in cases], num_threads=2) == [ids for _, ids in cases]
 
 
+def test_a_sentencepiece_gguf_is_parsed_once(monkeypatch):
+    """Loading an SPM gguf vocabulary parses its fields once (its kind and its pieces come from one reader), and
+    the tokenizer is the one the golden test checks."""
+    import gguf
+
+    opened = []
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: opened.append(a) or real(*a, **k))
+    tok = load_tokenizer(artifact("ggml-vocab-llama-spm.gguf"))
+    assert len(opened) == 1 and tok.kind == SENTENCEPIECE and tok.vocab_size == 32000
+    assert tok.tokenize("Hello world") == dict(read_reference("llama-spm"))["Hello world"]  # llama.cpp's ids
+
+
 def test_llama3_bpe_golden(llama3):
     assert llama3.kind == HUGGINGFACE and llama3.vocab_size == 128256
     assert (llama3.bos, llama3.eos) == (128000, 128001)
@@ -116,8 +129,8 @@ def test_a_byte_level_bpe_gguf_is_converted_once_and_then_read_from_the_cache(tm
     calls = []
     real = gguf_vocab.write_hf_tokenizer_from_gguf
     monkeypatch.setattr(gguf_vocab, "write_hf_tokenizer_from_gguf", lambda *a: calls.append(a) or real(*a))
-    read = gguf_vocab.vocabulary_model  # parsing the gguf's fields: ~8 s for this one
-    monkeypatch.setattr(gguf_vocab, "vocabulary_model", lambda *a: calls.append(a) or read(*a))
+    read = gguf_vocab.read_fields  # parsing the gguf's fields: ~8 s for this one
+    monkeypatch.setattr(gguf_vocab, "read_fields", lambda *a: calls.append(a) or read(*a))
     second = load_tokenizer(path)
     assert not calls and second.tokenize(text) == first.tokenize(text)
     assert second.chat_template == first.chat_template and second.eos == first.eos == 151643
