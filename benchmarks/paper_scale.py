@@ -19,7 +19,8 @@ work does not depend on them). The ~1B shape of train_vs_hf.py (16 -> 20 blocks)
 Runs, in order of importance, each in a fresh spawned process (`train_vs_hf.run_side`: its own CUDA peak, no
 shared allocator); one that the time left cannot hold is recorded as skipped, so what runs first is what matters:
   8.3B llamapro bf16 (TE spec), FP8 hybrid/delayed, HF transformers + AdamW (fp32 weights, bf16 autocast), bf16 with
-  full recomputation; then the --pytest GPU tests (FP8 checkpoints, the planner; at most 150 s), the planner's other
+  full recomputation; then the --pytest GPU tests (FP8 checkpoints, the planner, then issue 20's MoE checkpoint
+  on TE's grouped experts; at most 150 s), the planner's other
   configurations (the 1B shape, FP8 with recomputation), FP8 with current (tensorwise) scaling, and second repeats
   of the bf16 and FP8 runs. MFU is against the bf16 dense peak (989 TFLOP/s on an H100/H200) for the FP8 runs
   too (FP8's dense peak is twice that), so FP8 / bf16 MFU is their speed ratio. Every run writes one line to
@@ -95,7 +96,7 @@ RUNS = [
     RunSpec("8.3b-fp8", "8.3b", "llamapro", 2, 2, 6, FP8, 80),
     RunSpec("8.3b-hf", "8.3b", "hf", 2, 2, 4, [], 45),
     RunSpec("8.3b-bf16-recompute", "8.3b", "llamapro", 2, 1, 2, RECOMPUTE, 65),
-    RunSpec("pytest", "", "pytest", 0, 0, 0, [], 100),  # the --pytest GPU tests (FP8 checkpoints), at most 150 s
+    RunSpec("pytest", "", "pytest", 0, 0, 0, [], 100),  # the --pytest GPU tests (FP8, planner, MoE), at most 150 s
     RunSpec("1b-bf16", "1b", "llamapro", 4, 1, 2, [], 30),
     RunSpec("1b-bf16-recompute", "1b", "llamapro", 4, 1, 2, RECOMPUTE, 30),
     RunSpec("1b-fp8", "1b", "llamapro", 4, 1, 2, FP8, 30),
@@ -126,8 +127,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="print the planner's memory for every llamapro run (dry run, no GPU) and, with --results, "
                          "the measured peak beside it")
     ap.add_argument("--results", default=None, help="with --predict: a results.jsonl of a device run")
-    ap.add_argument("--pytest", nargs="*", default=["tests/gpu/test_fp8.py", "tests/gpu/test_planner_memory.py"],
-                    help="GPU tests run after the 8.3B runs, for at most 150 s of the budget (empty: none)")
+    ap.add_argument("--pytest", nargs="*", default=["tests/gpu/test_fp8.py", "tests/gpu/test_planner_memory.py",
+                                                   "tests/gpu/test_moe_te.py"],
+                    help="GPU tests run after the 8.3B runs, in this order, for at most 150 s of the budget (what a "
+                         "timeout cuts off is the last; empty: none)")
     args = ap.parse_args(argv)
     if args.seq_length is None:
         args.seq_length = 64 if args.tiny else 4096
