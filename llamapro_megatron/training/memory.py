@@ -24,7 +24,12 @@ Memory per GPU, in bytes (P = this rank's parameters, T = its trainable ones, d 
   input, s*b*h*e, plus the working set of one recomputed group of layers once; every layer keeps its input then
   (the trainer makes the decoder's input require grad). A layer keeps nothing when no gradient flows through it:
   below the first trainable block of the first stage when the embedding is frozen. An MoE layer: f is top-k x the
-  experts' FFN size (dropless routing), plus the router's probabilities (E per token).
+  experts' FFN size (dropless routing); it also keeps the router's probabilities (E per token) and the router's
+  input (h/sp: megatron-core's RouterGatingLinearFunction saves it whether the router trains or not, moe_utils.py
+  :1185 in 0.16.1, :1319 in 0.19), and when it trains fc1's input is the permuted tokens, each once per chosen
+  expert: top-k x h x ETP/t per token (the allgather dispatcher pools the tokens of the ETP x EP ranks, each EP
+  rank takes its experts' share) instead of the norm output's h/sp. On the local spec's sequential experts a
+  trainable MoE MLP keeps exactly s*b*(top-k x h + f) more than its frozen twin (tests/unit/test_dry_run.py).
   Micro batches in flight (1F1B): min(pp - stage, micro batches) per stage; interleaved (VPP): megatron-core's
   warm-up count + 1 of model chunks. The last stage adds the logits and loss of one micro batch:
   s*b*V/t x (e + 4 + 4) (the fused cross-entropy's softmax in e bytes and its fp32 gradient with the e-byte copy
@@ -99,10 +104,16 @@ def layer_activation_bytes(meta: CheckpointMeta, config: TrainConfig, flash: boo
     sp = t if setting(config, "sequence_parallel") else 1
     q, k = a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
     ffn = a.expert_ffn_size * (a.moe_topk or 1)  # dropless MoE: each token's top-k experts
-    router = a.num_experts if a.is_moe else 0
-    per_token = e * (2 * a.hidden_size / sp + (2 * q + 2 * k + 2 * ffn + router) / t)
-    if trainable:  # the GEMMs' inputs, for their weight gradients: both norm outputs, SwiGLU's output
-        per_token += gemm_input * (2 * a.hidden_size / sp + ffn / t)
+    h = a.hidden_size
+    per_token = e * (2 * h / sp + (2 * q + 2 * k + 2 * ffn) / t)
+    mlp_input = h / sp  # the pre-MLP norm's output, fc1's input
+    if a.is_moe:  # the router's probabilities and its input, which it keeps whether it trains or not
+        per_token += e * (a.num_experts / t + h / sp)
+        # fc1 reads each token once per chosen expert: the tokens of ETP ranks pooled (SP), split over EP
+        etp = config.parallelism.expert_tensor_parallel_size or t
+        mlp_input = a.moe_topk * h * etp / t
+    if trainable:  # the GEMMs' inputs, for their weight gradients: the attention's and fc1's, SwiGLU's output
+        per_token += gemm_input * (h / sp + mlp_input + ffn / t)
     scores = 0 if flash or granularity == "selective" else e * a.num_attention_heads * s.seq_length ** 2 * \
         s.micro_batch_size / t
     return int(s.seq_length * s.micro_batch_size * per_token + scores)

@@ -135,10 +135,13 @@ def test_memory_figures_follow_the_stated_formulas(tmp_path):
     assert "TP 2 x PP 2 x DP 2, sequence parallel;" in sp.format() and "sequence parallel" not in plain.format()
 
 
-def saved_bytes(tp: int = 1, sequence_parallel: bool = False) -> dict[bool, int]:
-    """Bytes autograd saves for backward in one decoder layer of the gqa variant's shape (the sdpa spec, fp32, this
+def saved_tensors(tp: int = 1, sequence_parallel: bool = False, moe: tuple[int, int, int] | None = None,
+                  mlp_only: bool = False) -> dict[bool, tuple[dict[int, int], bool]]:
+    """What autograd saves for backward in one decoder layer of the gqa variant's shape (the sdpa spec, fp32, this
     rank's part of 2 x 32 tokens), trainable (True) and frozen (False), with the gradient flowing through it either
-    way (as through the frozen blocks below a new one). Parallel state: initialised here at ``tp``."""
+    way (as through the frozen blocks below a new one): the saved tensors' bytes by storage, and whether the input
+    is among them. ``moe``: (experts, top-k, the experts' FFN size) makes the MLP an MoE layer (allgather dispatcher,
+    no auxiliary loss); ``mlp_only``: the MLP alone, fed the input. Parallel state: initialised here at ``tp``."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -146,6 +149,9 @@ def saved_bytes(tp: int = 1, sequence_parallel: bool = False) -> dict[bool, int]
     from llamapro_megatron.runtime.specs import decoder_spec
 
     h, s, b = 64, 32, 2
+    experts = {} if moe is None else dict(
+        num_moe_experts=moe[0], moe_router_topk=moe[1], moe_ffn_hidden_size=moe[2],
+        moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
     init_distributed(tp=tp, pp=1)
     try:
         config = TransformerConfig(num_layers=1, hidden_size=h, ffn_hidden_size=96, num_attention_heads=4,
@@ -153,9 +159,9 @@ def saved_bytes(tp: int = 1, sequence_parallel: bool = False) -> dict[bool, int]
                                    activation_func=torch.nn.functional.silu, add_bias_linear=False,
                                    hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
                                    tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
-                                   use_cpu_initialization=True)
-        model = GPTModel(config=config, transformer_layer_spec=decoder_spec("sdpa", gpt_layer_spec("sdpa"), config,
-                                                                            None),
+                                   use_cpu_initialization=True, **experts)
+        spec = gpt_layer_spec("sdpa", num_experts=moe and moe[0])
+        model = GPTModel(config=config, transformer_layer_spec=decoder_spec("sdpa", spec, config, None),
                          vocab_size=128, max_sequence_length=64, position_embedding_type="rope")
         layer, kept = model.decoder.layers[0], {}
         for trains in (True, False):
@@ -168,11 +174,19 @@ def saved_bytes(tp: int = 1, sequence_parallel: bool = False) -> dict[bool, int]
 
             x = torch.randn(s // tp if sequence_parallel else s, b, h, requires_grad=True)  # this rank's part
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                layer(x, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(s))
-            kept[trains] = sum(saved.values())
+                if mlp_only:
+                    layer.mlp(x)
+                else:
+                    layer(x, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(s))
+            kept[trains] = (saved, x.data_ptr() in saved)
     finally:
         destroy_distributed()
     return kept
+
+
+def saved_bytes(tp: int = 1, sequence_parallel: bool = False) -> dict[bool, int]:
+    """Bytes :func:`saved_tensors` counts for the gqa layer, trainable (True) and frozen (False)."""
+    return {trains: sum(saved.values()) for trains, (saved, _) in saved_tensors(tp, sequence_parallel).items()}
 
 
 def test_a_frozen_layer_keeps_less_than_its_trainable_twin_by_the_gemm_inputs():
@@ -182,6 +196,32 @@ def test_a_frozen_layer_keeps_less_than_its_trainable_twin_by_the_gemm_inputs():
     h, f, s, b = 64, 96, 32, 2
     kept = saved_bytes()
     assert kept[True] - kept[False] >= s * b * (2 * h + f) * 4, kept
+
+
+def test_an_moe_layer_keeps_what_the_planner_counts_for_its_experts(tmp_path):
+    """The planner's MoE terms against torch's autograd (the sdpa spec's sequential experts, CPU; 4 experts, top 3,
+    expert FFN 48, so top-k x h and f differ from every other combination of the terms): a trainable MoE MLP keeps
+    exactly the experts' GEMM inputs, s*b*(top-k x h + top-k x f), more than its frozen twin, which is the planner's
+    trainable-minus-frozen difference less the attention's h; and the router keeps its input in a frozen layer too."""
+    from llamapro_megatron.training.config import load_config
+    from llamapro_megatron.training.dry_run import dry_run
+    from llamapro_megatron.training.memory import layer_activation_bytes
+
+    h, s, b, experts, topk, fe = 64, 32, 2, 4, 3, 48
+    kept = saved_tensors(moe=(experts, topk, fe), mlp_only=True)
+    measured = sum(kept[True][0].values()) - sum(kept[False][0].values())
+    assert measured == s * b * (topk * h + topk * fe) * 4, measured
+    assert kept[False][1] and kept[True][1]  # the router's input, whether it trains or not
+    hf = make_tiny_hf(tmp_path / "moe", "qwen3_moe", num_experts=experts, num_experts_per_tok=topk,
+                      moe_intermediate_size=fe)
+    plan = dry_run(load_config(None, {"schedule.seq_length": s, "schedule.micro_batch_size": b}, plan_only=True), 1,
+                   str(hf), 2)
+    layer = {trains: layer_activation_bytes(plan.meta, plan.config, flash=True, granularity=None, trainable=trains)
+             for trains in (True, False)}
+    assert layer[True] - layer[False] - s * b * h * 4 == measured
+    # the frozen layer's MoE terms: gate and up of every chosen expert, the router's probabilities and input
+    attention = 2 * h + 2 * 4 * 32 + 2 * 2 * 32  # the norms' inputs, Q and attention output, K and V (head_dim 32)
+    assert layer[False] == s * b * 4 * (attention + 2 * topk * fe + experts + h)
 
 
 @pytest.mark.parametrize("argv, message", [
