@@ -136,12 +136,13 @@ def test_memory_figures_follow_the_stated_formulas(tmp_path):
 
 
 def saved_tensors(tp: int = 1, sequence_parallel: bool = False, moe: tuple[int, int, int] | None = None,
-                  mlp_only: bool = False) -> dict[bool, tuple[dict[int, int], bool]]:
+                  mlp_only: bool = False, etp: int | None = None) -> dict[bool, tuple[dict[int, int], bool]]:
     """What autograd saves for backward in one decoder layer of the gqa variant's shape (the sdpa spec, fp32, this
     rank's part of 2 x 32 tokens), trainable (True) and frozen (False), with the gradient flowing through it either
     way (as through the frozen blocks below a new one): the saved tensors' bytes by storage, and whether the input
     is among them. ``moe``: (experts, top-k, the experts' FFN size) makes the MLP an MoE layer (allgather dispatcher,
-    no auxiliary loss); ``mlp_only``: the MLP alone, fed the input. Parallel state: initialised here at ``tp``."""
+    no auxiliary loss; ``etp``: its expert tensor parallelism, default TP); ``mlp_only``: the MLP alone, fed the
+    input. Parallel state: initialised here at ``tp``."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -152,14 +153,14 @@ def saved_tensors(tp: int = 1, sequence_parallel: bool = False, moe: tuple[int, 
     experts = {} if moe is None else dict(
         num_moe_experts=moe[0], moe_router_topk=moe[1], moe_ffn_hidden_size=moe[2],
         moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
-    init_distributed(tp=tp, pp=1)
+    init_distributed(tp=tp, pp=1, etp=etp)
     try:
         config = TransformerConfig(num_layers=1, hidden_size=h, ffn_hidden_size=96, num_attention_heads=4,
                                    num_query_groups=2, normalization="RMSNorm", gated_linear_unit=True,
                                    activation_func=torch.nn.functional.silu, add_bias_linear=False,
                                    hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
                                    tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
-                                   use_cpu_initialization=True, **experts)
+                                   expert_tensor_parallel_size=etp, use_cpu_initialization=True, **experts)
         spec = gpt_layer_spec("sdpa", num_experts=moe and moe[0])
         model = GPTModel(config=config, transformer_layer_spec=decoder_spec("sdpa", spec, config, None),
                          vocab_size=128, max_sequence_length=64, position_embedding_type="rope")
@@ -198,30 +199,39 @@ def test_a_frozen_layer_keeps_less_than_its_trainable_twin_by_the_gemm_inputs():
     assert kept[True] - kept[False] >= s * b * (2 * h + f) * 4, kept
 
 
-def test_an_moe_layer_keeps_what_the_planner_counts_for_its_experts(tmp_path):
+@pytest.mark.parametrize("tp, etp", [(1, None), (2, 2), (2, 1)], ids=["TP1", "TP2-SP-ETP2", "TP2-SP-ETP1"])
+def test_an_moe_layer_keeps_what_the_planner_counts_for_its_experts(tmp_path, tp, etp):
     """The planner's MoE terms against torch's autograd (the sdpa spec's sequential experts, CPU; 4 experts, top 3,
     expert FFN 48, so top-k x h and f differ from every other combination of the terms): a trainable MoE MLP keeps
-    exactly the experts' GEMM inputs, s*b*(top-k x h + top-k x f), more than its frozen twin, which is the planner's
-    trainable-minus-frozen difference less the attention's h; and the router keeps its input in a frozen layer too."""
+    exactly the experts' GEMM inputs, top-k x (h + f) per token its experts see, more than its frozen twin, which is
+    the planner's trainable-minus-frozen difference less the attention's h/SP; and the router keeps its input in a
+    frozen layer too. At TP 2 (sequence parallel, as MoE needs there) the experts see the tokens of their ETP ranks:
+    all of the sequence's split over the FFN at ETP 2, half of them whole at ETP 1 (gloo, rank 0's count)."""
+    from llamapro_megatron.runtime import run_workers
     from llamapro_megatron.training.config import load_config
     from llamapro_megatron.training.dry_run import dry_run
     from llamapro_megatron.training.memory import layer_activation_bytes
 
     h, s, b, experts, topk, fe = 64, 32, 2, 4, 3, 48
-    kept = saved_tensors(moe=(experts, topk, fe), mlp_only=True)
+    moe = (experts, topk, fe)
+    kept = (saved_tensors(moe=moe, mlp_only=True) if tp == 1 else
+            run_workers(saved_tensors, tp, args=(tp, True, moe, True, etp), timeout_s=300)[0])
     measured = sum(kept[True][0].values()) - sum(kept[False][0].values())
-    assert measured == s * b * (topk * h + topk * fe) * 4, measured
+    tokens = s * b * (etp or tp) // tp  # what this rank's experts see, each token once per chosen expert
+    assert measured == tokens * topk * (h + fe // (etp or tp)) * 4, measured
     assert kept[False][1] and kept[True][1]  # the router's input, whether it trains or not
     hf = make_tiny_hf(tmp_path / "moe", "qwen3_moe", num_experts=experts, num_experts_per_tok=topk,
                       moe_intermediate_size=fe)
-    plan = dry_run(load_config(None, {"schedule.seq_length": s, "schedule.micro_batch_size": b}, plan_only=True), 1,
-                   str(hf), 2)
+    layout = {"parallelism.tensor_model_parallel_size": tp, "parallelism.sequence_parallel": tp > 1,
+              "parallelism.expert_tensor_parallel_size": etp}
+    plan = dry_run(load_config(None, {"schedule.seq_length": s, "schedule.micro_batch_size": b, **layout},
+                               plan_only=True), tp, str(hf), 2)
     layer = {trains: layer_activation_bytes(plan.meta, plan.config, flash=True, granularity=None, trainable=trains)
              for trains in (True, False)}
-    assert layer[True] - layer[False] - s * b * h * 4 == measured
-    # the frozen layer's MoE terms: gate and up of every chosen expert, the router's probabilities and input
-    attention = 2 * h + 2 * 4 * 32 + 2 * 2 * 32  # the norms' inputs, Q and attention output, K and V (head_dim 32)
-    assert layer[False] == s * b * 4 * (attention + 2 * topk * fe + experts + h)
+    assert layer[True] - layer[False] - s * b * h // tp * 4 == measured
+    if tp == 1:  # the frozen layer's MoE terms: every chosen expert's gate and up, the router's probabilities, input
+        attention = 2 * h + 2 * 4 * 32 + 2 * 2 * 32  # norms' inputs, Q and attention output, K and V (head_dim 32)
+        assert layer[False] == s * b * 4 * (attention + 2 * topk * fe + experts + h)
 
 
 @pytest.mark.parametrize("argv, message", [
