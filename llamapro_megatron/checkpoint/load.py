@@ -88,13 +88,21 @@ def load(state: dict[str, Any], ckpt_dir: str | Path, meta: CheckpointMeta, mode
     if not trainable.is_trainable_only(meta):
         with refusals_surface(ckpt_dir):
             return dist_checkpointing.load(state, str(ckpt_dir), validate_access_integrity=strict)
+    import torch.distributed as dist
+
     base_dir = trainable.resolve_base(ckpt_dir, meta, base)
     own, from_base = trainable.split_state(state, meta, model_keys, ckpt_dir)
+    if dist.get_world_size() == 1:
+        # The base part leaves the trained layers out of each stacked tensor, and megatron-core's torch_dist reader
+        # places what a request leaves out on "another rank", (rank + 1) % world (strategies/torch.py,
+        # sharded_tensor_to_torch_sharded_tensor): this very rank in a world of one, whose read then fails. So a
+        # world of one reads every requested tensor from the base, and the save's over it (same tensors, in place).
+        from_base = {mk: dict(state[mk]) for mk in from_base}
     check_files(base_dir)
-    with refusals_surface(ckpt_dir):
-        loaded = dist_checkpointing.load(own, str(ckpt_dir), validate_access_integrity=strict)
     with refusals_surface(base_dir):
         base_loaded = dist_checkpointing.load(from_base, str(base_dir), validate_access_integrity=False)
+    with refusals_surface(ckpt_dir):
+        loaded = dist_checkpointing.load(own, str(ckpt_dir), validate_access_integrity=strict)
     for mk in from_base:
         loaded[mk] = {**base_loaded.get(mk, {}), **loaded.get(mk, {})}
     return loaded

@@ -124,8 +124,9 @@ def _same_ep_world(root: str) -> dict:
 def test_moe_resumes_bit_exactly_at_the_same_ep_with_the_distributed_optimizer_and_merges(tmp_path):
     """EP 2 + distributed optimizer, trainable-only saves: the resume from step 2 gives step 3's loss and every saved
     tensor (weights and the experts' optimizer state) bit for bit as the uninterrupted run; the merged trainable-only
-    save equals the full save's model tensors bit for bit."""
-    from tests.distributed.test_trainable_only import _assert_equal, _model
+    save equals the full save's model tensors bit for bit, and so does the trainable-only save as one rank (EP 1) loads
+    it."""
+    from tests.distributed.test_trainable_only import _assert_equal, _loaded_at_world_1, _model
     from tests.distributed.test_training import _tensors as dcp_tensors
 
     make_tiny_hf(tmp_path / "hf", "qwen3_moe")
@@ -137,3 +138,6 @@ def test_moe_resumes_bit_exactly_at_the_same_ep_with_the_distributed_optimizer_a
     _assert_equal(resumed, uninterrupted)
     _assert_equal(_model(dcp_tensors(tmp_path / "M" / "release")),
                   _model(dcp_tensors(tmp_path / "F" / "iter_0000003")))
+    full, trained_only = run_workers(_loaded_at_world_1, 1, timeout_s=300, args=(
+        [str(tmp_path / "F" / "iter_0000003"), str(tmp_path / "T" / "iter_0000003")],))[0]
+    _assert_equal(trained_only, full)
