@@ -124,7 +124,12 @@ class LlamaArch:
     num_experts: int | None = None
     moe_topk: int | None = None
     moe_ffn_hidden_size: int | None = None
-    router_aux_loss_coef: float | None = None
+    router_aux_loss_coef: float | None = None  # None (a checkpoint recorded before the default was read): 0.001
+
+    @property
+    def aux_loss_coef(self) -> float:
+        """The load-balancing loss's coefficient the config means (transformers' default where it names none)."""
+        return ROUTER_AUX_LOSS_COEF_DEFAULT if self.router_aux_loss_coef is None else self.router_aux_loss_coef
 
     @property
     def is_moe(self) -> bool:
@@ -157,6 +162,7 @@ class LlamaArch:
 
         archs = config.get("architectures") or []
         model_type = config.get("model_type")
+        _check_int_fields(config, source)
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         refused = next((a for a in archs if a in _REFUSED_ARCHITECTURES), None)
         if arch is None and refused:
@@ -186,7 +192,7 @@ class LlamaArch:
         if heads % groups:
             raise UserError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
         head_dim = config.get("head_dim") or hidden // heads
-        theta, scaling = _read_rope(config, source)
+        theta, scaling = _read_rope(config, source, arch)
         eps = config.get("rms_norm_eps", 1e-6)
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
         sliding = config.get("sliding_window") if arch in ("MistralForCausalLM", "MixtralForCausalLM") else None
@@ -283,7 +289,7 @@ class LlamaArch:
             config.update(num_experts=self.num_experts, moe_intermediate_size=self.moe_ffn_hidden_size,
                           norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
         if self.is_moe:
-            config.update(num_experts_per_tok=self.moe_topk, router_aux_loss_coef=self.router_aux_loss_coef,
+            config.update(num_experts_per_tok=self.moe_topk, router_aux_loss_coef=self.aux_loss_coef,
                           output_router_logits=False)
         return config
 
@@ -304,6 +310,9 @@ class LlamaArch:
         layers = num_layers if num_layers is not None else self.num_layers
         if tp < 1 or pp < 1:
             raise UserError(f"{T} {tp} {P} {pp}: both must be at least 1")
+        for flag, value in ((E, ep), (ET, etp)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} {value}: must be at least 1")
         if self.num_attention_heads % tp:
             raise UserError(f"{T} {tp} does not divide {self.num_attention_heads} attention heads; choose one of "
                             f"{_divisors(math.gcd(self.num_attention_heads, self.num_query_groups))}")
@@ -398,7 +407,7 @@ class LlamaArch:
             kwargs.update(num_moe_experts=self.num_experts, moe_router_topk=self.moe_topk,
                           moe_ffn_hidden_size=self.moe_ffn_hidden_size, moe_router_pre_softmax=False,
                           moe_router_load_balancing_type="aux_loss",
-                          moe_aux_loss_coeff=self.router_aux_loss_coef or 0.0,
+                          moe_aux_loss_coeff=self.aux_loss_coef,
                           moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
                           moe_grouped_gemm=fused_kernels)
         kwargs.update(overrides)
@@ -456,7 +465,7 @@ def _read_moe(config: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
     if not experts:
         raise UserError(f"{source}: {arch} needs num_local_experts (or num_experts), the experts per layer")
     topk = config.get("num_experts_per_tok")
-    if not topk or not 0 < topk <= experts:
+    if not _is_int(topk) or not 0 < topk <= experts:
         raise UserError(f"{source}: num_experts_per_tok={topk!r} must be between 1 and the {experts} experts")
     if arch == "Qwen3MoeForCausalLM":
         if not config.get("norm_topk_prob"):
@@ -472,36 +481,75 @@ def _read_moe(config: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
     else:  # Mixtral: the experts' FFN size is intermediate_size
         ffn = config.get("intermediate_size")
     coef = config.get("router_aux_loss_coef")
-    return dict(num_experts=int(experts), moe_topk=int(topk), moe_ffn_hidden_size=int(ffn),
-                router_aux_loss_coef=None if coef is None else float(coef))
+    if coef is None:
+        coef = ROUTER_AUX_LOSS_COEF_DEFAULT
+    if not _is_number(coef) or not 0 <= coef < float("inf"):
+        raise UserError(f"{source}: router_aux_loss_coef={coef!r} must be a number, 0 or more")
+    return dict(num_experts=experts, moe_topk=topk, moe_ffn_hidden_size=ffn, router_aux_loss_coef=float(coef))
 
 
-def _read_rope(config: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
-    """theta and scaling from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5)."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    if params and "rope_type" in params:
-        scaling = {**scaling, **params}
-    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+# transformers' default of both MoE families' config classes (MixtralConfig, Qwen3MoeConfig), for a config.json
+# that leaves the field out
+ROUTER_AUX_LOSS_COEF_DEFAULT = 0.001
+# integer fields of a config.json, checked before any is used: a string or a float there is the user's mistake
+_POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings", "sliding_window",
+                        "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+def _check_int_fields(config: dict[str, Any], source: str) -> None:
+    for field in _POSITIVE_INT_FIELDS:
+        value = config.get(field)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise UserError(f"{source}: {field}={value!r} must be a positive integer")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# transformers' `default_theta` of each family's config class: the theta of a config.json that names none
+_DEFAULT_THETA = {"MixtralForCausalLM": 1000000.0}
+_DEFAULT_THETA_OTHERS = 10000.0
+
+
+def _read_rope(config: dict[str, Any], source: str, arch: str) -> tuple[float, RopeScaling | None]:
+    """theta and scaling from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5),
+    with transformers' precedence (`modeling_rope_utils.convert_rope_params_to_dict`, 5.x): a `rope_scaling` block
+    replaces `rope_parameters` whole; theta is that block's `rope_theta`, else the top-level `rope_theta`, else the
+    family's default; the type is `rope_type`, else the legacy `type`, else "default"."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(scaling, dict):
+        raise UserError(f"{source}: rope_scaling / rope_parameters must be an object, got {scaling!r}")
+    theta = scaling.get("rope_theta", config.get("rope_theta", _DEFAULT_THETA.get(arch, _DEFAULT_THETA_OTHERS)))
+    if not _is_number(theta) or not theta > 0:
+        raise UserError(f"{source}: rope_theta must be a positive number, got {theta!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return theta, None
     if rope_type not in ROPE_TYPES:
         raise UserError(f"{source}: rope type {rope_type!r} is not supported; supported: 'default', 'linear' and "
                         "'llama3'")
     if rope_type == "linear":
-        if not float(scaling.get("factor") or 0) > 0:
-            raise UserError(f"{source}: linear rope scaling needs a positive 'factor' (got {scaling.get('factor')!r})")
-        return theta, RopeScaling(factor=float(scaling["factor"]), rope_type="linear")
-    try:
-        return theta, RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-        )
-    except KeyError as e:
-        raise UserError(f"{source}: llama3 rope scaling is missing {e.args[0]!r}") from e
+        factor = scaling.get("factor")
+        if not _is_number(factor) or not factor > 0:
+            raise UserError(f"{source}: linear rope scaling needs a positive 'factor' (got {factor!r})")
+        return theta, RopeScaling(factor=float(factor), rope_type="linear")
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    for name in fields:
+        if name not in scaling:
+            raise UserError(f"{source}: llama3 rope scaling is missing {name!r}")
+        if not _is_number(scaling[name]) or not scaling[name] > 0:
+            raise UserError(f"{source}: llama3 rope scaling's {name!r} must be a positive number, got "
+                            f"{scaling[name]!r}")
+    return theta, RopeScaling(factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+                              high_freq_factor=float(scaling["high_freq_factor"]),
+                              original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number (not a bool, which Python counts as one, nor a string that looks like one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def pipeline_stage_layers(num_layers: int, pp: int, first: int | None = None, last: int | None = None,

@@ -94,8 +94,13 @@ def plan_from_args(num_layers: int, groups: int | None = None, positions: str | 
     """Exactly one of --groups, --positions, --placement (with --num-new)."""
     given = [name for name, v in (("--groups", groups), ("--positions", positions), ("--placement", where))
              if v is not None]
+    if not given and num_new is not None:
+        raise UserError(f"--num-new {num_new} goes with --placement (top or bottom); or give --groups or "
+                        "--positions instead")
     if len(given) != 1:
         raise UserError(f"give exactly one of --groups, --positions, --placement (got {given or 'none'})")
+    if num_new is not None and where is None:
+        raise UserError(f"--num-new {num_new} goes with --placement, not with {given[0]}")
     if groups is not None:
         return interleave(num_layers, groups)
     if positions is not None:

@@ -237,9 +237,11 @@ def register(sub) -> None:
     p.add_argument("--load", required=True, help="Megatron checkpoint directory (the reference with "
                    "--load-expanded, else the model checked against --hf-dir)")
     p.add_argument("--load-expanded", default=None, help="expanded Megatron checkpoint, checked against --load")
-    p.add_argument("--ckpt-step", type=int, default=None)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ckpt-step", type=int, default=None, help="iteration of --load when it is a training save "
+                   "directory (default: the latest)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to run the model(s) at (a checkpoint "
+                   "loads at any layout, so this checks that one too); runs TP x PP ranks")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to run at, likewise")
     from llamapro_megatron.checkpoint.cli import add_expert_args
 
     add_expert_args(p, "the experts of each layer split over EP ranks, run on TP x PP x EP ranks")

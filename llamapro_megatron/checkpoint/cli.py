@@ -131,6 +131,10 @@ def register(sub) -> None:
     p.add_argument("--tp", type=int, default=None, help="layout to validate and record (default: the save's)")
     p.add_argument("--pp", type=int, default=None, help="likewise")
     p.add_argument("--vpp", type=int, default=None, help="likewise")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (MoE models), likewise; it must divide "
+                   "the experts of a layer")
+    p.add_argument("--etp", type=int, default=None, help="tensor-parallel size of each expert (MoE models), likewise; "
+                   "it must divide the experts' FFN size")
     add_worker_args(p)
     add_round_arg(p)
     p.set_defaults(func=run_merge)
@@ -186,8 +190,8 @@ def run_merge(args) -> int:
     from llamapro_megatron.checkpoint.merge import merge_trainable
 
     merge_trainable(args.base, args.trainable, args.out, ckpt_step=args.ckpt_step, tp=args.tp, pp=args.pp,
-                    vpp=args.vpp, workers=args.workers, overwrite=args.overwrite, progress=args.progress,
-                    round_bytes=args.max_round_mb << 20)
+                    vpp=args.vpp, ep=args.ep, etp=args.etp, workers=args.workers, overwrite=args.overwrite,
+                    progress=args.progress, round_bytes=args.max_round_mb << 20)
     return 0
 
 

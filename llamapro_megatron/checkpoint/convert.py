@@ -61,7 +61,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
 
     With an expansion `plan` the checkpoint is written expanded in the same pass (identity copies).
     """
-    hf_dir, out = Path(hf_dir), output.check_output(out, overwrite)
+    hf_dir, out = Path(hf_dir), output.check_output(out, overwrite, inputs=(hf_dir,))
     arch = LlamaArch.from_hf_dir(hf_dir)
     plan = plan or ExpansionPlan.identity(arch.num_layers)
     if plan.source_num_layers != arch.num_layers:
@@ -109,7 +109,7 @@ def mcore_to_hf(load: str | Path, out: str | Path, *, dtype: str | None = None, 
                 ckpt_step: int | None = None, overwrite: bool = False, progress: bool = True,
                 round_bytes: int | None = None) -> Path:
     """Export a Megatron checkpoint written by this project to a HF directory transformers loads offline."""
-    out = output.check_output(out, overwrite)
+    out = output.check_output(out, overwrite, inputs=(load,))
     ckpt_dir = resolve_checkpoint(load, ckpt_step)
     meta = read_meta(ckpt_dir)
     check_files(ckpt_dir)  # a missing or truncated file is named here, on either path

@@ -44,7 +44,7 @@ def expand_mcore(load: str | Path, out: str | Path, plan_fn, *, tp: int = 1, pp:
                  ckpt_step: int | None = None, overwrite: bool = False, progress: bool = True,
                  round_bytes: int | None = None) -> Path:
     """Expand a Megatron checkpoint. `plan_fn(num_source_layers) -> ExpansionPlan` (the CLI's plan flags)."""
-    out = output.check_output(out, overwrite)
+    out = output.check_output(out, overwrite, inputs=(load,))
     src_dir = resolve_checkpoint(load, ckpt_step)
     src = read_meta(src_dir)
     if trainable.is_trainable_only(src):

@@ -37,7 +37,7 @@ def expand_hf(hf_dir: str | Path, out: str | Path, plan_fn, *, dtype: str | None
     """The same expansion, Hugging Face directory to Hugging Face directory, streaming by layer."""
     from llamapro_megatron.runtime.launch import WorkerError, run_workers
 
-    hf_dir, out = Path(hf_dir), output.check_output(out, overwrite)
+    hf_dir, out = Path(hf_dir), output.check_output(out, overwrite, inputs=(hf_dir,))
     arch = LlamaArch.from_hf_dir(hf_dir)
     reader = hfio.HFReader(hf_dir)
     hfio.validate_hf_tensors(reader, mapping.expected_hf_shapes(arch))

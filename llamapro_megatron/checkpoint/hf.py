@@ -143,16 +143,31 @@ def read_header(path: str | Path) -> tuple[int, dict]:
 
 
 def validate_hf_tensors(reader: HFReader, expected: dict[str, tuple[int, ...]]) -> None:
-    """Every expected tensor is present with its shape (checked from headers, before any conversion work)."""
+    """Every expected tensor is present with its shape, and every tensor there is expected (checked from headers,
+    before any conversion work): a tensor the config does not account for (a shared expert, a fifth expert of a
+    four-expert config) would otherwise be dropped without a word."""
+    def listed(names: list[str]) -> str:
+        return f"{names[:3]}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+
     missing = [n for n in expected if n not in reader]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UserError(f"{reader.dir} lacks tensors the config implies: {missing[:3]}{more}")
+        raise UserError(f"{reader.dir} lacks tensors the config implies: {listed(missing)}")
+    unexpected = sorted(n for n in reader.weight_map if n not in expected and not _ignorable(n))
+    if unexpected:
+        raise UserError(f"{reader.dir} has tensors its config.json does not account for: {listed(unexpected)}; the "
+                        "weights do not match the config (another architecture, or a different expert count), and "
+                        "converting would drop them")
     for name, shape in expected.items():
         got = reader.shape(name)
         if got != shape:
             raise UserError(f"{reader.dir}: tensor {name} has shape {list(got)}, but config.json implies "
                             f"{list(shape)}; the weights do not match the config")
+
+
+def _ignorable(name: str) -> bool:
+    """Tensors transformers itself ignores when loading: older LLaMA checkpoints' RoPE buffers (recomputed from the
+    config), and the output layer of a model with tied embeddings (tied to the embedding on load)."""
+    return name.endswith(".rotary_emb.inv_freq") or name == "lm_head.weight"
 
 
 def shard_name(index: int, total: int) -> str:

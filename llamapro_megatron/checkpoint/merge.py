@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llamapro_megatron.checkpoint import trainable
 from llamapro_megatron.checkpoint.expand import ExpandJob, run_expand_job
-from llamapro_megatron.checkpoint.mcore import read_meta, resolve_checkpoint
+from llamapro_megatron.checkpoint.mcore import read_meta, recorded_layout, resolve_checkpoint
 from llamapro_megatron.checkpoint.output import check_output
 from llamapro_megatron.checkpoint.units import ROUND_BYTES
 from llamapro_megatron.errors import UserError
@@ -22,19 +22,26 @@ from llamapro_megatron.expansion import ExpansionPlan
 
 
 def merge_trainable(base: str | Path | None, save: str | Path, out: str | Path, *, ckpt_step: int | None = None,
-                    tp: int | None = None, pp: int | None = None, vpp: int | None = None, workers: int = 1,
+                    tp: int | None = None, pp: int | None = None, vpp: int | None = None, ep: int | None = None,
+                    etp: int | None = None, workers: int = 1,
                     overwrite: bool = False, progress: bool = True, round_bytes: int | None = None) -> Path:
-    """Write the full checkpoint of a trainable-only save at `out`; `base`: its base, if moved (else recorded)."""
-    out = check_output(out, overwrite)
+    """Write the full checkpoint of a trainable-only save at `out`; `base`: its base, if moved (else recorded).
+    `tp`..`etp`: the layout to validate and record (each None: the save's)."""
+    out = check_output(out, overwrite, inputs=(save, base))
     save_dir = resolve_checkpoint(save, ckpt_step, flag="--trainable")
     meta = read_meta(save_dir)
     if not trainable.is_trainable_only(meta):
         raise UserError(f"--trainable {save_dir} is a full checkpoint already (its llamapro.json has no "
                         "trainable_only record): nothing to merge; use it as it is")
     base_dir = trainable.resolve_base(save_dir, meta, base)
-    layout = {"tp": tp or meta.layout.get("tp", 1), "pp": pp or meta.layout.get("pp", 1),
-              "vpp": vpp if vpp is not None else meta.layout.get("vpp")}
-    meta.arch.validate_layout(layout["tp"], layout["pp"], layout["vpp"])
+    check_output(out, True, inputs=(base_dir,))  # the recorded base, too
+    def given(value, name, default):
+        return value if value is not None else meta.layout.get(name, default)
+
+    layout = recorded_layout(given(tp, "tp", 1), given(pp, "pp", 1), given(vpp, "vpp", None), given(ep, "ep", 1),
+                             given(etp, "etp", None))
+    meta.arch.validate_layout(layout["tp"], layout["pp"], layout["vpp"], ep=layout.get("ep", 1),
+                              etp=layout.get("etp"))
     if meta.padded_vocab_size % layout["tp"]:
         raise UserError(f"--tp {layout['tp']} does not divide the checkpoint's padded vocabulary "
                         f"{meta.padded_vocab_size}")

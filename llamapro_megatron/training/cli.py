@@ -14,9 +14,10 @@ def register(sub) -> None:
                        "blocks), or resume a training save directory. Settings come from an optional YAML recipe "
                        "(--config) and Megatron-LM-named flags, which override it. The architecture and the "
                        "expansion come from the checkpoint. Under torchrun every process is a rank; otherwise "
-                       "--nproc local processes are started (default: TP x PP).")
+                       "--nproc local processes are started (default: the fewest the layout runs on).")
     p.add_argument("--nproc", type=int, default=None, help="local ranks to start without a launcher "
-                   "(default: tensor x pipeline parallel size; ignored under torchrun)")
+                   "(default: the fewest the layout runs on, TP x PP, with experts PP x the least common multiple "
+                   "of TP and ETP x EP; a multiple of it adds data parallelism; ignored under torchrun)")
     add_arguments(p)
     add_dry_run_arguments(p)
     p.set_defaults(func=run)

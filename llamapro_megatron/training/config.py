@@ -219,7 +219,8 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--pipeline-model-parallel-size": ("parallelism", "pipeline_model_parallel_size", dict(type=int)),
     "--expert-model-parallel-size": ("parallelism", "expert_model_parallel_size",
                                      dict(type=int, help="MoE models: split each layer's experts over this many "
-                                                         "data-parallel ranks (it must divide the experts and the "
+                                                         "ranks (it must divide the experts, and EP x ETP x PP the "
+                                                         "world size: at the default ETP = TP, EP divides the "
                                                          "data-parallel size)")),
     "--expert-tensor-parallel-size": ("parallelism", "expert_tensor_parallel_size",
                                      dict(type=int, help="MoE models: split each expert's FFN over this many ranks "
@@ -227,7 +228,8 @@ FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                          "same); the world holds TP x PP and ETP x EP x PP alike")),
     "--moe-aux-loss-coeff": ("model", "moe_aux_loss_coeff",
                              dict(type=float, help="MoE models: coefficient of the load-balancing loss (default: "
-                                                   "the model's router_aux_loss_coef). It is megatron-core's per-layer "
+                                                   "the model's router_aux_loss_coef; transformers' 0.001 where its "
+                                                   "config.json has none). It is megatron-core's per-layer "
                                                    "switch loss, added for the routers that train (the new blocks') "
                                                    "only: a frozen block's router neither moves nor adds a loss "
                                                    "that would pull the new blocks toward balancing it")),
@@ -412,6 +414,7 @@ def _from_dict(raw: dict[str, Any], source: str) -> TrainConfig:
 def validate(config: TrainConfig, plan_only: bool = False) -> None:
     """Checks that need no checkpoint and no process group; each message names the flag to change."""
     s, c, f, d = config.schedule, config.checkpointing, config.freeze, config.data
+    _validate_finite(config)
     for name, value in (("--nnodes", config.launch.nodes), ("--gpus-per-node", config.launch.gpus_per_node)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
@@ -464,6 +467,19 @@ def validate(config: TrainConfig, plan_only: bool = False) -> None:
     if m.moe_aux_loss_coeff is not None and m.moe_aux_loss_coeff < 0:
         raise UserError(f"--moe-aux-loss-coeff {m.moe_aux_loss_coeff}: must be 0 or more")
     _validate_fp8(m)
+
+
+def _validate_finite(config: TrainConfig) -> None:
+    """No setting is NaN or infinite (argparse's float and YAML both accept "nan" and "inf"; NaN passes every
+    range check, so `--moe-aux-loss-coeff nan` would silently turn the loss off and `--lr inf` fail steps later)."""
+    import math
+
+    flag_of = {(section, name): flag for flag, (section, name, _) in FLAGS.items()}
+    for section in _SECTION_CLASSES:
+        for name, value in dataclasses.asdict(getattr(config, section)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                where = flag_of.get((section, name), f"{section}.{name}")
+                raise UserError(f"{where} {value}: must be a finite number")
 
 
 def _validate_fp8(m: ModelSection) -> None:
@@ -556,7 +572,11 @@ def parse_data_path(data_path: list[str]) -> list[tuple[float, str]]:
     if len(items) % 2 or not all(is_number(w) for w in items[::2]):
         raise UserError(f"--data-path {' '.join(items)}: expected PREFIX ... or weight/prefix pairs "
                         "W1 PREFIX1 W2 PREFIX2 ...")
-    return [(float(w), p) for w, p in zip(items[::2], items[1::2])]
+    pairs = [(float(w), p) for w, p in zip(items[::2], items[1::2])]
+    bad = [w for w, _ in pairs if not 0 <= w < float("inf")]  # NaN fails this too
+    if bad:
+        raise UserError(f"--data-path: weight {bad[0]} must be a finite number, 0 or more")
+    return pairs
 
 
 def config_from_argv(argv: list[str]) -> TrainConfig:

@@ -67,8 +67,9 @@ class Plan:
         lines = [
             f"dry run (meta device, fake process group; nothing allocated) of {self.source}",
             f"model: {a.architecture}, {a.num_layers} layers ({len(new)} new: {new}), hidden {a.hidden_size}, "
-            f"FFN {a.ffn_hidden_size}"
-            + (f" ({a.num_experts} experts of FFN {a.moe_ffn_hidden_size}, top {a.moe_topk})" if a.is_moe else "")
+            # every layer of an MoE model is sparse: its dense FFN size (Qwen3-MoE's intermediate_size) is unused
+            + (f"{a.num_experts} experts of FFN {a.moe_ffn_hidden_size}, top {a.moe_topk}" if a.is_moe
+               else f"FFN {a.ffn_hidden_size}")
             + f", heads {a.num_attention_heads} / {a.num_query_groups} KV groups, vocabulary "
             f"{a.vocab_size} (padded to {self.meta.padded_vocab_size})",
             f"parameters: {self.model_parameters:,} (as transformers counts them), trainable "
@@ -78,7 +79,8 @@ class Plan:
             f"PP {p.pipeline_model_parallel_size} x DP {self.dp}"
             + (", sequence parallel" if p.sequence_parallel else "")
             + (f", VPP {p.virtual_pipeline_model_parallel_size}" if virtual_stages(c) else "")
-            + (f", EP {p.expert_model_parallel_size} (experts split over data-parallel ranks)"
+            + (f", EP {p.expert_model_parallel_size} (each layer's experts split over "
+               f"{p.expert_model_parallel_size} ranks)"
                if p.expert_model_parallel_size > 1 else "")
             + (f", ETP {p.expert_tensor_parallel_size} ("
                + ("each expert whole on one rank" if p.expert_tensor_parallel_size == 1

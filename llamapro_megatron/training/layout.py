@@ -127,7 +127,7 @@ def moe_overrides(config: TrainConfig, arch: LlamaArch) -> dict[str, Any]:
         raise UserError("--moe-token-dispatcher-type alltoall needs CUDA (megatron-core's all-to-all dispatcher "
                         "creates CUDA streams); on CPU use allgather (the default there)")
     overrides: dict[str, Any] = {"moe_aux_loss_coeff": (m.moe_aux_loss_coeff if m.moe_aux_loss_coeff is not None
-                                                        else arch.router_aux_loss_coef or 0.0)}
+                                                        else arch.aux_loss_coef)}
     if m.moe_token_dispatcher_type is not None:
         overrides["moe_token_dispatcher_type"] = m.moe_token_dispatcher_type
     return overrides

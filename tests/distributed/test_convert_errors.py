@@ -65,6 +65,41 @@ def test_tensor_of_wrong_shape(tiny, tmp_path, capsys):
     _assert_refused(capsys, tmp_path / "o", "--hf-dir", str(d), match="model.layers.2.mlp.up_proj.weight has shape")
 
 
+def test_a_tensor_the_config_does_not_account_for_is_refused(tmp_path, capsys):
+    """A shared expert's tensor in a Qwen3-MoE directory, or a fifth expert where config.json says four, would be
+    dropped by conversion: refused by name, by hf-to-mcore and by expand-hf; the tensors transformers itself ignores
+    (an old checkpoint's RoPE inv_freq buffers, a tied model's lm_head) are accepted."""
+    hf = make_tiny_hf(tmp_path / "moe", "qwen3_moe")  # 4 experts
+    for extra in ("model.layers.0.mlp.shared_expert.up_proj.weight", "model.layers.1.mlp.experts.4.down_proj.weight"):
+        d = tmp_path / "extra"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(hf, d)
+        tensors = load_file(d / "model.safetensors")
+        tensors[extra] = torch.zeros(64, 32)
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        _assert_refused(capsys, tmp_path / "o", "--hf-dir", str(d), match=f"does not account for: ['{extra}']")
+        code = main(["expand-hf", "--hf-dir", str(d), "--out", str(tmp_path / "x"), "--groups", "2", "--no-progress"])
+        assert code == 2 and extra in capsys.readouterr().err and not (tmp_path / "x").exists()
+    tied = make_tiny_hf(tmp_path / "tied", "tied")
+    tensors = load_file(tied / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)
+    save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
+    assert _convert(capsys, "--hf-dir", str(tied), "--out", str(tmp_path / "ok"))[0] == 0
+
+
+def test_an_output_that_is_the_input_is_refused_even_with_overwrite(tiny, tmp_path, capsys):
+    """--out naming the source (or a folder above it) would replace what is being read: refused, source intact."""
+    d = _copy(tiny, tmp_path)
+    before = sorted(p.name for p in d.iterdir())
+    for out, what in ((d, "is the input"), (tmp_path, "is a folder above the input")):
+        code, err = _convert(capsys, "--hf-dir", str(d), "--out", str(out), "--overwrite")
+        assert code == 2 and f"output {out} {what} {d}" in err, err
+    assert sorted(p.name for p in d.iterdir()) == before
+    code = main(["expand-hf", "--hf-dir", str(d), "--out", str(d), "--groups", "2", "--overwrite", "--no-progress"])
+    assert code == 2 and "is the input" in capsys.readouterr().err and sorted(p.name for p in d.iterdir()) == before
+
+
 def test_missing_config_and_foreign_architecture(tiny, tmp_path, capsys):
     d = _copy(tiny, tmp_path)
     cfg = json.loads((d / "config.json").read_text())

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llamapro_megatron.checkpoint.mcore import read_meta
 from llamapro_megatron.runtime import run_workers
 from tests.distributed.versions import llamapro
 from tests.tiny_models import make_tiny_hf
@@ -116,7 +117,7 @@ def _same_ep_world(root: str) -> dict:
                                         "--save-interval", "1", "--save-trainable-only"])).losses}
     out["T2"] = train(config_from_argv([*common, "--load", str(r / "T"), "--ckpt-step", "2", "--save", str(r / "T2"),
                                         "--save-interval", "3", "--save-trainable-only"])).losses
-    merge_trainable(None, r / "T", r / "M", progress=False)
+    merge_trainable(None, r / "T", r / "M", ep=2, progress=False)  # the layout to record: EP 2
     return out
 
 
@@ -138,6 +139,7 @@ def test_moe_resumes_bit_exactly_at_the_same_ep_with_the_distributed_optimizer_a
     _assert_equal(resumed, uninterrupted)
     _assert_equal(_model(dcp_tensors(tmp_path / "M" / "release")),
                   _model(dcp_tensors(tmp_path / "F" / "iter_0000003")))
+    assert read_meta(tmp_path / "M" / "release").layout == {"tp": 1, "pp": 1, "vpp": None, "ep": 2}
     full, trained_only = run_workers(_loaded_at_world_1, 1, timeout_s=300, args=(
         [str(tmp_path / "F" / "iter_0000003"), str(tmp_path / "T" / "iter_0000003")],))[0]
     _assert_equal(trained_only, full)

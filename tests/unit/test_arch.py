@@ -68,6 +68,40 @@ def test_a_recorded_llama3_scaling_without_rope_type_still_reads():
     assert RopeScaling(**d).rope_type == "llama3"
 
 
+_MIXTRAL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 8,
+            "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize("change", [
+    # transformers 5 writes a default rope_parameters; a rope_scaling beside it replaces it whole (theta included)
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "rope_scaling": {"type": "linear", "factor": 4.0}},
+    dict(_MIXTRAL, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+         rope_scaling={"rope_type": "linear", "factor": 2.0}),  # Mixtral's default theta is 1e6
+    {"rope_parameters": {"type": "linear", "factor": 4.0, "rope_theta": 1e6}},  # the legacy key inside
+    {"rope_theta": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}},  # the block's theta wins
+    {"rope_theta": 7.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},  # transformers 4
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_theta": 5e5}},
+], ids=["scaling-beside-default-parameters", "mixtral-default-theta", "legacy-type-key", "block-theta-wins",
+        "transformers4", "llama3-parameters"])
+def test_rope_fields_resolve_as_transformers_resolves_them(change):
+    """theta, type and factor as transformers' own config class resolves the same config.json fields (5.x:
+    `convert_rope_params_to_dict`), including the combinations where one block overrides another."""
+    import transformers
+
+    cfg = {k: v for k, v in BASE.items() if k != "rope_theta"}
+    cfg.update(change)
+    arch = LlamaArch.from_hf_config(cfg)
+    family = {"LlamaForCausalLM": transformers.LlamaConfig, "MixtralForCausalLM": transformers.MixtralConfig}
+    reference = family[arch.architecture].from_dict(cfg).rope_parameters
+    assert arch.rope_theta == reference["rope_theta"]
+    if reference["rope_type"] == "default":
+        assert arch.rope_scaling is None
+    else:
+        assert (arch.rope_scaling.rope_type, arch.rope_scaling.factor) == (reference["rope_type"],
+                                                                            reference["factor"])
+
+
 # a Qwen3-MoE config on the LLaMA base: 8 experts of FFN 1408, top 2
 MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 8,
        "num_experts_per_tok": 2, "moe_intermediate_size": 1408, "norm_topk_prob": True, "decoder_sparse_step": 1,
@@ -80,6 +114,11 @@ MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num
     ({"num_local_experts": 8}, "num_local_experts"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"rope_scaling": {"rope_type": "linear"}}, "positive 'factor'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_scaling": {"rope_type": "yarn",
+                                                                                      "factor": 4.0}}, "yarn"),
+    ({"rope_parameters": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "four"}}, "positive 'factor'"),
+    ({"rope_theta": "1e6"}, "rope_theta must be a positive number"),
     ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"}, "shared expert"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True},
      "use_sliding_window"),
@@ -94,6 +133,13 @@ MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num
     ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 8,
       "num_experts_per_tok": 2, "router_jitter_noise": 0.1}, "router_jitter_noise"),
     ({"hidden_act": "gelu"}, "gelu"),
+    # a value of the wrong JSON type is the user's mistake: named, not a TypeError from a comparison
+    (dict(MOE, num_experts_per_tok="2"), "num_experts_per_tok='2' must be a positive integer"),
+    (dict(_MIXTRAL, num_local_experts="8"), "num_local_experts='8' must be a positive integer"),
+    ({"hidden_size": 4096.0}, "hidden_size=4096.0 must be a positive integer"),
+    ({"num_key_value_heads": True}, "num_key_value_heads=True must be a positive integer"),
+    (dict(MOE, router_aux_loss_coef="0.01"), "router_aux_loss_coef='0.01' must be a number"),
+    (dict(MOE, router_aux_loss_coef=-1.0), "router_aux_loss_coef=-1.0 must be a number, 0 or more"),
 ])
 def test_refuses_unsupported(change, field):
     with pytest.raises(UserError, match=field):
@@ -142,7 +188,7 @@ def test_moe_fields_and_expert_parallel_layouts():
     # transformers 5 writes num_local_experts for Qwen3-MoE too
     alias = dict(BASE, **MOE, num_local_experts=8)
     del alias["num_experts"]
-    assert LlamaArch.from_hf_config(alias) == arch.replace(router_aux_loss_coef=None)
+    assert LlamaArch.from_hf_config(alias) == arch  # router_aux_loss_coef left out: transformers' 0.001
 
 
 def test_layout_ok_and_vocab_padding():
@@ -169,3 +215,20 @@ def test_parameter_count_equals_transformers(tmp_path, variant):
     model = AutoModelForCausalLM.from_pretrained(hf)
     arch = LlamaArch.from_hf_dir(hf)
     assert parameter_count(arch, arch.vocab_size) == sum(p.numel() for p in model.parameters())  # tied: once
+
+
+@pytest.mark.parametrize("family", [MOE, _MIXTRAL], ids=["qwen3_moe", "mixtral"])
+def test_a_config_without_router_aux_loss_coef_means_transformers_default(family):
+    """Left out of config.json, the load-balancing coefficient is what transformers' config class gives it (0.001
+    for both MoE families), trained with and written back on export, never null."""
+    import transformers
+
+    cfg = dict(BASE, **family)
+    arch = LlamaArch.from_hf_config(cfg)
+    reference = {"MixtralForCausalLM": transformers.MixtralConfig,
+                 "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig}[arch.architecture].from_dict(cfg)
+    assert arch.router_aux_loss_coef == arch.aux_loss_coef == reference.router_aux_loss_coef == 0.001
+    assert arch.to_hf_config()["router_aux_loss_coef"] == 0.001
+    assert arch.transformer_config().moe_aux_loss_coeff == 0.001
+    # a checkpoint recorded before the default was read (None) means the same
+    assert arch.replace(router_aux_loss_coef=None).to_hf_config()["router_aux_loss_coef"] == 0.001

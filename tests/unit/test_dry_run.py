@@ -232,6 +232,8 @@ def test_an_moe_layer_keeps_what_the_planner_counts_for_its_experts(tmp_path, tp
     if tp == 1:  # the frozen layer's MoE terms: every chosen expert's gate and up, the router's probabilities, input
         attention = 2 * h + 2 * 4 * 32 + 2 * 2 * 32  # norms' inputs, Q and attention output, K and V (head_dim 32)
         assert layer[False] == s * b * 4 * (attention + 2 * topk * fe + experts + h)
+        # the model line: every layer is sparse, so the dense intermediate_size (96) is not shown as the FFN
+        assert "hidden 64, 4 experts of FFN 48, top 3, heads 4" in plan.format() and "FFN 96" not in plan.format()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -47,6 +47,8 @@ def test_top_and_bottom():
     (dict(where="top", num_new=0), "at least one"),
     (dict(), "exactly one"),
     (dict(groups=8, positions="1"), "exactly one"),
+    (dict(num_new=2), r"--num-new 2 goes with --placement \(top or bottom\)"),
+    (dict(groups=8, num_new=2), "--num-new 2 goes with --placement, not with --groups"),
 ])
 def test_bad_plans(kwargs, match):
     with pytest.raises(UserError, match=match):

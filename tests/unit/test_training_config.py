@@ -37,6 +37,10 @@ def test_flags_alone_suffice():
     ([*BASE, "--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "0"], "must be at least 1"),
     ([*BASE, "--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise", "--fp8-amax-compute-algo", "max"],
      "delayed recipe"),
+    # NaN passes every range check and argparse's float reads it: refused as not finite, as is infinity
+    ([*BASE, "--moe-aux-loss-coeff", "nan"], r"--moe-aux-loss-coeff nan: must be a finite number"),
+    ([*BASE, "--lr", "inf"], r"--lr inf: must be a finite number"),
+    ([*BASE, "--clip-grad=-inf"], r"--clip-grad -inf: must be a finite number"),
 ])
 def test_bad_input_names_the_flag(argv, message):
     with pytest.raises(UserError, match=message):
@@ -55,6 +59,16 @@ def test_megatron_data_path():
     assert parse_data_path(["1.0", "a", "1.5", "b"]) == [(1.0, "a"), (1.5, "b")]
     with pytest.raises(UserError):
         parse_data_path(["1.0", "a", "b"])
+    for weight in ("nan", "inf", "-1"):
+        with pytest.raises(UserError, match=f"weight {float(weight)} must be a finite number, 0 or more"):
+            parse_data_path([weight, "a", "1.0", "b"])
+
+
+def test_a_recipe_infinity_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optimizer: {weight_decay: .inf}\n")
+    with pytest.raises(UserError, match="--weight-decay inf: must be a finite number"):
+        config_from_argv(["--config", str(recipe), *BASE])
 
 
 def test_counted_flops_below_full_training():

@@ -173,3 +173,19 @@ def test_moe_flags_set_megatron_core_and_are_refused_for_a_dense_model():
         transformer_overrides(config_from_argv([*BASE_ARGV, "--tensor-model-parallel-size", "2"]), moe, "local")
     with pytest.raises(UserError, match="--expert-tensor-parallel-size 0: must be at least 1"):
         config_from_argv([*BASE_ARGV, "--expert-tensor-parallel-size", "0"])
+
+
+def test_nproc_that_the_layout_cannot_run_on_is_refused_before_any_rank_starts():
+    """`train --nproc N` with N not a multiple of the fewest ranks the layout needs names the flags, not
+    megatron-core's internal names, before anything is spawned."""
+    from llamapro_megatron.training.config import config_from_argv
+    from llamapro_megatron.training.launch import launch
+
+    config = config_from_argv(["--load", "x", "--mock-data", "--train-iters", "1", "--expert-model-parallel-size",
+                               "2"])
+    with pytest.raises(UserError, match=r"--nproc 1: the layout \(--tensor-model-parallel-size 1, "
+                                        r"--pipeline-model-parallel-size 1, --expert-model-parallel-size 2\) runs on "
+                                        "a multiple of 2 ranks"):
+        launch(config, nproc=1)
+    with pytest.raises(UserError, match="--nproc 0: must be at least 1"):
+        launch(config, nproc=0)
