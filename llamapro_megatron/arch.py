@@ -465,7 +465,7 @@ def _read_moe(config: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
     if not experts:
         raise UserError(f"{source}: {arch} needs num_local_experts (or num_experts), the experts per layer")
     topk = config.get("num_experts_per_tok")
-    if not _is_int(topk) or not 0 < topk <= experts:
+    if not topk or not 0 < topk <= experts:  # an integer, if there (_check_int_fields)
         raise UserError(f"{source}: num_experts_per_tok={topk!r} must be between 1 and the {experts} experts")
     if arch == "Qwen3MoeForCausalLM":
         if not config.get("norm_topk_prob"):

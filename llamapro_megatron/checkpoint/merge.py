@@ -15,7 +15,7 @@ from pathlib import Path
 from llamapro_megatron.checkpoint import trainable
 from llamapro_megatron.checkpoint.expand import ExpandJob, run_expand_job
 from llamapro_megatron.checkpoint.mcore import read_meta, recorded_layout, resolve_checkpoint
-from llamapro_megatron.checkpoint.output import check_output
+from llamapro_megatron.checkpoint.output import check_not_input, check_output
 from llamapro_megatron.checkpoint.units import ROUND_BYTES
 from llamapro_megatron.errors import UserError
 from llamapro_megatron.expansion import ExpansionPlan
@@ -27,14 +27,15 @@ def merge_trainable(base: str | Path | None, save: str | Path, out: str | Path, 
                     overwrite: bool = False, progress: bool = True, round_bytes: int | None = None) -> Path:
     """Write the full checkpoint of a trainable-only save at `out`; `base`: its base, if moved (else recorded).
     `tp`..`etp`: the layout to validate and record (each None: the save's)."""
-    out = check_output(out, overwrite, inputs=(save, base))
+    out = check_output(out, overwrite, inputs=(save,))
     save_dir = resolve_checkpoint(save, ckpt_step, flag="--trainable")
     meta = read_meta(save_dir)
     if not trainable.is_trainable_only(meta):
         raise UserError(f"--trainable {save_dir} is a full checkpoint already (its llamapro.json has no "
                         "trainable_only record): nothing to merge; use it as it is")
     base_dir = trainable.resolve_base(save_dir, meta, base)
-    check_output(out, True, inputs=(base_dir,))  # the recorded base, too
+    check_not_input(out, (base_dir,))  # the base, as given or as the save records it
+
     def given(value, name, default):
         return value if value is not None else meta.layout.get(name, default)
 

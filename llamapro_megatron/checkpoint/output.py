@@ -28,22 +28,26 @@ def partial_dir(out: Path) -> Path:
 
 
 def check_output(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
-    """`out`, refused when it exists (unless `overwrite`) or when it is one of `inputs` or a folder above one: the
-    output replaces its path whole once written, and the command would destroy what it reads."""
+    """`out`, refused when it exists (unless `overwrite`) or when it is one of `inputs` or a folder above one
+    (:func:`check_not_input`)."""
     out = Path(out)
-    for given in inputs:
-        if given is not None and _holds(out, Path(given)):
-            what = "the input" if out.resolve() == Path(given).resolve() else "a folder above the input"
-            raise UserError(f"output {out} is {what} {given}: writing it would replace what the command reads; "
-                            "choose another path")
+    check_not_input(out, inputs)
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; pass --overwrite to replace it, or choose another path")
     return out
 
 
-def _holds(out: Path, path: Path) -> bool:
-    out, path = out.resolve(), path.resolve()
-    return out == path or out in path.parents
+def check_not_input(out: Path, inputs: tuple) -> None:
+    """Refuse an output that is one of `inputs` (None: absent) or a folder above one: the output replaces its path
+    whole once written, and the command would destroy what it reads."""
+    for given in inputs:
+        if given is None:
+            continue
+        target, source = out.resolve(), Path(given).resolve()
+        if target == source or target in source.parents:
+            what = "the input" if target == source else "a folder above the input"
+            raise UserError(f"output {out} is {what} {given}: writing it would replace what the command reads; "
+                            "choose another path")
 
 
 def start_output(out: Path) -> Path:

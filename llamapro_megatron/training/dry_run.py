@@ -223,7 +223,7 @@ def build_rank_chunks(meta: CheckpointMeta, config: TrainConfig, vpp: int | None
 
 def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source: str) -> Plan:
     from llamapro_megatron.training.freeze import decoder_layers, global_layer_index
-    from llamapro_megatron.training.layout import resolve_pipeline
+    from llamapro_megatron.training.layout import check_world_size, resolve_pipeline
 
     config = resolve_pipeline(config, meta.arch)  # --num-layers-per-virtual-pipeline-stage, uneven end stages
     p, s = config.parallelism, config.schedule
@@ -234,15 +234,8 @@ def make_plan(meta: CheckpointMeta, config: TrainConfig, world_size: int, source
     if meta.padded_vocab_size % tp:
         raise UserError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary "
                         f"{meta.padded_vocab_size}")
-    if world_size % (tp * pp):
-        raise UserError(f"--world-size {world_size} is not a multiple of TP x PP = {tp * pp}")
+    check_world_size(world_size, p, "--world-size")
     dp = world_size // (tp * pp)
-    if etp is None and dp % ep:
-        raise UserError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
-                        f"(--world-size {world_size} / TP x PP {tp * pp}): experts are split over data-parallel ranks")
-    if etp is not None and world_size % (etp * ep * pp):
-        raise UserError(f"--world-size {world_size} is not a multiple of ETP x EP x PP = {etp * ep * pp}: the "
-                        "experts are laid out over the same ranks")
     expert_dp = world_size // ((etp or tp) * ep * pp)  # the ranks that hold the same experts
     global_batch = s.global_batch_size or s.micro_batch_size * dp
     if global_batch % (s.micro_batch_size * dp):

@@ -21,23 +21,19 @@ def launch(config: TrainConfig, nproc: int | None = None) -> int:
     """Train on this launch's ranks (or on `nproc` local ones started here); returns the exit status."""
     from llamapro_megatron.arch import layout_world_size
     from llamapro_megatron.runtime.launch import WorkerError, inside_launcher, run_workers
+    from llamapro_megatron.training.layout import check_world_size
 
     if inside_launcher():
         return _status(_rank_main(config))
     p = config.parallelism
-    fewest = layout_world_size(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                               p.expert_model_parallel_size, p.expert_tensor_parallel_size)
-    n = fewest if nproc is None else nproc
-    if n < 1:
-        raise UserError(f"--nproc {n}: must be at least 1")
-    if n % fewest:
-        experts = (f", --expert-model-parallel-size {p.expert_model_parallel_size}"
-                   + (f", --expert-tensor-parallel-size {p.expert_tensor_parallel_size}"
-                      if p.expert_tensor_parallel_size is not None else "")
-                   if p.expert_model_parallel_size > 1 or p.expert_tensor_parallel_size is not None else "")
-        raise UserError(f"--nproc {n}: the layout (--tensor-model-parallel-size {p.tensor_model_parallel_size}, "
-                        f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}{experts}) runs on a "
-                        f"multiple of {fewest} ranks")
+    if nproc is None:
+        n = layout_world_size(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                              p.expert_model_parallel_size, p.expert_tensor_parallel_size)
+    elif nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be at least 1")
+    else:
+        n = nproc
+        check_world_size(n, p, "--nproc")  # before any rank starts, naming train's flags
     try:
         return _status(run_workers(_rank_main, n, args=(config,))[0])
     except WorkerError as e:

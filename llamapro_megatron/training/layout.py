@@ -148,3 +148,19 @@ def fp8_overrides(config: TrainConfig, spec_kind: str) -> dict[str, Any]:
     if m.fp8_amax_compute_algo is not None:
         overrides["fp8_amax_compute_algo"] = m.fp8_amax_compute_algo
     return overrides
+
+
+def check_world_size(world_size: int, p, flag: str) -> None:
+    """`world_size` ranks (`flag`: the option that gave it) hold the layout of parallelism section `p`: TP x PP (x DP)
+    and, for the experts, ETP x EP x PP over the same ranks. `train --dry-run` and `train --nproc` check this."""
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+    if world_size % (tp * pp):
+        raise UserError(f"{flag} {world_size} is not a multiple of TP x PP = {tp * pp}")
+    dp = world_size // (tp * pp)
+    if etp is None and dp % ep:
+        raise UserError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
+                        f"({flag} {world_size} / TP x PP {tp * pp}): experts are split over data-parallel ranks")
+    if etp is not None and world_size % (etp * ep * pp):
+        raise UserError(f"{flag} {world_size} is not a multiple of ETP x EP x PP = {etp * ep * pp}: the "
+                        "experts are laid out over the same ranks")

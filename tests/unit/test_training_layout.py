@@ -176,16 +176,16 @@ def test_moe_flags_set_megatron_core_and_are_refused_for_a_dense_model():
 
 
 def test_nproc_that_the_layout_cannot_run_on_is_refused_before_any_rank_starts():
-    """`train --nproc N` with N not a multiple of the fewest ranks the layout needs names the flags, not
-    megatron-core's internal names, before anything is spawned."""
+    """`train --nproc N` that cannot hold the layout is refused as `--dry-run --world-size N` is (one check,
+    `layout.check_world_size`), naming train's flags, not megatron-core's internal names, before anything is
+    spawned."""
     from llamapro_megatron.training.config import config_from_argv
     from llamapro_megatron.training.launch import launch
 
     config = config_from_argv(["--load", "x", "--mock-data", "--train-iters", "1", "--expert-model-parallel-size",
                                "2"])
-    with pytest.raises(UserError, match=r"--nproc 1: the layout \(--tensor-model-parallel-size 1, "
-                                        r"--pipeline-model-parallel-size 1, --expert-model-parallel-size 2\) runs on "
-                                        "a multiple of 2 ranks"):
+    with pytest.raises(UserError, match=r"--expert-model-parallel-size 2 does not divide the data-parallel size 1 "
+                                        r"\(--nproc 1 / TP x PP 1\): experts are split over data-parallel ranks"):
         launch(config, nproc=1)
     with pytest.raises(UserError, match="--nproc 0: must be at least 1"):
         launch(config, nproc=0)
