@@ -11,7 +11,9 @@ and the tokenizers imported before the first timing):
   cached     load_tokenizer again: the file's sha256, then the cached tokenizer.json
   spm read   gguf_vocab.read_fields of LLaMA's SentencePiece vocabulary (the floor of its load)
   spm load   load_tokenizer of it: one parse, the ModelProto rebuilt, SentencePiece loading it
-Prints medians, first / cached and spm load / spm read (one parse: about 1; two, as before, about 2).
+  spm twice  what a load did before it shared one reader: vocabulary_model and sentencepiece_model_from_gguf each
+             parsing the file, then SentencePiece loading the ModelProto
+Prints medians, first / cached, spm load / spm read (one parse: about 1) and spm twice / spm load.
 """
 from __future__ import annotations
 
@@ -35,14 +37,21 @@ def main() -> None:
     from llamapro_megatron.data.tokenizer import load_tokenizer
 
     path, spm = qwen2_vocab(), llama_spm_vocab()
-    times: dict[str, list[float]] = {"read": [], "first": [], "cached": [], "spm read": [], "spm load": []}
+    from sentencepiece import SentencePieceProcessor
+
+    def spm_twice():
+        gguf_vocab.vocabulary_model(spm)  # no reader given: each call parses the file
+        SentencePieceProcessor(model_proto=gguf_vocab.sentencepiece_model_from_gguf(spm))
+
+    times: dict[str, list[float]] = {"read": [], "first": [], "cached": [], "spm read": [], "spm load": [],
+                                     "spm twice": []}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
             os.environ["LLAMAPRO_CACHE"] = cache
             for name, run in (("read", lambda: gguf_vocab.read_fields(path)),
                               ("first", lambda: load_tokenizer(path)), ("cached", lambda: load_tokenizer(path)),
                               ("spm read", lambda: gguf_vocab.read_fields(spm)),
-                              ("spm load", lambda: load_tokenizer(spm))):
+                              ("spm load", lambda: load_tokenizer(spm)), ("spm twice", spm_twice)):
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
@@ -52,6 +61,7 @@ def main() -> None:
         print(f"  {name:<9} median {value:6.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times[name])})")
     print(f"  first / cached: {med['first'] / med['cached']:.1f}x")
     print(f"  spm load / spm read: {med['spm load'] / med['spm read']:.2f}")
+    print(f"  spm twice / spm load: {med['spm twice'] / med['spm load']:.2f}x")
 
 
 if __name__ == "__main__":
